@@ -1,0 +1,1 @@
+"""Pallas kernels for gated linear attention (no Flax, no training code)."""

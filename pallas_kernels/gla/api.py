@@ -1,0 +1,289 @@
+"""Public GLA ops: argument checking, backend dispatch and the one custom VJP.
+
+Every backend implements the same two functions on the caller's layout ([B, T, H, *]):
+
+    forward(q, k, v, g, initial_state, cu_seqlens, opts) -> (o float32, final_state float32)
+    backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts) -> (dq, dk, dv, dg, dh0)
+
+The custom VJP keeps only the inputs as residuals: every backward recomputes the chunk states it
+needs, so memory stays O(T (K + V) + (T / C) K V) per head. Backends without a hand-written
+backward get one from ``jax.vjp`` of their forward, recomputed inside the backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.gla import reference
+from pallas_kernels.gla.layout import make_layout
+
+BACKENDS = ("pallas_gpu", "pallas_tpu", "xla", "reference")
+CHUNK_SIZES = (16, 32, 64, 128)
+_PALLAS_MODULES = {"pallas_gpu": "pallas_kernels.gla.gpu", "pallas_tpu": "pallas_kernels.gla.tpu"}
+_AUTO = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static settings of one call (hashable: it is a non-differentiable custom_vjp argument)."""
+
+    backend: str
+    scale: float
+    chunk_size: int
+    interpret: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+class ReferenceBackend:
+    """The float32 step recurrence."""
+
+    name = "reference"
+
+    @staticmethod
+    def supports(q_shape, v_shape, dtype, opts) -> str | None:
+        return None
+
+    @staticmethod
+    def forward(q, k, v, g, initial_state, cu_seqlens, opts):
+        return reference.recurrent_gla(
+            q, k, v, g, scale=opts.scale, initial_state=initial_state, cu_seqlens=cu_seqlens
+        )
+
+
+class XlaBackend:
+    """The chunked form in plain jnp (any platform)."""
+
+    name = "xla"
+
+    @staticmethod
+    def supports(q_shape, v_shape, dtype, opts) -> str | None:
+        return None
+
+    @staticmethod
+    def forward(q, k, v, g, initial_state, cu_seqlens, opts):
+        layout = make_layout(q.shape[0], q.shape[1], opts.chunk_size, cu_seqlens)
+        return reference.chunked_gla(
+            q, k, v, g, scale=opts.scale, initial_state=initial_state, layout=layout
+        )
+
+
+def _load_backend(name: str):
+    if name == "reference":
+        return ReferenceBackend
+    if name == "xla":
+        return XlaBackend
+    try:
+        module = importlib.import_module(_PALLAS_MODULES[name])
+    except ModuleNotFoundError as err:
+        if err.name != _PALLAS_MODULES[name]:
+            raise
+        raise NotImplementedError(f"backend={name!r} is not available in this build") from err
+    return module.BACKEND
+
+
+def _recomputed_backward(backend, q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts):
+    def forward(q, k, v, g, initial_state):
+        return backend.forward(q, k, v, g, initial_state, cu_seqlens, opts)
+
+    _, vjp = jax.vjp(forward, q, k, v, g, initial_state)
+    return vjp((do.astype(jnp.float32), dfinal.astype(jnp.float32)))
+
+
+# --------------------------------------------------------------------------------------------
+# The custom VJP
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gla(opts: Options, q, k, v, g, initial_state, cu_seqlens):
+    o, final_state = _load_backend(opts.backend).forward(q, k, v, g, initial_state, cu_seqlens, opts)
+    return o.astype(q.dtype), final_state
+
+
+def _gla_fwd(opts, q, k, v, g, initial_state, cu_seqlens):
+    out = _gla(opts, q, k, v, g, initial_state, cu_seqlens)
+    return out, (q, k, v, g, initial_state, cu_seqlens)
+
+
+def _gla_bwd(opts, residuals, cotangents):
+    q, k, v, g, initial_state, cu_seqlens = residuals
+    do, dfinal = cotangents
+    backend = _load_backend(opts.backend)
+    if hasattr(backend, "backward"):
+        grads = backend.backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts)
+    else:
+        grads = _recomputed_backward(
+            backend, q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts
+        )
+    primals = (q, k, v, g, initial_state)
+    grads = tuple(d.astype(x.dtype) for d, x in zip(grads, primals, strict=True))
+    return grads + (None,)
+
+
+_gla.defvjp(_gla_fwd, _gla_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Checking arguments
+# --------------------------------------------------------------------------------------------
+
+
+def _check_float(name, x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def _check_inputs(q, k, v, g):
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(
+                f"{name} must be [B, T, H, D] (4-D), got shape {getattr(x, 'shape', None)}"
+            )
+        _check_float(name, x)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {q.shape}, got {k.shape}")
+    if g.shape != q.shape:
+        raise ValueError(f"g must have q's shape {q.shape} (one log gate per key), got {g.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with [B, T, H] = {q.shape[:3]}, got {v.shape}")
+
+
+def _check_cu_seqlens(cu_seqlens, batch, seq_len):
+    if cu_seqlens is None:
+        return None
+    cu_seqlens = jnp.asarray(cu_seqlens)
+    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got {cu_seqlens.shape}")
+    if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
+        raise ValueError(f"cu_seqlens must be integer, got dtype {cu_seqlens.dtype}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens packs sequences into one row: B must be 1, got B = {batch}")
+    try:
+        values = np.asarray(cu_seqlens)
+    except jax.errors.TracerArrayConversionError:
+        return cu_seqlens  # traced: values cannot be checked here
+    if values[0] != 0 or values[-1] != seq_len or np.any(np.diff(values) < 0):
+        raise ValueError(
+            f"cu_seqlens must start at 0, end at T = {seq_len} and never decrease, got {values}"
+        )
+    return cu_seqlens
+
+
+def _check_state(name, state, expected):
+    if state is None:
+        return None
+    if tuple(state.shape) != expected:
+        raise ValueError(f"{name} must have shape [N, H, K, V] = {expected}, got {state.shape}")
+    _check_float(name, state)
+    return state.astype(jnp.float32)
+
+
+def _resolve_backend(backend, interpret, q, v, opts_without_backend) -> str:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is None:
+        platform = jax.default_backend()
+        candidate = _AUTO.get(platform)
+        if candidate is None:
+            return "xla"
+        try:
+            impl = _load_backend(candidate)
+            opts = dataclasses.replace(opts_without_backend, backend=candidate)
+            reason = impl.supports(q.shape, v.shape, q.dtype, opts)
+        except NotImplementedError as err:
+            reason = str(err)
+        if reason is None:
+            return candidate
+        log.info("chunk_gla: %s cannot take this call (%s); using 'xla'", candidate, reason)
+        return "xla"
+    impl = _load_backend(backend)
+    opts = dataclasses.replace(opts_without_backend, backend=backend)
+    reason = impl.supports(q.shape, v.shape, q.dtype, opts)
+    if reason is not None:
+        raise NotImplementedError(f"backend={backend!r} cannot take this call: {reason}")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops
+# --------------------------------------------------------------------------------------------
+
+
+def chunk_gla(
+    q,
+    k,
+    v,
+    g,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    chunk_size=64,
+    backend=None,
+    interpret=False,
+):
+    """Gated linear attention over whole sequences, chunk by chunk.
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log forget gate (<= 0) per key dimension.
+    Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 or None).
+    """
+    _check_inputs(q, k, v, g)
+    batch, seq_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, batch, seq_len)
+    num_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    state_shape = (num_seqs, heads, key_dim, value_dim)
+    initial_state = _check_state("initial_state", initial_state, state_shape)
+    if initial_state is None:
+        initial_state = jnp.zeros(state_shape, jnp.float32)
+    scale = float(key_dim**-0.5 if scale is None else scale)
+    opts = Options(backend="", scale=scale, chunk_size=int(chunk_size), interpret=bool(interpret))
+    opts = dataclasses.replace(opts, backend=_resolve_backend(backend, interpret, q, v, opts))
+    o, final_state = _gla(opts, q, k, v, g, initial_state, cu_seqlens)
+    return o, (final_state if output_final_state else None)
+
+
+def fused_recurrent_gla(
+    q,
+    k,
+    v,
+    g,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+):
+    """The step form (decoding): the float32 recurrence, for small T (usually 1).
+
+    Same shapes and return values as ``chunk_gla``.
+    """
+    _check_inputs(q, k, v, g)
+    batch, seq_len, heads, key_dim = q.shape
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, batch, seq_len)
+    num_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    state_shape = (num_seqs, heads, key_dim, v.shape[-1])
+    initial_state = _check_state("initial_state", initial_state, state_shape)
+    if initial_state is None:
+        initial_state = jnp.zeros(state_shape, jnp.float32)
+    scale = float(key_dim**-0.5 if scale is None else scale)
+    o, final_state = reference.recurrent_gla(
+        q, k, v, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens
+    )
+    return o.astype(q.dtype), (final_state if output_final_state else None)
