@@ -109,7 +109,8 @@ def _recomputed_backward(backend, q, k, v, g, initial_state, cu_seqlens, do, dfi
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gla(opts: Options, q, k, v, g, initial_state, cu_seqlens):
-    o, final_state = _load_backend(opts.backend).forward(q, k, v, g, initial_state, cu_seqlens, opts)
+    backend = _load_backend(opts.backend)
+    o, final_state = backend.forward(q, k, v, g, initial_state, cu_seqlens, opts)
     return o.astype(q.dtype), final_state
 
 
