@@ -1,0 +1,39 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gla_jax.checkpoint import Checkpointer
+
+
+def _state(value=1.0):
+    return {"params": {"w": jnp.full((4, 3), value)}, "step": jnp.asarray(7, jnp.int32)}
+
+
+def test_round_trip_with_data_state_and_retention(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep=2, async_save=True)
+    for step in (1, 2, 3):
+        ckpt.save(step, _state(float(step)), {"epoch": 0, "index": step * 10})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state())
+    state, data = ckpt.restore(3, abstract)
+    np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 3.0))
+    assert data == {"epoch": 0, "index": 30}
+    ckpt.close()
+
+
+def test_keep_period_keeps_milestones(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep=1, keep_period=2, async_save=False)
+    for step in range(1, 6):
+        ckpt.save(step, _state(), {"i": step})
+    ckpt.close()
+    assert ckpt.all_steps() == [2, 4, 5]
+
+
+def test_refuses_non_finite_state(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        ckpt.save(1, _state(float("nan")), {})
+    assert ckpt.latest_step() is None
+    ckpt.close()
