@@ -1,0 +1,26 @@
+"""The paper's 1.3B GLA Transformer: d 2048, 24 layers, 4 heads, untied embeddings (~1.365B)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seq_len = 2048
+    config.model = ml_collections.ConfigDict(
+        dict(
+            type="gla",
+            vocab_size=32000,
+            d_model=2048,
+            n_layers=24,
+            n_heads=4,
+            expand_k=0.5,
+            expand_v=1.0,
+            tie_embeddings=False,
+            dtype="bfloat16",
+            remat=True,
+            backend=None,
+            chunk_size=64,
+            max_segments_per_row=16,
+        )
+    )
+    return config

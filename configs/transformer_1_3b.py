@@ -1,0 +1,23 @@
+"""The Transformer++ baseline at 1.3B: d 2048, 24 layers, 16 heads, untied (~1.364B)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seq_len = 2048
+    config.model = ml_collections.ConfigDict(
+        dict(
+            type="transformer",
+            vocab_size=32000,
+            d_model=2048,
+            n_layers=24,
+            n_heads=16,
+            rope_theta=10000.0,
+            max_seq_len=2048,
+            tie_embeddings=False,
+            dtype="bfloat16",
+            remat=True,
+        )
+    )
+    return config
