@@ -9,4 +9,5 @@ import pytest
 BACKENDS_UNDER_TEST = [
     pytest.param(("reference", False), id="reference"),
     pytest.param(("xla", False), id="xla"),
+    pytest.param(("pallas_tpu", True), id="pallas_tpu_interpret"),
 ]

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.gla import tpu_forward
+from pallas_kernels.gla import tpu_backward, tpu_forward
 from pallas_kernels.gla.layout import ChunkLayout, make_layout, round_up
 
 LANES = 128
@@ -173,12 +173,12 @@ def chunk_state_spec(plan: Plan, *, reverse=False):
                         lambda r, h, c, *_: (r, h, _chunk_of(c, nc, reverse), 0))
 
 
-def call(kernel, plan: Plan, opts, *, scalars, inputs, in_specs, out_shape, out_specs,
-         cost_scratch=1):
+def call(kernel, plan: Plan, opts, *, scalars, inputs, in_specs, out_shape, out_specs):
+    """Runs `kernel` over (row, head, chunk) with one [Kp, Vp] float32 VMEM scratch buffer."""
     grid = (plan.rows, plan.heads, plan.layout.num_chunks)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(scalars), grid=grid, in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM((plan.key_pad, plan.value_pad), jnp.float32)] * cost_scratch)
+        scratch_shapes=[pltpu.VMEM((plan.key_pad, plan.value_pad), jnp.float32)])
     need = vmem_bytes(plan.layout.chunk_size, plan.key_pad, plan.value_pad, plan.dtype.itemsize)
     params = _CompilerParams(dimension_semantics=(_PARALLEL, _PARALLEL, _ARBITRARY),
                              vmem_limit_bytes=int(min(max(2 * need, 32 * 2**20), 48 * 2**20)))
@@ -233,10 +233,39 @@ def forward(q, k, v, g, initial_state, cu_seqlens, opts):
     return from_tiles(plan, o, v.shape[-1]), fill_empty_sequences(plan, final, initial_state)
 
 
+def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts):
+    plan = make_plan(q, v, cu_seqlens, opts)
+    kp, vp, dtype = plan.key_pad, plan.value_pad, plan.dtype
+    q_t, k_t, g_t = to_tiles(plan, q, kp, dtype), to_tiles(plan, k, kp, dtype), to_tiles(
+        plan, g, kp, jnp.float32)
+    v_t, do_t = to_tiles(plan, v, vp, dtype), to_tiles(plan, do, vp, dtype)
+    h0, dfinal_p = pad_state(initial_state, plan), pad_state(dfinal.astype(jnp.float32), plan)
+    states = chunk_states(plan, k_t, v_t, g_t, h0, opts)
+    kernel = functools.partial(tpu_backward.backward_kernel, scale=opts.scale,
+                               precision=precision(dtype))
+    tiles_k = jax.ShapeDtypeStruct(q_t.shape, jnp.float32)
+    dq, dk, dv, dg, dh0 = call(
+        kernel, plan, opts,
+        scalars=tuple(plan.index),
+        inputs=(q_t, k_t, v_t, g_t, do_t, states, dfinal_p),
+        in_specs=[tile_spec(plan, w, reverse=True) for w in (kp, kp, vp, kp, vp)]
+        + [chunk_state_spec(plan, reverse=True), state_spec(plan, reverse=True)],
+        out_shape=(tiles_k, tiles_k, jax.ShapeDtypeStruct(v_t.shape, jnp.float32), tiles_k,
+                   jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
+        out_specs=tuple(tile_spec(plan, w, reverse=True) for w in (kp, kp, vp, kp))
+        + (state_spec(plan, reverse=True),),
+    )
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    dh0 = fill_empty_sequences(plan, dh0[:, :, :key_dim, :value_dim], dfinal.astype(jnp.float32))
+    dq, dk, dg = (from_tiles(plan, x, key_dim) for x in (dq, dk, dg))
+    return dq, dk, from_tiles(plan, dv, value_dim), dg, dh0
+
+
 class TpuBackend:
     name = "pallas_tpu"
     supports = staticmethod(supports)
     forward = staticmethod(forward)
+    backward = staticmethod(backward)
 
 
 BACKEND = TpuBackend
