@@ -1,0 +1,103 @@
+"""Input pipeline: corpora built with tensorflow-datasets, tokenizers, packing, resumable loading.
+
+No network is used at run time: corpora come from installed packages or local files, or were
+prepared with tfds beforehand; they are read as array_record, so TensorFlow is never needed.
+
+API the trainer calls::
+
+    from gla_jax import data
+    config.data = data.default_data_config()          # the `data` ConfigDict section
+    tokenizer = data.make_tokenizer(config.data)      # .encode / .decode / .vocab_size
+    data.check_vocab(tokenizer, model_vocab_size)     # ValueError if ids would not fit
+    it = data.make_lm_dataset(config.data, seq_len=T, global_batch_size=B,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count(), split="train")
+    batch = next(it)                                  # this host's B // process_count rows
+    state = it.get_state()                            # small JSON-able dict, for checkpoints
+    it.set_state(state)                               # continue exactly where it was
+    global_batch = data.make_global_batch(batch, mesh_or_sharding)   # dict of jax.Arrays
+    evals = data.make_eval_dataset(config.data, seq_len=T, global_batch_size=B, ...)
+
+`batch` is a dict of numpy arrays, each [B // process_count, T]:
+    tokens       int32  input ids
+    targets      int32  tokens shifted left by one within the row (pad id in the last column)
+    segment_ids  int32  1, 2, ... per document in the row, 0 on padding: the model resets its
+                        state where the segment id changes
+    positions    int32  position within the document's part in this row, from 0
+    loss_mask    float32  1 where targets[t] is the next token of the same document, else 0
+
+Each document is laid out as [BOS] text EOS (BOS unless `add_bos` is False). Training
+iterators are endless: epoch e shows every document of this host's share exactly once, in an
+order that is a pure function of (seed, e). Evaluation iterators make one ordered pass.
+
+Byte tokenizer ids: 0..255 the UTF-8 bytes, 256 PAD, 257 BOS, 258 EOS (vocab_size 259).
+
+Command line (`python -m gla_jax.data --help`): `prepare` builds a corpus into the data dir,
+`train-tokenizer` trains a SentencePiece model from a corpus, `inspect` prints a batch.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from gla_jax.data.loader import (
+    PackedBatches,
+    batch_sharding,
+    make_eval_dataset,
+    make_global_batch,
+    make_lm_dataset,
+    make_tokenizer,
+)
+from gla_jax.data.tokenizers import (
+    BYTE_BOS_ID,
+    BYTE_EOS_ID,
+    BYTE_PAD_ID,
+    BYTE_VOCAB_SIZE,
+    ByteTokenizer,
+    SentencePieceTokenizer,
+    check_vocab,
+    load_tokenizer,
+    train_sentencepiece,
+)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The `data` section of a training config, with its defaults."""
+    c = ml_collections.ConfigDict()
+    # 'kjv' (King James Bible, installed with the project), 'text_files' (data.paths), or a
+    # dataset prepared with tfds in data_dir: 'lm1b', 'pg19', 'c4/en:3.1.0', ...
+    c.name = "kjv"
+    # '' means $GLA_JAX_DATA_DIR or ~/.cache/gla_jax/datasets for 'kjv' / 'text_files', and
+    # $TFDS_DATA_DIR or ~/tensorflow_datasets for datasets prepared with tfds.
+    c.data_dir = ""
+    c.paths = ()  # for 'text_files': files, directories or globs (or one comma-separated str)
+    c.doc_split = "file"  # plain text: 'file' (one document each) or 'blank_line'
+    c.text_field = "text"  # JSONL field, or the tfds feature holding the text
+    c.validation_fraction = 0.02  # share of documents held out for 'kjv' / 'text_files'
+    c.eval_split = "validation"  # the split evaluation reads (lm1b has only 'test')
+    c.tokenizer = "byte"  # 'byte' or the path of a SentencePiece .model file
+    c.add_bos = True
+    c.packing = "concat"  # 'concat' (documents end to end) or 'pad' (one document per row)
+    c.seed = 0
+    c.shuffle = True
+    return c
+
+
+__all__ = [
+    "BYTE_BOS_ID",
+    "BYTE_EOS_ID",
+    "BYTE_PAD_ID",
+    "BYTE_VOCAB_SIZE",
+    "ByteTokenizer",
+    "PackedBatches",
+    "SentencePieceTokenizer",
+    "batch_sharding",
+    "check_vocab",
+    "default_data_config",
+    "load_tokenizer",
+    "make_eval_dataset",
+    "make_global_batch",
+    "make_lm_dataset",
+    "make_tokenizer",
+    "train_sentencepiece",
+]

@@ -1,0 +1,241 @@
+"""The loader: per-host document shards shuffled per epoch, tokenized, packed into batches.
+
+grain's MapDataset does the document-level work: each host slices out its share of the
+documents (`[process_index::process_count]`, so a host reads only its own records), shuffles
+them with a permutation that changes every epoch but is a pure function of the seed, and
+repeats them. The packer then walks that stream with a cursor; the cursor is the iterator's
+whole state, so resuming is exact and costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from gla_jax.data import corpora, packing, tokenizers
+
+STATE_VERSION = 1
+# A restored state must come from a loader that cuts the same stream in the same way.
+_IDENTITY_KEYS = ("split", "seed", "shuffle", "seq_len", "rows", "packing", "process_index",
+                  "process_count", "docs_per_epoch")  # fmt: skip
+
+
+class PackedBatches:
+    """Iterator of packed batches with `get_state()` / `set_state()` for checkpoints.
+
+    The state is a small JSON-able dict of ints and strings. Finite (evaluation) iterators stop
+    after `num_batches` batches; infinite (training) ones never stop.
+    """
+
+    def __init__(
+        self,
+        docs: grain.MapDataset,
+        *,
+        identity: dict,
+        seq_len: int,
+        rows: int,
+        mode: str,
+        pad_id: int,
+        docs_per_epoch: int,
+        num_docs: int | None,
+        num_batches: int | None,
+    ):
+        self._docs = docs
+        self._identity = dict(identity)
+        self._seq_len, self._rows, self._mode, self._pad_id = seq_len, rows, mode, pad_id
+        self.docs_per_epoch = docs_per_epoch
+        self._num_docs = num_docs  # None: an endless stream of epochs
+        self._num_batches = num_batches
+        self._cursor = packing.Cursor(0, 0)
+        self._batches = 0
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        if self._num_batches is None:
+            raise TypeError("only an iterator with a fixed number of batches has a length")
+        return self._num_batches
+
+    def __next__(self) -> dict:
+        if self._num_batches is not None and self._batches >= self._num_batches:
+            raise StopIteration
+        if self._num_batches is None and self._num_docs is not None:
+            if self._cursor.doc_index >= self._num_docs:  # one host: stop when its docs are done
+                raise StopIteration
+        batch, self._cursor = packing.pack_batch(
+            self._docs.__getitem__,
+            self._cursor,
+            num_rows=self._rows,
+            seq_len=self._seq_len,
+            mode=self._mode,
+            pad_id=self._pad_id,
+            num_docs=self._num_docs,
+        )
+        self._batches += 1
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        """Epochs of this host's documents fully consumed (the cursor's epoch)."""
+        return self._cursor.doc_index // self.docs_per_epoch
+
+    def get_state(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "doc_index": int(self._cursor.doc_index),
+            "offset": int(self._cursor.offset),
+            "batches": int(self._batches),
+            "epoch": self.epoch,
+            **self._identity,
+        }
+
+    def set_state(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data iterator state has version {state.get('version')!r}, "
+                             f"this loader reads version {STATE_VERSION}")  # fmt: skip
+        changed = {
+            key: (state.get(key), value)
+            for key, value in self._identity.items()
+            if state.get(key) != value
+        }
+        if changed:
+            detail = ", ".join(
+                f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items()
+            )
+            raise ValueError(
+                "the saved data iterator state belongs to a differently configured loader "
+                f"({detail}); resuming would not replay the same batches"
+            )
+        self._cursor = packing.Cursor(int(state["doc_index"]), int(state["offset"]))
+        self._batches = int(state["batches"])
+
+
+def make_tokenizer(config) -> tokenizers.Tokenizer:
+    """The tokenizer named by `config.tokenizer` ('byte' or a SentencePiece .model path)."""
+    return tokenizers.load_tokenizer(config.tokenizer)
+
+
+def _split_name(config, split: str) -> str:
+    return config.eval_split if split == "validation" else split
+
+
+def _document_ids(config, tokenizer, field: str):
+    add_bos = bool(config.add_bos)
+    return lambda record: tokenizers.encode_document(tokenizer, record[field], add_bos=add_bos)
+
+
+def _eval_batches(source, field, config, tokenizer, *, seq_len, rows, process_count) -> int:
+    """Batches every host needs for its share: the largest share decides, so that all hosts
+    run the same number of evaluation steps (a collective would otherwise wait forever)."""
+    encode = _document_ids(config, tokenizer, field)
+    lengths = np.asarray([len(encode(source[i])) for i in range(len(source))])
+    per_host_rows = [
+        packing.count_rows(lengths[p::process_count], seq_len=seq_len, mode=config.packing)
+        for p in range(process_count)
+    ]
+    return max(-(-r // rows) for r in per_host_rows)
+
+
+def make_lm_dataset(
+    config,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = "train",
+    num_batches: int | None = None,
+) -> PackedBatches:
+    """Batches of `global_batch_size // process_count` rows of `seq_len` tokens for this host.
+
+    split='train': an endless stream, reshuffled every epoch (when `config.shuffle`).
+    Any other split (e.g. 'validation', mapped to `config.eval_split`): one pass in order,
+    the last batch padded; with `num_batches`, exactly that many batches (empty rows after
+    the data runs out). Across several hosts every host yields the same number of batches.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} does not divide over "
+                         f"{process_count} processes")  # fmt: skip
+    if config.packing not in packing.PACKING_MODES:
+        raise ValueError(
+            f"data.packing must be one of {packing.PACKING_MODES}, got {config.packing!r}"
+        )
+    rows = global_batch_size // process_count
+    tokenizer = make_tokenizer(config)
+    source, field = corpora.open_split(config, _split_name(config, split))
+    docs = grain.MapDataset.source(source)[process_index::process_count]
+    if len(docs) == 0:
+        raise ValueError(
+            f"split {split!r} of {config.name!r} has {len(source)} documents, fewer than the "
+            f"{process_count} processes reading it"
+        )
+    training = split == "train"
+    docs_per_epoch = len(docs)
+    if training:
+        if config.shuffle:
+            docs = docs.shuffle(seed=int(config.seed) % 2**32)
+        docs = docs.repeat()
+    elif num_batches is None and process_count > 1:
+        num_batches = _eval_batches(source, field, config, tokenizer, seq_len=seq_len,
+                                    rows=rows, process_count=process_count)  # fmt: skip
+    docs = docs.map(_document_ids(config, tokenizer, field))
+    identity = {
+        "split": split,
+        "seed": int(config.seed),
+        "shuffle": bool(config.shuffle),
+        "seq_len": int(seq_len),
+        "rows": rows,
+        "packing": str(config.packing),
+        "process_index": int(process_index),
+        "process_count": int(process_count),
+        "docs_per_epoch": docs_per_epoch,
+    }
+    assert set(identity) == set(_IDENTITY_KEYS)
+    return PackedBatches(
+        docs,
+        identity=identity,
+        seq_len=seq_len,
+        rows=rows,
+        mode=config.packing,
+        pad_id=tokenizer.pad_id,
+        docs_per_epoch=docs_per_epoch,
+        num_docs=None if training else docs_per_epoch,
+        num_batches=num_batches,
+    )
+
+
+def make_eval_dataset(config, **kwargs) -> PackedBatches:
+    """`make_lm_dataset(config, split='validation', ...)`: one ordered pass."""
+    return make_lm_dataset(config, split="validation", **kwargs)
+
+
+def batch_sharding(mesh, batch_axes: Sequence[str] = ("data", "fsdp")):
+    """Rows split over the mesh's batch axes (those of `batch_axes` it has), the rest replicated."""
+    import jax  # noqa: PLC0415 - the loader itself never needs jax
+
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
+
+
+def make_global_batch(batch: dict, sharding) -> dict:
+    """Each host's rows -> global jax.Arrays via `jax.make_array_from_process_local_data`.
+
+    `sharding` is a Sharding, or a Mesh (rows then go over its 'data' and 'fsdp' axes).
+    """
+    import jax  # noqa: PLC0415
+
+    if isinstance(sharding, jax.sharding.Mesh):
+        sharding = batch_sharding(sharding)
+    out = {}
+    for key, local in batch.items():
+        local = np.asarray(local)
+        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out
