@@ -4,10 +4,18 @@ Each entry is (backend name, interpret). Pallas backends run in interpret mode s
 no accelerator, checks every case of every kernel.
 """
 
+import os
+
 import pytest
+
+# GLA_TEST_NATIVE_GPU=1 runs the Pallas GPU backend natively (on a GPU machine) instead of in
+# interpret mode.
+_GPU_INTERPRET = os.environ.get("GLA_TEST_NATIVE_GPU", "0") != "1"
 
 BACKENDS_UNDER_TEST = [
     pytest.param(("reference", False), id="reference"),
     pytest.param(("xla", False), id="xla"),
     pytest.param(("pallas_tpu", True), id="pallas_tpu_interpret"),
+    pytest.param(("pallas_gpu", _GPU_INTERPRET),
+                 id="pallas_gpu_interpret" if _GPU_INTERPRET else "pallas_gpu_native"),
 ]

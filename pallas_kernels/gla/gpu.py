@@ -1,0 +1,174 @@
+"""The 'pallas_gpu' backend: chunkwise GLA in Pallas kernels lowered through Triton.
+
+This file prepares the kernels' inputs and assembles their outputs; the kernels are in
+gpu_forward.py (chunk_states, chunk_outputs) and gpu_backward.py (state_grads, value_grads,
+query_key_gate_grads); block sizes come from tuning.py.
+
+Inputs go to the time-major rows layout [B', Tp, H, D]: the chunk layout's head-major form
+transposed back, which XLA folds into nothing for equal-length rows with T a multiple of the chunk
+size, so the kernels then read the caller's arrays in place. Head dims are zero-padded to powers of
+two (>= 16), which the Triton lowering and tensor-core matmuls need; zero keys, values and log
+gates leave the result unchanged. The chunk-local cumulative log gates b are computed once in
+float32 by XLA and read by every kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gla import gpu_backward, gpu_forward, tuning
+from pallas_kernels.gla.layout import ChunkLayout, make_layout
+
+MAX_KEY_DIM = 256
+MAX_VALUE_DIM = 512
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def padded_dim(dim: int) -> int:
+    return max(16, 1 << (dim - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    layout: ChunkLayout
+    q: jax.Array  # [B', Tp, H, Kp] in the compute dtype
+    k: jax.Array
+    v: jax.Array  # [B', Tp, H, Vp]
+    b: jax.Array  # [B', Tp, H, Kp] float32 chunk-local cumulative log gates
+    first_seq: jax.Array  # [B', NC] int32
+    last_seq: jax.Array  # [B', NC] int32: the sequence whose last chunk this is, else -1
+    key_dim: int
+    value_dim: int
+
+
+def _pad_last(x, size):
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+def _pad_state(state, key_dim, value_dim):
+    return jnp.pad(state, ((0, 0), (0, 0), (0, key_dim - state.shape[2]),
+                           (0, value_dim - state.shape[3])))
+
+
+def _to_rows(layout: ChunkLayout, x, width):
+    return _pad_last(jnp.swapaxes(layout.to_chunked(x), 1, 2), width)
+
+
+def _from_rows(layout: ChunkLayout, x, width):
+    return layout.from_chunked(jnp.swapaxes(x[..., :width], 1, 2))
+
+
+def compute_dtype(*dtypes):
+    return jnp.result_type(*dtypes)
+
+
+def prepare(q, k, v, g, cu_seqlens, chunk) -> Prepared:
+    batch, seq_len, _, key_dim = q.shape
+    value_dim = v.shape[-1]
+    layout = make_layout(batch, seq_len, chunk, cu_seqlens)
+    dtype = compute_dtype(q.dtype, k.dtype, v.dtype)
+    kp, vp = padded_dim(key_dim), padded_dim(value_dim)
+    q_rows, k_rows = (_to_rows(layout, x.astype(dtype), kp) for x in (q, k))
+    v_rows = _to_rows(layout, v.astype(dtype), vp)
+    g_rows = _to_rows(layout, g.astype(jnp.float32), kp)
+    rows, padded_len, heads, _ = g_rows.shape
+    num_chunks = padded_len // chunk
+    b = jnp.cumsum(g_rows.reshape(rows, num_chunks, chunk, heads, kp), axis=2)
+    b = b.reshape(g_rows.shape)
+    flat = rows * num_chunks
+    ends = jnp.where(layout.seq_last_chunk >= 0, layout.seq_last_chunk, flat)
+    last_seq = jnp.full((flat,), -1, jnp.int32).at[ends].set(
+        jnp.arange(ends.shape[0], dtype=jnp.int32), mode="drop"
+    )
+    return Prepared(layout, q_rows, k_rows, v_rows, b, layout.chunk_first_seq.astype(jnp.int32),
+                    last_seq.reshape(rows, num_chunks), key_dim, value_dim)
+
+
+def _state_dtype(dtype):
+    # Half-precision callers get half-precision chunk states (they feed half-precision matmuls).
+    return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else dtype
+
+
+def _config(p: Prepared, opts, config):
+    if config is not None:
+        return config
+    kp, vp = p.q.shape[-1], p.v.shape[-1]
+    return tuning.config_for(kp, vp, p.q.dtype, opts.interpret)
+
+
+def _states(p: Prepared, initial_state, opts, config):
+    h0 = _pad_state(initial_state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
+    states, final = gpu_forward.chunk_states(
+        p.k, p.v, p.b, h0, p.first_seq, p.last_seq, chunk=opts.chunk_size,
+        state_dtype=_state_dtype(p.q.dtype), config=config, interpret=opts.interpret,
+    )
+    empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
+    final = jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
+    return states, final
+
+
+def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
+    p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
+    config = _config(p, opts, config)
+    states, final = _states(p, initial_state, opts, config)
+    o = gpu_forward.chunk_outputs(
+        p.q, p.k, p.v, p.b, states, chunk=opts.chunk_size, scale=opts.scale,
+        out_dtype=q.dtype, config=config, interpret=opts.interpret,
+    )
+    return _from_rows(p.layout, o, p.value_dim), final
+
+
+def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=None):
+    p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
+    config = _config(p, opts, config)
+    kp, vp = p.q.shape[-1], p.v.shape[-1]
+    chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
+    states, _ = _states(p, initial_state, opts, config)
+    do_rows = _to_rows(p.layout, do.astype(p.q.dtype), vp)
+    dfinal_padded = _pad_state(dfinal.astype(jnp.float32), kp, vp)
+    dstates, dh0 = gpu_backward.state_grads(
+        p.q, do_rows, p.b, dfinal_padded, p.first_seq, p.last_seq, chunk=chunk, scale=scale,
+        state_dtype=_state_dtype(p.q.dtype), config=config, interpret=interpret,
+    )
+    dv = gpu_backward.value_grads(
+        p.q, p.k, p.b, do_rows, dstates, chunk=chunk, scale=scale, out_dtype=jnp.float32,
+        config=config, interpret=interpret,
+    )
+    dq, dk, dg = gpu_backward.query_key_gate_grads(
+        p.q, p.k, p.b, p.v, do_rows, states, dstates, chunk=chunk, scale=scale, config=config,
+        interpret=interpret,
+    )
+    # An empty sequence's final state is its initial state.
+    empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
+    dh0 = jnp.where(empty, dfinal.astype(jnp.float32), dh0[..., : p.key_dim, : p.value_dim])
+    unpad = lambda x, width: _from_rows(p.layout, x, width)  # noqa: E731
+    return unpad(dq, p.key_dim), unpad(dk, p.key_dim), unpad(dv, p.value_dim), \
+        unpad(dg, p.key_dim), dh0
+
+
+class GpuBackend:
+    name = "pallas_gpu"
+
+    @staticmethod
+    def supports(q_shape, v_shape, dtype, opts) -> str | None:
+        if jnp.dtype(dtype) not in DTYPES:
+            return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
+        key_dim, value_dim = q_shape[-1], v_shape[-1]
+        if key_dim > MAX_KEY_DIM:
+            return f"K = {key_dim} > {MAX_KEY_DIM}"
+        if value_dim > MAX_VALUE_DIM:
+            return f"V = {value_dim} > {MAX_VALUE_DIM}"
+        if opts.chunk_size < 16:
+            return f"chunk_size {opts.chunk_size} < 16 (Triton matmuls need 16)"
+        if not opts.interpret and jax.default_backend() not in ("gpu", "cuda", "rocm"):
+            return f"needs a GPU or interpret=True (default backend: {jax.default_backend()})"
+        return None
+
+    forward = staticmethod(forward)
+    backward = staticmethod(backward)
+
+
+BACKEND = GpuBackend

@@ -1,0 +1,265 @@
+"""Forward Pallas kernels for chunkwise GLA, lowered through Triton.
+
+All kernels read the time-major rows layout ``[B', Tp, H, D]`` (``gpu.py`` builds it from the chunk
+layout; for equal-length rows whose T is a multiple of the chunk size it is the caller's array
+itself, so no transpose or copy is made). ``b`` is the chunk-local inclusive cumulative sum of the
+log gates in float32, ``[B', Tp, H, K]``.
+
+Two kernels make the forward:
+
+* ``chunk_states``: one program per (row, head, K tile, V tile) walks the chunks in order and
+  stores the state entering every chunk (``[B', NC, H, K, V]``), resetting to a sequence's initial
+  state at the chunk where it starts and writing each sequence's final state at its last chunk.
+* ``chunk_outputs``: fully parallel over (chunk, row * head, V tile): the inter-chunk term
+  ``(q * exp(b)) @ h`` plus the intra-chunk term ``A @ v`` with the gated causal scores ``A``.
+
+The scores use secondary-level chunking (sub-chunks of 16): an off-diagonal sub-block (rows in
+sub-chunk I, columns before it) is factorized around the first position r of sub-chunk I, so both
+factors ``exp(b_i - b_r)`` and ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul; only
+the diagonal sub-blocks are computed in float32 in log space, one column at a time. Every exponent
+is clamped at 0 before ``exp`` so masked entries can never overflow.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+SUB_CHUNK = 16
+SQUEEZED = getattr(pl, "squeezed", None)
+F32 = jnp.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers usable inside kernels (all shapes are powers of two, as the Triton lowering requires)
+# --------------------------------------------------------------------------------------------
+
+
+def mm(a, b, dtype):
+    """a @ b with operands in ``dtype`` and float32 accumulation."""
+    return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=F32)
+
+
+def mm_tn(a, b, dtype):
+    """a.T @ b."""
+    return lax.dot_general(
+        a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())), preferred_element_type=F32
+    )
+
+
+def mm_nt(a, b, dtype):
+    """a @ b.T."""
+    return lax.dot_general(
+        a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((), ())), preferred_element_type=F32
+    )
+
+
+def split_rows(x, parts: int):
+    """Equal row blocks of a value (Triton has no general value slicing, but it has split)."""
+    if parts == 1:
+        return [x]
+    return list(lax.split(x, [x.shape[0] // parts] * parts, axis=0))
+
+
+def row(ref, index):
+    """Row ``index`` of a 2-D ref as a [1, D] float32 value."""
+    return ref[pl.ds(index, 1), :].astype(F32)
+
+
+def sub_chunk(chunk: int) -> int:
+    return min(SUB_CHUNK, chunk)
+
+
+def diagonal_decay(b_rows, b_col, sub: int, col: int):
+    """exp(b_i - b_j) for the rows i of a sub-chunk and its column j; zero above the diagonal.
+
+    b_rows: [S, K]; b_col: [1, K]. The exponent is clamped at 0 first, so nothing overflows.
+    """
+    keep = lax.broadcasted_iota(jnp.int32, (sub, 1), 0) >= col
+    return jnp.where(keep, jnp.exp(jnp.minimum(b_rows - b_col, 0.0)), 0.0)
+
+
+def off_diagonal_factors(q_rows, b_rows, k, b, b_ref):
+    """Factors of the off-diagonal scores of one row block around its first position r.
+
+    Returns (q_hat, k_hat, q_decay, k_decay) with q_decay = exp(b_rows - b_r) and
+    k_decay = exp(min(b_r - b, 0)), both <= 1 where they are used (columns before the block).
+    """
+    q_decay = jnp.exp(b_rows - b_ref)
+    k_decay = jnp.exp(jnp.minimum(b_ref - b, 0.0))
+    return q_rows * q_decay, k * k_decay, q_decay, k_decay
+
+
+def gated_score_blocks(q, k, b, k_ref, b_ref, dtype):
+    """Row blocks of A[i, j] = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, else 0.
+
+    q, k, b: [C, K] float32 (q already scaled); k_ref, b_ref: the same chunk as refs, for single
+    rows. Returns a list of C // S blocks, each [S, C] float32.
+    """
+    chunk = q.shape[0]
+    sub = sub_chunk(chunk)
+    parts = chunk // sub
+    q_blocks, b_blocks = split_rows(q, parts), split_rows(b, parts)
+    cols = lax.broadcasted_iota(jnp.int32, (sub, chunk), 1)
+    blocks = []
+    for i in range(parts):
+        base = i * sub
+        scores = jnp.zeros((sub, chunk), F32)
+        if i > 0:
+            q_hat, k_hat, _, _ = off_diagonal_factors(
+                q_blocks[i], b_blocks[i], k, b, row(b_ref, base)
+            )
+            scores = jnp.where(cols < base, mm_nt(q_hat, k_hat, dtype), 0.0)
+
+        def diagonal_column(j, scores, i=i, base=base):
+            decay = diagonal_decay(b_blocks[i], row(b_ref, base + j), sub, j)
+            column = jnp.sum(q_blocks[i] * row(k_ref, base + j) * decay, axis=1, keepdims=True)
+            return jnp.where(cols == base + j, column, scores)
+
+        blocks.append(lax.fori_loop(0, sub, diagonal_column, scores))
+    return blocks
+
+
+def chunk_rows_spec(chunk: int, width: int, heads: int):
+    """Block of one chunk of a [B', Tp, H, D] array on the grid (chunk, row * heads, tile)."""
+    return pl.BlockSpec(
+        (SQUEEZED, chunk, SQUEEZED, width), lambda c, bh, t: (bh // heads, c, bh % heads, 0)
+    )
+
+
+def whole(shape):
+    """A whole-array block (kernels index it with data-dependent sequence numbers)."""
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+# --------------------------------------------------------------------------------------------
+# chunk_states
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_states_kernel(
+    first_ref, last_ref, k_ref, v_ref, b_ref, h0_ref, states_ref, final_ref,
+    *, chunk, num_chunks, heads, block_k, block_v, dtype,
+):
+    bh, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    batch_row, head = bh // heads, bh % heads
+    ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
+
+    def step(c, state):
+        seq = first_ref[batch_row, c]
+        # A sequence starts here: its initial state replaces the carried one.
+        state = lax.cond(
+            seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state
+        )
+        states_ref[c] = state.astype(states_ref.dtype)
+        rows = pl.ds(c * chunk, chunk)
+        b = b_ref[rows, :]
+        b_last = row(b_ref, c * chunk + chunk - 1)  # [1, BK]
+        k_to_end = k_ref[rows, :].astype(F32) * jnp.exp(b_last - b)  # decays <= 1
+        state = state * jnp.exp(b_last).T + mm_tn(k_to_end, v_ref[rows, :], dtype)
+        seq_end = last_ref[batch_row, c]
+
+        @pl.when(seq_end >= 0)
+        def _():
+            final_ref[jnp.maximum(seq_end, 0), head, ks, vs] = state
+
+        return state
+
+    lax.fori_loop(0, num_chunks, step, jnp.zeros((block_k, block_v), F32))
+
+
+def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
+    """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32."""
+    rows, padded_len, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    num_chunks = padded_len // chunk
+    block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
+    grid = (rows * heads, key_dim // block_k, value_dim // block_v)
+
+    def seq_spec(width_block, tile_axis):
+        def index(bh, kt, vt):
+            return (bh // heads, 0, bh % heads, kt if tile_axis == "k" else vt)
+
+        return pl.BlockSpec((SQUEEZED, padded_len, SQUEEZED, width_block), index)
+
+    kernel = functools.partial(
+        _chunk_states_kernel, chunk=chunk, num_chunks=num_chunks, heads=heads,
+        block_k=block_k, block_v=block_v, dtype=k.dtype,
+    )
+    states_spec = pl.BlockSpec(
+        (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
+        lambda bh, kt, vt: (bh // heads, 0, bh % heads, kt, vt),
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((rows, num_chunks, heads, key_dim, value_dim), state_dtype),
+            jax.ShapeDtypeStruct(h0.shape, F32),
+        ),
+        grid=grid,
+        in_specs=[
+            whole(first_seq.shape), whole(last_seq.shape),
+            seq_spec(block_k, "k"), seq_spec(block_v, "v"), seq_spec(block_k, "k"),
+            whole(h0.shape),
+        ],
+        out_specs=(states_spec, whole(h0.shape)),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.state_warps, num_stages=config.state_stages
+        ),
+        interpret=interpret,
+        name="gla_chunk_states",
+    )(first_seq, last_seq, k, v, b, h0)
+
+
+# --------------------------------------------------------------------------------------------
+# chunk_outputs
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_outputs_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, o_ref, *, scale, dtype):
+    q = q_ref[...].astype(F32) * scale
+    k = k_ref[...].astype(F32)
+    b = b_ref[...]
+    chunk = q.shape[0]
+    sub = sub_chunk(chunk)
+    inter = mm(q * jnp.exp(b), h_ref[...], dtype)  # [C, BV]
+    scores = gated_score_blocks(q, k, b, k_ref, b_ref, dtype)
+    v = v_ref[...]
+    for i, (block, inter_rows) in enumerate(zip(scores, split_rows(inter, len(scores)),
+                                                strict=True)):
+        o_ref[pl.ds(i * sub, sub), :] = (inter_rows + mm(block, v, dtype)).astype(o_ref.dtype)
+
+
+def chunk_outputs(q, k, v, b, states, *, chunk, scale, out_dtype, config, interpret):
+    """o [B', Tp, H, V] from the inputs and the states entering each chunk."""
+    rows, padded_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    num_chunks = padded_len // chunk
+    block_v = min(config.output_block_v, value_dim)
+    grid = (num_chunks, rows * heads, value_dim // block_v)
+    key_spec = chunk_rows_spec(chunk, key_dim, heads)
+    value_spec = pl.BlockSpec(
+        (SQUEEZED, chunk, SQUEEZED, block_v), lambda c, bh, vt: (bh // heads, c, bh % heads, vt)
+    )
+    state_spec = pl.BlockSpec(
+        (SQUEEZED, SQUEEZED, SQUEEZED, key_dim, block_v),
+        lambda c, bh, vt: (bh // heads, c, bh % heads, 0, vt),
+    )
+    kernel = functools.partial(_chunk_outputs_kernel, scale=scale, dtype=q.dtype)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((rows, padded_len, heads, value_dim), out_dtype),
+        grid=grid,
+        in_specs=[key_spec, key_spec, value_spec, key_spec, state_spec],
+        out_specs=value_spec,
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.output_warps, num_stages=config.output_stages
+        ),
+        interpret=interpret,
+        name="gla_chunk_outputs",
+    )(q, k, v, b, states)

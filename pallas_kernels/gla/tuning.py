@@ -1,0 +1,71 @@
+"""Block sizes and launch settings of the Pallas GPU kernels, per (K, V, dtype).
+
+``config_for`` looks the padded head dims up in ``TUNED`` (written by benchmarks/tune_gpu.py from
+timings on the GPU, kept in tuned_gpu.json beside this file) and otherwise falls back to a
+heuristic. In interpret mode the blocks are as large as possible: there the cost is the number of
+grid steps, not the arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax.numpy as jnp
+
+TUNED_PATH = pathlib.Path(__file__).with_name("tuned_gpu.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    state_block_k: int = 64  # chunk_states / state_grads tiles (one sequential program each)
+    state_block_v: int = 64
+    state_warps: int = 4
+    state_stages: int = 2
+    output_block_v: int = 64  # chunk_outputs / value_grads V tile
+    output_warps: int = 4
+    output_stages: int = 2
+    grad_block_v: int = 64  # V tile looped over inside query_key_gate_grads
+    grad_warps: int = 4
+    grad_stages: int = 2
+
+
+def _key(key_dim: int, value_dim: int, dtype) -> str:
+    return f"{key_dim}x{value_dim}:{jnp.dtype(dtype).name}"
+
+
+def _load_tuned() -> dict[str, GpuConfig]:
+    if not TUNED_PATH.exists():
+        return {}
+    raw = json.loads(TUNED_PATH.read_text())
+    return {key: GpuConfig(**fields) for key, fields in raw.items()}
+
+
+TUNED = _load_tuned()
+
+
+def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
+    """Untuned default: tiles that keep a float32 [BK, BV] state and [C, K] accumulators in
+    registers; wider K means more warps for the kernels that hold whole K rows."""
+    wide = key_dim > 128
+    return GpuConfig(
+        state_block_k=min(key_dim, 64),
+        state_block_v=min(value_dim, 64),
+        output_block_v=min(value_dim, 128 if not wide else 64),
+        output_warps=8 if wide else 4,
+        grad_block_v=min(value_dim, 64),
+        grad_warps=8,
+        grad_stages=1 if wide else 2,
+    )
+
+
+def config_for(key_dim: int, value_dim: int, dtype, interpret: bool) -> GpuConfig:
+    """key_dim, value_dim: the padded (power-of-two) head dims."""
+    if interpret:
+        return GpuConfig(key_dim, value_dim, 4, 1, value_dim, 4, 1, value_dim, 4, 1)
+    return TUNED.get(_key(key_dim, value_dim, dtype)) or heuristic(key_dim, value_dim, dtype)
+
+
+def table_key(key_dim: int, value_dim: int, dtype) -> str:
+    return _key(key_dim, value_dim, dtype)
