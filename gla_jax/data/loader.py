@@ -18,8 +18,17 @@ from gla_jax.data import corpora, packing, tokenizers
 
 STATE_VERSION = 1
 # A restored state must come from a loader that cuts the same stream in the same way.
-_IDENTITY_KEYS = ("split", "seed", "shuffle", "seq_len", "rows", "packing", "process_index",
-                  "process_count", "docs_per_epoch")  # fmt: skip
+_IDENTITY_KEYS = (
+    "split",
+    "seed",
+    "shuffle",
+    "seq_len",
+    "rows",
+    "packing",
+    "process_index",
+    "process_count",
+    "docs_per_epoch",
+)
 
 
 class PackedBatches:
@@ -94,8 +103,10 @@ class PackedBatches:
 
     def set_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state has version {state.get('version')!r}, "
-                             f"this loader reads version {STATE_VERSION}")  # fmt: skip
+            raise ValueError(
+                f"data iterator state has version {state.get('version')!r}, "
+                f"this loader reads version {STATE_VERSION}"
+            )
         changed = {
             key: (state.get(key), value)
             for key, value in self._identity.items()
@@ -161,8 +172,9 @@ def make_lm_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} does not divide over "
-                         f"{process_count} processes")  # fmt: skip
+        raise ValueError(
+            f"global_batch_size {global_batch_size} does not divide over {process_count} processes"
+        )
     if config.packing not in packing.PACKING_MODES:
         raise ValueError(
             f"data.packing must be one of {packing.PACKING_MODES}, got {config.packing!r}"
@@ -183,8 +195,15 @@ def make_lm_dataset(
             docs = docs.shuffle(seed=int(config.seed) % 2**32)
         docs = docs.repeat()
     elif num_batches is None and process_count > 1:
-        num_batches = _eval_batches(source, field, config, tokenizer, seq_len=seq_len,
-                                    rows=rows, process_count=process_count)  # fmt: skip
+        num_batches = _eval_batches(
+            source,
+            field,
+            config,
+            tokenizer,
+            seq_len=seq_len,
+            rows=rows,
+            process_count=process_count,
+        )
     docs = docs.map(_document_ids(config, tokenizer, field))
     identity = {
         "split": split,
