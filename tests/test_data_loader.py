@@ -1,0 +1,228 @@
+"""Loader: epochs cover every document once, per-host shards, exact resume, eval passes."""
+
+import collections
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from gla_jax import data
+from gla_jax.data import corpora
+
+SEQ_LEN = 32
+EOS = data.BYTE_EOS_ID
+BOS = data.BYTE_BOS_ID
+
+
+@pytest.fixture(scope="module")
+def corpus_config(tmp_path_factory):
+    """40 documents of very different lengths (some longer than several rows)."""
+    tmp = tmp_path_factory.mktemp("loader")
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    docs = []
+    for i in range(40):
+        length = int(rng.choice([1, 3, 8, 40]))
+        docs.append(f"doc{i} " + " ".join(rng.choice(words, size=length)))
+    path = tmp / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    config = data.default_data_config()
+    config.name = "text_files"
+    config.paths = (str(path),)
+    config.data_dir = str(tmp / "prepared")
+    config.validation_fraction = 0.15
+    return config
+
+
+def split_docs(config, split):
+    source, field = corpora.open_split(config, split)
+    return [source[i][field].decode() for i in range(len(source))]
+
+
+def with_changes(config, **changes):
+    config = config.copy_and_resolve_references()
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+def documents_in(batches):
+    """Documents read back from the real tokens of consecutive batches, in order."""
+    rows = np.concatenate([b["tokens"] for b in batches])
+    segments = np.concatenate([b["segment_ids"] for b in batches])
+    stream = np.concatenate([row[seg > 0] for row, seg in zip(rows, segments, strict=True)])
+    ends = np.flatnonzero(stream == EOS)
+    docs, start = [], 0
+    for end in ends:
+        ids = stream[start:end]
+        assert ids[0] == BOS
+        docs.append(bytes(ids[1:].astype(np.uint8)).decode())
+        start = end + 1
+    return docs, stream[start:]
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def batches_until_epoch(iterator, epoch):
+    out = []
+    while iterator.get_state()["epoch"] < epoch:
+        out.append(next(iterator))
+    return out
+
+
+@pytest.mark.parametrize("packing", ["concat", "pad"])
+def test_each_epoch_shows_every_document_once_in_a_new_order(corpus_config, packing):
+    config = with_changes(corpus_config, packing=packing)
+    expected = split_docs(config, "train")
+    it = data.make_lm_dataset(config, seq_len=SEQ_LEN, global_batch_size=4)
+    first = batches_until_epoch(it, 1)
+    second = batches_until_epoch(it, 2)
+    docs, _ = documents_in(first + second)
+    n = len(expected)
+    assert collections.Counter(docs[:n]) == collections.Counter(expected)
+    assert collections.Counter(docs[n : 2 * n]) == collections.Counter(expected)
+    assert docs[:n] != docs[n : 2 * n]  # reshuffled for the second epoch
+    assert docs[:n] != expected  # and shuffled at all
+    for batch in first:
+        assert set(batch) == {"tokens", "targets", "segment_ids", "positions", "loss_mask"}
+        assert all(v.shape == (4, SEQ_LEN) for v in batch.values())
+        # Segment ids change exactly after each EOS inside a row.
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        after_eos = (tokens[:, :-1] == EOS) & (seg[:, 1:] > 0)
+        new_segment = (seg[:, 1:] != seg[:, :-1]) & (seg[:, 1:] > 0)
+        np.testing.assert_array_equal(after_eos, new_segment)
+
+
+def test_same_seed_same_batches_other_seed_other_order(corpus_config):
+    def first_batches(seed):
+        it = data.make_lm_dataset(
+            with_changes(corpus_config, seed=seed), seq_len=SEQ_LEN, global_batch_size=2
+        )
+        return np.stack([b["tokens"] for b in take(it, 5)])
+
+    np.testing.assert_array_equal(first_batches(3), first_batches(3))
+    assert not np.array_equal(first_batches(3), first_batches(4))
+
+
+def test_no_shuffle_reads_in_split_order(corpus_config):
+    config = with_changes(corpus_config, shuffle=False, packing="pad")
+    it = data.make_lm_dataset(config, seq_len=SEQ_LEN, global_batch_size=4)
+    docs, _ = documents_in(batches_until_epoch(it, 1))
+    expected = split_docs(config, "train")
+    assert docs[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("packing", ["concat", "pad"])
+def test_resume_gives_exactly_the_uninterrupted_batches(corpus_config, packing):
+    config = with_changes(corpus_config, packing=packing)
+    make = lambda: data.make_lm_dataset(config, seq_len=SEQ_LEN, global_batch_size=3)
+    reference = take(make(), 60)  # several epochs: resume points cross epoch boundaries
+    for stop in (1, 7, 23, 41):
+        interrupted = make()
+        take(interrupted, stop)
+        state = json.loads(json.dumps(interrupted.get_state()))  # as a checkpoint stores it
+        resumed = make()
+        resumed.set_state(state)
+        for want, got in zip(reference[stop:], take(resumed, 60 - stop), strict=True):
+            for key in want:
+                np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+    assert make().docs_per_epoch < 60 * 3 * SEQ_LEN  # the reference spans several epochs
+    assert interrupted.get_state()["epoch"] >= 1
+
+
+def test_state_from_another_configuration_is_refused(corpus_config):
+    state = data.make_lm_dataset(corpus_config, seq_len=SEQ_LEN, global_batch_size=2).get_state()
+    other = data.make_lm_dataset(
+        with_changes(corpus_config, seed=9), seq_len=SEQ_LEN, global_batch_size=2
+    )
+    with pytest.raises(ValueError, match="seed: saved 0, now 9"):
+        other.set_state(state)
+    longer = data.make_lm_dataset(corpus_config, seq_len=2 * SEQ_LEN, global_batch_size=2)
+    with pytest.raises(ValueError, match="seq_len"):
+        longer.set_state(state)
+
+
+def test_hosts_read_disjoint_shares_that_cover_the_split(corpus_config):
+    expected = split_docs(corpus_config, "train")
+    per_host = []
+    for process_index in range(3):
+        it = data.make_lm_dataset(
+            corpus_config,
+            seq_len=SEQ_LEN,
+            global_batch_size=6,
+            process_index=process_index,
+            process_count=3,
+        )
+        assert next(it)["tokens"].shape == (2, SEQ_LEN)  # this host's rows only
+        it.set_state({**it.get_state(), "doc_index": 0, "offset": 0, "batches": 0})
+        docs, _ = documents_in(batches_until_epoch(it, 1))
+        per_host.append(docs[: it.docs_per_epoch])
+    assert sum(len(d) for d in per_host) == len(expected)
+    assert collections.Counter(sum(per_host, [])) == collections.Counter(expected)
+
+
+@pytest.mark.parametrize("packing", ["concat", "pad"])
+def test_eval_is_one_ordered_pass(corpus_config, packing):
+    config = with_changes(corpus_config, packing=packing)
+    evals = list(data.make_eval_dataset(config, seq_len=SEQ_LEN, global_batch_size=4))
+    docs, rest = documents_in(evals)
+    assert docs == split_docs(config, "validation") and rest.size == 0
+    # Only the last batch may hold padding rows.
+    assert all((b["segment_ids"] > 0).any(axis=1).all() for b in evals[:-1])
+
+
+def test_eval_on_several_hosts_has_one_length(corpus_config):
+    lengths, docs = [], []
+    for process_index in range(2):
+        it = data.make_eval_dataset(
+            corpus_config,
+            seq_len=8,
+            global_batch_size=2,
+            process_index=process_index,
+            process_count=2,
+        )
+        batches = list(it)
+        lengths.append((len(it), len(batches)))
+        docs += documents_in(batches)[0]
+    assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1]
+    assert sorted(docs) == sorted(split_docs(corpus_config, "validation"))
+    fixed = data.make_eval_dataset(corpus_config, seq_len=8, global_batch_size=2, num_batches=500)
+    assert len(list(fixed)) == 500  # runs on with empty rows once the data is used up
+
+
+def test_bad_arguments_name_the_field(corpus_config):
+    with pytest.raises(ValueError, match="does not divide over 3 processes"):
+        data.make_lm_dataset(corpus_config, seq_len=8, global_batch_size=4, process_count=3)
+    with pytest.raises(ValueError, match="data.packing"):
+        data.make_lm_dataset(
+            with_changes(corpus_config, packing="best"), seq_len=8, global_batch_size=1
+        )
+    with pytest.raises(ValueError, match="data.validation_fraction"):
+        data.make_lm_dataset(
+            with_changes(corpus_config, validation_fraction=0.9), seq_len=8, global_batch_size=1
+        )
+    with pytest.raises(ValueError, match="fewer than the 64 processes"):
+        data.make_eval_dataset(
+            corpus_config, seq_len=8, global_batch_size=64, process_index=63, process_count=64
+        )
+
+
+def test_global_batch_on_a_mesh(corpus_config):
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    batch = next(
+        data.make_lm_dataset(corpus_config, seq_len=SEQ_LEN, global_batch_size=jax.device_count())
+    )
+    global_batch = data.make_global_batch(batch, mesh)
+    for key, value in batch.items():
+        assert global_batch[key].shape == value.shape
+        assert global_batch[key].sharding.spec == jax.sharding.PartitionSpec(("data",))
+        np.testing.assert_array_equal(np.asarray(global_batch[key]), value)
+
+
+def test_default_config_fields():
+    config = data.default_data_config()
+    assert (config.name, config.tokenizer, config.packing) == ("kjv", "byte", "concat")
+    assert config.seed == 0 and config.shuffle and config.add_bos
