@@ -1,10 +1,10 @@
 """The loader: per-host document shards shuffled per epoch, tokenized, packed into batches.
 
-grain's MapDataset does the document-level work: each host slices out its share of the
-documents (`[process_index::process_count]`, so a host reads only its own records), shuffles
-them with a permutation that changes every epoch but is a pure function of the seed, and
-repeats them. The packer then walks that stream with a cursor; the cursor is the iterator's
-whole state, so resuming is exact and costs nothing.
+grain's MapDataset decides which record is the k-th document of a host's stream: each host
+takes its share of the records (`[process_index::process_count]`, so a host reads only its
+own), shuffled by a permutation that changes every epoch but is a pure function of the seed,
+repeated endlessly for training. The packer walks that stream with a cursor (k, offset); the
+cursor is the iterator's whole state, so resuming is exact and costs nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import numpy as np
 from gla_jax.data import corpora, packing, tokenizers
 
 STATE_VERSION = 1
+# Records read per batched call: large enough to amortize the call, small enough that a block
+# of long documents (whole books) stays a few tens of MB.
+READ_BLOCK_SIZE = 64
 # A restored state must come from a loader that cuts the same stream in the same way.
 _IDENTITY_KEYS = (
     "split",
@@ -31,6 +34,34 @@ _IDENTITY_KEYS = (
 )
 
 
+class DocumentReader:
+    """`reader(k)`: ids of the k-th document of this host's stream.
+
+    grain maps k to a record index (host share, per-epoch shuffle, repeat); the records are
+    read in blocks of consecutive k with one batched call, which is several times faster than
+    record-by-record random access. The block is only a cache: what k maps to never depends
+    on it, so resuming anywhere reads the same documents.
+    """
+
+    def __init__(self, source, record_indices: grain.MapDataset, encode, *, block_size: int):
+        self._source, self._record_indices, self._encode = source, record_indices, encode
+        self._block_size = block_size
+        self._block_start, self._records = -1, []
+
+    def _read_block(self, start: int) -> list:
+        stop = min(start + self._block_size, len(self._record_indices))
+        indices = [int(self._record_indices[k]) for k in range(start, stop)]
+        if hasattr(self._source, "__getitems__"):
+            return list(self._source.__getitems__(indices))
+        return [self._source[i] for i in indices]
+
+    def __call__(self, k: int) -> np.ndarray:
+        start = k - k % self._block_size
+        if start != self._block_start:
+            self._block_start, self._records = start, self._read_block(start)
+        return self._encode(self._records[k - start])
+
+
 class PackedBatches:
     """Iterator of packed batches with `get_state()` / `set_state()` for checkpoints.
 
@@ -40,7 +71,7 @@ class PackedBatches:
 
     def __init__(
         self,
-        docs: grain.MapDataset,
+        doc: DocumentReader,
         *,
         identity: dict,
         seq_len: int,
@@ -51,7 +82,7 @@ class PackedBatches:
         num_docs: int | None,
         num_batches: int | None,
     ):
-        self._docs = docs
+        self._doc = doc
         self._identity = dict(identity)
         self._seq_len, self._rows, self._mode, self._pad_id = seq_len, rows, mode, pad_id
         self.docs_per_epoch = docs_per_epoch
@@ -75,7 +106,7 @@ class PackedBatches:
             if self._cursor.doc_index >= self._num_docs:  # one host: stop when its docs are done
                 raise StopIteration
         batch, self._cursor = packing.pack_batch(
-            self._docs.__getitem__,
+            self._doc,
             self._cursor,
             num_rows=self._rows,
             seq_len=self._seq_len,
@@ -182,18 +213,18 @@ def make_lm_dataset(
     rows = global_batch_size // process_count
     tokenizer = make_tokenizer(config)
     source, field = corpora.open_split(config, _split_name(config, split))
-    docs = grain.MapDataset.source(source)[process_index::process_count]
-    if len(docs) == 0:
+    record_indices = grain.MapDataset.range(len(source))[process_index::process_count]
+    if len(record_indices) == 0:
         raise ValueError(
             f"split {split!r} of {config.name!r} has {len(source)} documents, fewer than the "
             f"{process_count} processes reading it"
         )
     training = split == "train"
-    docs_per_epoch = len(docs)
+    docs_per_epoch = len(record_indices)
     if training:
         if config.shuffle:
-            docs = docs.shuffle(seed=int(config.seed) % 2**32)
-        docs = docs.repeat()
+            record_indices = record_indices.shuffle(seed=int(config.seed) % 2**32)
+        record_indices = record_indices.repeat()
     elif num_batches is None and process_count > 1:
         num_batches = _eval_batches(
             source,
@@ -204,7 +235,8 @@ def make_lm_dataset(
             rows=rows,
             process_count=process_count,
         )
-    docs = docs.map(_document_ids(config, tokenizer, field))
+    encode = _document_ids(config, tokenizer, field)
+    doc = DocumentReader(source, record_indices, encode, block_size=READ_BLOCK_SIZE)
     identity = {
         "split": split,
         "seed": int(config.seed),
@@ -218,7 +250,7 @@ def make_lm_dataset(
     }
     assert set(identity) == set(_IDENTITY_KEYS)
     return PackedBatches(
-        docs,
+        doc,
         identity=identity,
         seq_len=seq_len,
         rows=rows,
