@@ -273,21 +273,28 @@ def _permille(validation_fraction: float) -> int:
     return permille
 
 
+# Builders already made in this process, by (data_dir, config name): evaluation opens the
+# validation split again and again, and a builder is cheap to keep but not to make.
+_BUILDERS: dict[tuple[str, str], tfds.core.DatasetBuilder] = {}
+
+
 def local_builder(config) -> tfds.core.DatasetBuilder:
     """The builder for 'kjv' or 'text_files' in `config` (a `data` ConfigDict)."""
     permille = _permille(config.validation_fraction)
-    common = dict(
-        data_dir=resolve_data_dir(config.data_dir),
-        file_format="array_record",
-        validation_permille=permille,
-    )
+    data_dir = resolve_data_dir(config.data_dir)
+    common = dict(data_dir=data_dir, file_format="array_record", validation_permille=permille)
     if config.name == "kjv":
-        return KjvBible(config=tfds.core.BuilderConfig(name=f"chapters_val{permille}"), **common)
-    paths = config.paths
-    paths = [p for p in paths.split(",") if p] if isinstance(paths, str) else list(paths)
-    spec = TextFilesSpec(tuple(expand_paths(paths)), config.doc_split, config.text_field)
-    name = f"files_{fingerprint(spec, permille)}"
-    return LocalText(spec=spec, config=tfds.core.BuilderConfig(name=name), **common)
+        name = f"kjv_chapters_val{permille}"
+        make = lambda: KjvBible(config=tfds.core.BuilderConfig(name=name[4:]), **common)
+    else:
+        paths = config.paths
+        paths = [p for p in paths.split(",") if p] if isinstance(paths, str) else list(paths)
+        spec = TextFilesSpec(tuple(expand_paths(paths)), config.doc_split, config.text_field)
+        name = f"files_{fingerprint(spec, permille)}"
+        make = lambda: LocalText(spec=spec, config=tfds.core.BuilderConfig(name=name), **common)
+    if (data_dir, name) not in _BUILDERS:
+        _BUILDERS[data_dir, name] = make()
+    return _BUILDERS[data_dir, name]
 
 
 def prepare_local(config) -> tfds.core.DatasetBuilder:
