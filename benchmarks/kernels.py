@@ -1,0 +1,166 @@
+"""Kernel benchmark: one GLA attention-layer op, forward and forward+backward, on a GPU.
+
+Shapes: 32,768 tokens per call (B = 32768 / T), T in 1K..16K; GLA 16 heads with K = V = 128 and the
+paper's 1.3B layer (4 heads, K = 256, V = 512); cuDNN causal flash attention (16 heads, head dim
+128) through jax.nn.dot_product_attention as the softmax-attention anchor. bf16 inputs, gates
+logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png to --out.
+
+  python benchmarks/kernels.py --out $OUT [--ts 1024,2048,4096,8192,16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gla.api import chunk_gla
+
+TOKENS = 32768
+
+
+def time_ms(fn, *args, reps: int = 10, inner: int = 10) -> float:
+    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls (after warm-up)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / inner * 1e3)
+    return statistics.median(samples)
+
+
+def temp_mib(fn, *args) -> float:
+    """Scratch memory XLA allocates for the call beyond its arguments and results (MiB)."""
+    analysis = fn.lower(*args).compile().memory_analysis()
+    return getattr(analysis, "temp_size_in_bytes", float("nan")) / 2**20
+
+
+def gla_inputs(batch, seq_len, heads, key_dim, value_dim, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    dt = jnp.bfloat16
+    q = jax.random.normal(keys[0], (batch, seq_len, heads, key_dim), dt)
+    k = jax.random.normal(keys[1], (batch, seq_len, heads, key_dim), dt)
+    v = jax.random.normal(keys[2], (batch, seq_len, heads, value_dim), dt)
+    g = (jax.nn.log_sigmoid(jax.random.normal(keys[3], q.shape, jnp.float32)) / 16).astype(dt)
+    do = jax.random.normal(keys[4], v.shape, dt)
+    return q, k, v, g, do
+
+
+def gla_fns(backend):
+    def fwd(q, k, v, g):
+        return chunk_gla(q, k, v, g, backend=backend)[0]
+
+    def fwd_bwd(q, k, v, g, do):
+        o, vjp = jax.vjp(fwd, q, k, v, g)
+        return o, vjp(do)
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def cudnn_fns():
+    def fwd(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    def fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(fwd, q, k, v)
+        return o, vjp(do)
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def measure(name, fns, fwd_args, bwd_args, **shape):
+    fwd, fwd_bwd = fns
+    row = dict(op=name, **shape)
+    try:
+        row["fwd_ms"] = time_ms(fwd, *fwd_args)
+        row["fwdbwd_ms"] = time_ms(fwd_bwd, *bwd_args)
+        row["fwdbwd_temp_mib"] = temp_mib(fwd_bwd, *bwd_args)
+    except Exception as err:  # keep going: one failing shape should not hide the rest
+        row["error"] = repr(err)[:400]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run(ts, backends, paper):
+    rows = []
+    for seq_len in ts:
+        batch = TOKENS // seq_len
+        shapes = [(16, 128, 128)] + ([(4, 256, 512)] if paper else [])
+        for heads, key_dim, value_dim in shapes:
+            q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
+            shape = dict(B=batch, T=seq_len, H=heads, K=key_dim, V=value_dim)
+            for backend in backends:
+                rows.append(measure(backend, gla_fns(backend), (q, k, v, g), (q, k, v, g, do),
+                                    **shape))
+        q, k, v, _, do = gla_inputs(batch, seq_len, 16, 128, 128)
+        rows.append(measure("cudnn_flash", cudnn_fns(), (q, k, v), (q, k, v, do),
+                            B=batch, T=seq_len, H=16, K=128, V=128))
+    return rows
+
+
+def table(rows):
+    lines = ["| op | H | K | V | T | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['H']} | {r['K']} | {r['V']} | {r['T']} | "
+                         f"error: {r['error'][:60]} | | |")
+            continue
+        lines.append(f"| {r['op']} | {r['H']} | {r['K']} | {r['V']} | {r['T']} | "
+                     f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwdbwd_temp_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwdbwd_ms", "fwd+bwd")):
+        series = {}
+        for r in rows:
+            if key in r:
+                label = f"{r['op']} H{r['H']} K{r['K']} V{r['V']}"
+                series.setdefault(label, []).append((r["T"], r[key]))
+        for label, points in sorted(series.items()):
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("T (32,768 tokens per call)")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--ts", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--backends", default="pallas_gpu,xla")
+    parser.add_argument("--no-paper", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    print(jax.devices(), jax.__version__, flush=True)
+    rows = run([int(t) for t in args.ts.split(",")], args.backends.split(","), not args.no_paper)
+    print(table(rows))
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, rows=rows), f, indent=1)
+    plot(rows, os.path.join(args.out, "kernels.png"))
+
+
+if __name__ == "__main__":
+    main()

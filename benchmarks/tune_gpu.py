@@ -1,0 +1,129 @@
+"""Searches block sizes and launch settings of the Pallas GPU kernels and writes the tuning table.
+
+Each kernel family is timed on its own, with the others at the heuristic settings:
+  state  (chunk_states + state_grads): state_block_k, state_block_v, state_warps, state_stages
+  output (chunk_outputs + value_grads): output_block_v, output_warps, output_stages
+  grad   (query_key_gate_grads):        grad_block_v, grad_warps, grad_stages
+The best candidate of each family goes into the table, keyed by padded (K, V, dtype).
+
+  python benchmarks/tune_gpu.py --out $OUT      # writes $OUT/tuned_gpu.json and prints timings
+Copy the file to pallas_kernels/gla/tuned_gpu.json to use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.kernels import gla_inputs, time_ms
+from pallas_kernels.gla import gpu, gpu_backward, gpu_forward, tuning
+
+FAMILIES = {
+    "state": [
+        dict(state_block_k=bk, state_block_v=bv, state_warps=w, state_stages=s)
+        for bk, bv, w, s in [(64, 64, 4, 2), (64, 64, 4, 1), (32, 64, 4, 2), (64, 32, 4, 2),
+                             (32, 32, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 1)]
+    ],
+    "output": [
+        dict(output_block_v=bv, output_warps=w, output_stages=s)
+        for bv, w, s in itertools.product((64, 128, 256), (4, 8), (1, 2))
+    ],
+    "grad": [
+        dict(grad_block_v=bv, grad_warps=w, grad_stages=s)
+        for bv, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2))
+    ],
+}
+
+
+def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
+    """A jitted call of one kernel family on prepared inputs."""
+    h0 = jnp.zeros((p.q.shape[0], p.q.shape[2], p.q.shape[-1], p.v.shape[-1]), jnp.float32)
+    state_dtype = p.q.dtype
+    common = dict(chunk=chunk, config=config, interpret=False)
+
+    def states():
+        return gpu_forward.chunk_states(p.k, p.v, p.b, h0, p.first_seq, p.last_seq,
+                                        state_dtype=state_dtype, **common)[0]
+
+    if family == "state":
+        def run():
+            grads = gpu_backward.state_grads(p.q, do_rows, p.b, h0, p.first_seq, p.last_seq,
+                                             scale=scale, state_dtype=state_dtype, **common)
+            return states(), grads
+    elif family == "output":
+        hs = states()
+
+        def run():
+            o = gpu_forward.chunk_outputs(p.q, p.k, p.v, p.b, hs, scale=scale,
+                                          out_dtype=p.q.dtype, **common)
+            dv = gpu_backward.value_grads(p.q, p.k, p.b, do_rows, hs, scale=scale,
+                                          out_dtype=jnp.float32, **common)
+            return o, dv
+    else:
+        hs = states()
+
+        def run():
+            return gpu_backward.query_key_gate_grads(p.q, p.k, p.b, p.v, do_rows, hs, hs,
+                                                     scale=scale, **common)
+    return jax.jit(run)
+
+
+def fits(fields, key_dim, value_dim):
+    for name, value in fields.items():
+        if name.endswith("block_k") and value > key_dim:
+            return False
+        if name.endswith("block_v") and value > value_dim:
+            return False
+    return True
+
+
+def tune_shape(heads, key_dim, value_dim, seq_len=2048, chunk=64):
+    q, k, v, g, do = gla_inputs(32768 // seq_len, seq_len, heads, key_dim, value_dim)
+    p = gpu.prepare(q, k, v, g, None, chunk)
+    do_rows = jnp.swapaxes(p.layout.to_chunked(do), 1, 2)
+    base = tuning.heuristic(key_dim, value_dim, q.dtype)
+    best = {}
+    for family, candidates in FAMILIES.items():
+        results = []
+        for fields in candidates:
+            if not fits(fields, key_dim, value_dim):
+                continue
+            config = dataclasses.replace(base, **fields)
+            try:
+                ms = time_ms(family_fn(family, p, do_rows, config, chunk, key_dim**-0.5))
+            except Exception as err:  # a candidate that does not compile is skipped
+                print(f"  {family} {fields}: failed {repr(err)[:160]}", flush=True)
+                continue
+            print(f"  {family} {fields}: {ms:.3f} ms", flush=True)
+            results.append((ms, fields))
+        ms, fields = min(results, key=lambda r: r[0])
+        print(f"{key_dim}x{value_dim} best {family}: {fields} {ms:.3f} ms", flush=True)
+        best.update(fields)
+    return dataclasses.asdict(dataclasses.replace(base, **best))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--shapes", default="16x128x128,4x256x512")
+    args = parser.parse_args()
+    table = {}
+    for shape in args.shapes.split(","):
+        heads, key_dim, value_dim = (int(x) for x in shape.split("x"))
+        table[tuning.table_key(key_dim, value_dim, jnp.bfloat16)] = tune_shape(
+            heads, key_dim, value_dim
+        )
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tuned_gpu.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    print(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()

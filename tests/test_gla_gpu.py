@@ -1,0 +1,125 @@
+"""pallas_gpu specifics beyond the shared suite: tiled kernels, large and odd head dims, float16,
+dispatch reasons, and that every kernel lowers through Triton (checked on the CPU by exporting for
+the 'cuda' platform, which runs the Pallas-to-Triton lowering without a GPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gla_jax.ops import chunk_gla
+from pallas_kernels.gla import api, gpu, tuning
+from tests.gla_oracle import gla_oracle
+from tests.test_gla_ops import TOLERANCE, Case, _make_inputs, _rel_err
+
+# Tiles smaller than the head dims: several K and V tiles per state program, several V tiles per
+# output program and inside the gradient kernel.
+SMALL_TILES = tuning.GpuConfig(
+    state_block_k=16, state_block_v=16, state_warps=4, state_stages=1,
+    output_block_v=16, output_warps=4, output_stages=1,
+    grad_block_v=16, grad_warps=4, grad_stages=1,
+)
+
+
+def _check_against_oracle(case: Case, seed: int, config=None):
+    q, k, v, g, h0, do, dfinal = _make_inputs(case, seed)
+    h0 = h0 if h0 is not None else jnp.zeros(dfinal.shape)
+    cu = None if case.cu_seqlens is None else jnp.asarray(case.cu_seqlens, jnp.int32)
+    scale = case.scale if case.scale is not None else case.key_dim**-0.5
+    opts = api.Options("pallas_gpu", scale, case.chunk_size, True)
+    o, final = gpu.forward(q, k, v, g, h0, cu, opts, config)
+    grads = gpu.backward(q, k, v, g, h0, cu, do, dfinal, opts, config)
+    expected = gla_oracle(q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=case.cu_seqlens,
+                          do=do, dfinal=dfinal)
+    actual = dict(o=o, final_state=final, **dict(zip(("dq", "dk", "dv", "dg", "dh0"), grads,
+                                                    strict=True)))
+    tol = TOLERANCE[case.dtype]
+    errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
+    assert all(err <= tol for err in errors.values()), errors
+
+
+@pytest.mark.parametrize("case", [
+    Case("tiled_packed", batch=1, seq_len=90, key_dim=32, value_dim=48, gates="strong",
+         cu_seqlens=(0, 30, 30, 90), chunk_size=32),
+    Case("tiled_rows", batch=2, seq_len=40, key_dim=32, value_dim=32, chunk_size=16),
+], ids=lambda c: c.name)
+def test_small_tiles_match_oracle(case):
+    _check_against_oracle(case, seed=5, config=SMALL_TILES)
+
+
+@pytest.mark.parametrize("case", [
+    Case("paper_head_dims", batch=1, seq_len=40, heads=1, key_dim=256, value_dim=512),
+    Case("odd_head_dims", batch=1, seq_len=33, heads=2, key_dim=20, value_dim=100,
+         gates="strong"),
+    Case("fp16_chunk128", batch=1, seq_len=130, heads=1, key_dim=32, value_dim=32,
+         dtype=jnp.float16, chunk_size=128),
+], ids=lambda c: c.name)
+def test_head_dims_and_dtypes(case):
+    _check_against_oracle(case, seed=9)
+
+
+def test_mixed_dtypes_bf16_inputs_float32_gates():
+    case = Case("mixed", batch=1, seq_len=48, dtype=jnp.bfloat16)
+    q, k, v, g, h0, _, _ = _make_inputs(case, 2)
+    g = g.astype(jnp.float32)
+    o, final = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True,
+                         backend="pallas_gpu", interpret=True)
+    expected = gla_oracle(q, k, v, g, scale=case.key_dim**-0.5, initial_state=h0)
+    assert o.dtype == jnp.bfloat16
+    assert _rel_err(o, expected["o"]) <= TOLERANCE[jnp.bfloat16]
+    assert _rel_err(final, expected["final_state"]) <= TOLERANCE[jnp.bfloat16]
+
+
+def test_unsupported_shapes_give_reasons():
+    opts = api.Options("pallas_gpu", 1.0, 64, True)
+    assert "K = 300" in gpu.BACKEND.supports((1, 8, 1, 300), (1, 8, 1, 16), jnp.float32, opts)
+    assert "V = 600" in gpu.BACKEND.supports((1, 8, 1, 16), (1, 8, 1, 600), jnp.float32, opts)
+    assert "float64" in gpu.BACKEND.supports((1, 8, 1, 16), (1, 8, 1, 16), jnp.float64, opts)
+    assert gpu.BACKEND.supports((1, 8, 1, 16), (1, 8, 1, 16), jnp.bfloat16, opts) is None
+    native = dataclasses.replace(opts, interpret=False)
+    if jax.default_backend() == "cpu":
+        assert "needs a GPU" in gpu.BACKEND.supports((1, 8, 1, 16), (1, 8, 1, 16),
+                                                     jnp.float32, native)
+
+
+def test_explicit_backend_raises_on_unsupported_shape():
+    q = jnp.zeros((1, 8, 1, 300))
+    with pytest.raises(NotImplementedError, match="K = 300"):
+        chunk_gla(q, q, jnp.zeros((1, 8, 1, 16)), q, backend="pallas_gpu", interpret=True)
+
+
+def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype):
+    opts = api.Options("pallas_gpu", key_dim**-0.5, 64, False)
+
+    def forward_and_backward(q, k, v, g, h0, do, dfinal):
+        out = gpu.forward(q, k, v, g, h0, None, opts)
+        return out, gpu.backward(q, k, v, g, h0, None, do, dfinal, opts)
+
+    sd = jax.ShapeDtypeStruct
+    keys = sd((batch, seq_len, heads, key_dim), dtype)
+    values = sd((batch, seq_len, heads, value_dim), dtype)
+    state = sd((batch, heads, key_dim, value_dim), jnp.float32)
+    exported = jax.export.export(
+        jax.jit(forward_and_backward), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(keys, keys, values, sd(keys.shape, jnp.float32), state, values, state)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("shape", [
+    (32, 1024, 16, 128, 128, jnp.bfloat16),  # the benchmark shapes
+    (8, 4096, 4, 256, 512, jnp.bfloat16),
+    (2, 100, 2, 20, 48, jnp.float32),  # ragged T, padded head dims, float32 (IEEE matmuls)
+    (1, 192, 3, 16, 16, jnp.float16),  # 3 chunks: non-power-of-two whole-sequence blocks
+])
+def test_every_kernel_lowers_through_triton(shape):
+    module = _export_for_cuda(*shape)
+    # chunk_states (forward), chunk_outputs, chunk_states (backward recompute), state_grads,
+    # value_grads, query_key_gate_grads.
+    assert module.count("__gpu$xla.gpu.triton") == 6
+    for name in ("gla_chunk_states", "gla_chunk_outputs", "gla_state_grads", "gla_value_grads",
+                 "gla_query_key_gate_grads"):
+        assert name in module
