@@ -107,6 +107,22 @@ def run(ts, backends, paper):
     return rows
 
 
+def check_against_xla(seq_len=1024, batch=2):
+    """Relative error of pallas_gpu against the float32 'xla' backend on the benchmark shapes."""
+    for heads, key_dim, value_dim in ((16, 128, 128), (4, 256, 512)):
+        q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim, seed=1)
+        f32 = [x.astype(jnp.float32) for x in (q, k, v, g, do)]
+        (o, grads) = gla_fns("pallas_gpu")[1](q, k, v, g, do)
+        (o_ref, grads_ref) = gla_fns("xla")[1](*f32)
+        errors = {}
+        for name, a, b in zip(("o", "dq", "dk", "dv", "dg"), (o, *grads), (o_ref, *grads_ref),
+                              strict=True):
+            a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+            errors[name] = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        print(json.dumps(dict(check="pallas_gpu vs xla f32", H=heads, K=key_dim, V=value_dim,
+                              T=seq_len, rel_err=errors)), flush=True)
+
+
 def table(rows):
     lines = ["| op | H | K | V | T | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -152,9 +168,12 @@ def main():
     parser.add_argument("--ts", default="1024,2048,4096,8192,16384")
     parser.add_argument("--backends", default="pallas_gpu,xla")
     parser.add_argument("--no-paper", action="store_true")
+    parser.add_argument("--check", action="store_true", help="first compare with 'xla' (f32)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     print(jax.devices(), jax.__version__, flush=True)
+    if args.check:
+        check_against_xla()
     rows = run([int(t) for t in args.ts.split(",")], args.backends.split(","), not args.no_paper)
     print(table(rows))
     with open(os.path.join(args.out, "kernels.json"), "w") as f:

@@ -27,16 +27,16 @@ from pallas_kernels.gla import gpu, gpu_backward, gpu_forward, tuning
 FAMILIES = {
     "state": [
         dict(state_block_k=bk, state_block_v=bv, state_warps=w, state_stages=s)
-        for bk, bv, w, s in [(64, 64, 4, 2), (64, 64, 4, 1), (32, 64, 4, 2), (64, 32, 4, 2),
-                             (32, 32, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 1)]
+        for bk, bv, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2),
+                             (128, 64, 8, 2), (32, 32, 4, 3)]
     ],
     "output": [
-        dict(output_block_v=bv, output_warps=w, output_stages=s)
-        for bv, w, s in itertools.product((64, 128, 256), (4, 8), (1, 2))
+        dict(output_block_v=bv, output_warps=w, output_stages=2)
+        for bv, w in itertools.product((64, 128, 256), (4, 8))
     ],
     "grad": [
-        dict(grad_block_v=bv, grad_warps=w, grad_stages=s)
-        for bv, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2))
+        dict(grad_block_v=bv, grad_warps=w, grad_stages=1)
+        for bv, w in itertools.product((32, 64, 128), (4, 8))
     ],
 }
 

@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 SUB_CHUNK = 16
-SQUEEZED = getattr(pl, "squeezed", None)
+# The marker for a squeezed block dimension (older jax spelled it None).
+SQUEEZED = getattr(pl, "squeezed", None) or (pl.Squeezed() if hasattr(pl, "Squeezed") else None)
 F32 = jnp.float32
 
 
