@@ -44,7 +44,8 @@ def mixed_corpus(tmp_path):
     write(root / "blank.txt", "\n \n\t\n")
     write(root / "latin1.txt", "caf\xe9 au lait".encode("latin-1"))
     records = [{"text": "json one"}, {"text": "json two", "id": 2}, {"text": "   "}]
-    write(root / "d.jsonl", "\n".join(json.dumps(r) for r in records) + "\n\n")
+    lines = [json.dumps(r) for r in records] + ['{"text": "lone \\ud800 surrogate"}']
+    write(root / "d.jsonl", "\n".join(lines) + "\n\n")
     expected = {
         "First paragraph.",
         "Second paragraph\nstill second.",
@@ -53,6 +54,7 @@ def mixed_corpus(tmp_path):
         "caf\ufffd au lait",
         "json one",
         "json two",
+        "lone \ufffd surrogate",
     }
     return root, expected
 
@@ -68,6 +70,7 @@ def test_text_files_split_into_train_and_validation_exactly(tmp_path, mixed_corp
     assert "empty.txt: empty; skipped" in messages
     assert "blank.txt: empty; skipped" in messages
     assert "latin1.txt: not valid UTF-8" in messages
+    assert "d.jsonl:4: unpaired surrogates replaced" in messages
 
 
 def test_split_depends_only_on_document_text(tmp_path, mixed_corpus):

@@ -32,6 +32,11 @@ order that is a pure function of (seed, e). Evaluation iterators make one ordere
 
 Byte tokenizer ids: 0..255 the UTF-8 bytes, 256 PAD, 257 BOS, 258 EOS (vocab_size 259).
 
+Corpora ('kjv', 'text_files') are prepared on first use. With several hosts sharing a data
+dir, prepare once beforehand (`python -m gla_jax.data prepare ...`) so that they do not all
+write it at the same time. From the trainer's command line a tuple field is overridden with a
+Python literal: `--config.data.name=text_files --config.data.paths="('DIR',)"`.
+
 Command line (`python -m gla_jax.data --help`): `prepare` builds a corpus into the data dir,
 `train-tokenizer` trains a SentencePiece model from a corpus, `inspect` prints a batch.
 """

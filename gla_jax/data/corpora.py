@@ -98,10 +98,16 @@ def read_jsonl(path: str, text_field: str) -> Iterator[str]:
                 raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise ValueError(f"{where}: no field {text_field!r} (data.text_field)")
-            if not isinstance(record[text_field], str):
+            text = record[text_field]
+            if not isinstance(text, str):
                 raise ValueError(f"{where}: field {text_field!r} is not a string")
-            if record[text_field].strip():
-                yield record[text_field]
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON escapes can spell lone surrogates
+                logging.warning("%s: unpaired surrogates replaced by U+FFFD", where)
+                text = re.sub("[\ud800-\udfff]", "\ufffd", text)
+            if text.strip():
+                yield text
 
 
 def read_documents(path: str, *, doc_split: str, text_field: str) -> Iterator[str]:
