@@ -189,6 +189,13 @@ def test_eval_on_several_hosts_has_one_length(corpus_config):
         docs += documents_in(batches)[0]
     assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1]
     assert sorted(docs) == sorted(split_docs(corpus_config, "validation"))
+    # A host with no validation documents still steps along with the others, on empty rows.
+    empty_share = data.make_eval_dataset(
+        corpus_config, seq_len=8, global_batch_size=64, process_index=63, process_count=64
+    )
+    batches = list(empty_share)
+    assert len(batches) == len(empty_share) > 0
+    assert all(not b["segment_ids"].any() for b in batches)
     fixed = data.make_eval_dataset(corpus_config, seq_len=8, global_batch_size=2, num_batches=500)
     assert len(list(fixed)) == 500  # runs on with empty rows once the data is used up
 
@@ -205,7 +212,7 @@ def test_bad_arguments_name_the_field(corpus_config):
             with_changes(corpus_config, validation_fraction=0.9), seq_len=8, global_batch_size=1
         )
     with pytest.raises(ValueError, match="fewer than the 64 processes"):
-        data.make_eval_dataset(
+        data.make_lm_dataset(
             corpus_config, seq_len=8, global_batch_size=64, process_index=63, process_count=64
         )
 

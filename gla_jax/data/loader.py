@@ -20,18 +20,6 @@ STATE_VERSION = 1
 # Records read per batched call: large enough to amortize the call, small enough that a block
 # of long documents (whole books) stays a few tens of MB.
 READ_BLOCK_SIZE = 64
-# A restored state must come from a loader that cuts the same stream in the same way.
-_IDENTITY_KEYS = (
-    "split",
-    "seed",
-    "shuffle",
-    "seq_len",
-    "rows",
-    "packing",
-    "process_index",
-    "process_count",
-    "docs_per_epoch",
-)
 
 
 class DocumentReader:
@@ -120,7 +108,7 @@ class PackedBatches:
     @property
     def epoch(self) -> int:
         """Epochs of this host's documents fully consumed (the cursor's epoch)."""
-        return self._cursor.doc_index // self.docs_per_epoch
+        return self._cursor.doc_index // max(self.docs_per_epoch, 1)
 
     def get_state(self) -> dict:
         return {
@@ -214,12 +202,14 @@ def make_lm_dataset(
     tokenizer = make_tokenizer(config)
     source, field = corpora.open_split(config, _split_name(config, split))
     record_indices = grain.MapDataset.range(len(source))[process_index::process_count]
-    if len(record_indices) == 0:
+    training = split == "train"
+    # An evaluation share may be empty (a host then yields empty rows, in step with the
+    # others); a training stream may not, since it has to go on forever.
+    if len(record_indices) == 0 and (training or len(source) == 0):
         raise ValueError(
             f"split {split!r} of {config.name!r} has {len(source)} documents, fewer than the "
             f"{process_count} processes reading it"
         )
-    training = split == "train"
     docs_per_epoch = len(record_indices)
     if training:
         if config.shuffle:
@@ -248,7 +238,6 @@ def make_lm_dataset(
         "process_count": int(process_count),
         "docs_per_epoch": docs_per_epoch,
     }
-    assert set(identity) == set(_IDENTITY_KEYS)
     return PackedBatches(
         doc,
         identity=identity,
