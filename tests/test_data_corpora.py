@@ -67,8 +67,9 @@ def test_text_files_split_into_train_and_validation_exactly(tmp_path, mixed_corp
     assert validation and train
     # Bad files are named in the log: empty ones skipped, invalid bytes replaced.
     messages = "\n".join(caplog.messages)
-    assert "empty.txt: empty; skipped" in messages
-    assert "blank.txt: empty; skipped" in messages
+    assert "empty.txt: no documents (empty or blank); skipped" in messages
+    assert "blank.txt: no documents (empty or blank); skipped" in messages
+    assert messages.count("latin1.txt") == 1  # once, though preparing reads files repeatedly
     assert "latin1.txt: not valid UTF-8" in messages
     assert "d.jsonl:4: unpaired surrogates replaced" in messages
 

