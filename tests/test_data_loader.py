@@ -73,9 +73,9 @@ def batches_until_epoch(iterator, epoch):
     return out
 
 
-@pytest.mark.parametrize("packing", ["concat", "pad"])
-def test_each_epoch_shows_every_document_once_in_a_new_order(corpus_config, packing):
-    config = with_changes(corpus_config, packing=packing)
+@pytest.mark.parametrize("packing, max_segments", [("concat", 0), ("concat", 2), ("pad", 0)])
+def test_each_epoch_shows_every_document_once_in_a_new_order(corpus_config, packing, max_segments):
+    config = with_changes(corpus_config, packing=packing, max_segments_per_row=max_segments)
     expected = split_docs(config, "train")
     it = data.make_lm_dataset(config, seq_len=SEQ_LEN, global_batch_size=4)
     first = batches_until_epoch(it, 1)
@@ -94,6 +94,7 @@ def test_each_epoch_shows_every_document_once_in_a_new_order(corpus_config, pack
         after_eos = (tokens[:, :-1] == EOS) & (seg[:, 1:] > 0)
         new_segment = (seg[:, 1:] != seg[:, :-1]) & (seg[:, 1:] > 0)
         np.testing.assert_array_equal(after_eos, new_segment)
+        assert not max_segments or seg.max() <= max_segments
 
 
 def test_same_seed_same_batches_other_seed_other_order(corpus_config):
@@ -164,9 +165,9 @@ def test_hosts_read_disjoint_shares_that_cover_the_split(corpus_config):
     assert collections.Counter(sum(per_host, [])) == collections.Counter(expected)
 
 
-@pytest.mark.parametrize("packing", ["concat", "pad"])
-def test_eval_is_one_ordered_pass(corpus_config, packing):
-    config = with_changes(corpus_config, packing=packing)
+@pytest.mark.parametrize("packing, max_segments", [("concat", 0), ("concat", 2), ("pad", 0)])
+def test_eval_is_one_ordered_pass(corpus_config, packing, max_segments):
+    config = with_changes(corpus_config, packing=packing, max_segments_per_row=max_segments)
     evals = list(data.make_eval_dataset(config, seq_len=SEQ_LEN, global_batch_size=4))
     docs, rest = documents_in(evals)
     assert docs == split_docs(config, "validation") and rest.size == 0
@@ -175,7 +176,7 @@ def test_eval_is_one_ordered_pass(corpus_config, packing):
 
 
 def test_eval_on_several_hosts_has_one_length(corpus_config):
-    lengths, docs = [], []
+    lengths, docs, last_has_data = [], [], []
     for process_index in range(2):
         it = data.make_eval_dataset(
             corpus_config,
@@ -186,8 +187,10 @@ def test_eval_on_several_hosts_has_one_length(corpus_config):
         )
         batches = list(it)
         lengths.append((len(it), len(batches)))
+        last_has_data.append(bool(batches[-1]["segment_ids"].any()))
         docs += documents_in(batches)[0]
     assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1]
+    assert any(last_has_data)  # as many batches as the larger share needs, not more
     assert sorted(docs) == sorted(split_docs(corpus_config, "validation"))
     # A host with no validation documents still steps along with the others, on empty rows.
     empty_share = data.make_eval_dataset(

@@ -71,18 +71,41 @@ def test_resuming_mid_document_continues_where_it_stopped():
     np.testing.assert_array_equal(batch["tokens"], [[4, 5, 6]])
 
 
+def test_max_segments_closes_a_row_early():
+    docs = [[1], [2], [3], [4, 5, 6, 7, 8, 9], [10]]
+    batch, cursor = packing.pack_batch(
+        stream(docs),
+        packing.Cursor(0, 0),
+        num_rows=3,
+        seq_len=4,
+        mode="concat",
+        pad_id=PAD,
+        num_docs=5,
+        max_segments=2,
+    )
+    np.testing.assert_array_equal(batch["tokens"], [[1, 2, PAD, PAD], [3, 4, 5, 6], [7, 8, 9, 10]])
+    np.testing.assert_array_equal(batch["segment_ids"], [[1, 2, 0, 0], [1, 2, 2, 2], [1, 1, 1, 2]])
+    assert cursor == packing.Cursor(5, 0)
+    assert packing.count_rows([1, 1, 1, 6, 1], seq_len=4, mode="concat", max_segments=2) == 3
+
+
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="data.packing"):
         packing.take_pieces(stream([[1]]), packing.Cursor(0, 0), num_rows=1, seq_len=2, mode="x")
 
 
-@pytest.mark.parametrize("mode", packing.PACKING_MODES)
+@pytest.mark.parametrize(
+    "mode, max_segments", [("concat", 0), ("concat", 2), ("concat", 3), ("pad", 0)]
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_streams_keep_every_token_once_in_order(mode, seed):
+def test_random_streams_keep_every_token_once_in_order(mode, max_segments, seed):
     rng = np.random.default_rng(seed)
     seq_len, rows = 16, 3
     docs = [rng.integers(0, 50, size=int(n)).tolist() for n in rng.integers(1, 40, size=25)]
-    expected_rows = packing.count_rows([len(d) for d in docs], seq_len=seq_len, mode=mode)
+    docs += [[7]] * 10  # a run of one-token documents, to hit the segment limit
+    expected_rows = packing.count_rows(
+        [len(d) for d in docs], seq_len=seq_len, mode=mode, max_segments=max_segments
+    )
     cursor, batches = packing.Cursor(0, 0), []
     while cursor.doc_index < len(docs):
         batch, cursor = packing.pack_batch(
@@ -93,6 +116,7 @@ def test_random_streams_keep_every_token_once_in_order(mode, seed):
             mode=mode,
             pad_id=PAD,
             num_docs=len(docs),
+            max_segments=max_segments,
         )
         batches.append(batch)
     all_rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
@@ -118,3 +142,5 @@ def test_random_streams_keep_every_token_once_in_order(mode, seed):
     )
     if mode == "pad":
         assert seg.max() == 1
+    if max_segments:
+        assert seg.max() == max_segments

@@ -83,6 +83,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tokenizer = "byte"  # 'byte' or the path of a SentencePiece .model file
     c.add_bos = True
     c.packing = "concat"  # 'concat' (documents end to end) or 'pad' (one document per row)
+    # At most this many documents in a row (0: no limit); keep it <= model.max_segments_per_row,
+    # the static bound of the GLA layers' packed kernel call.
+    c.max_segments_per_row = 16
     c.seed = 0
     c.shuffle = True
     return c

@@ -66,6 +66,7 @@ class PackedBatches:
         rows: int,
         mode: str,
         pad_id: int,
+        max_segments: int,
         docs_per_epoch: int,
         num_docs: int | None,
         num_batches: int | None,
@@ -73,6 +74,7 @@ class PackedBatches:
         self._doc = doc
         self._identity = dict(identity)
         self._seq_len, self._rows, self._mode, self._pad_id = seq_len, rows, mode, pad_id
+        self._max_segments = max_segments
         self.docs_per_epoch = docs_per_epoch
         self._num_docs = num_docs  # None: an endless stream of epochs
         self._num_batches = num_batches
@@ -101,6 +103,7 @@ class PackedBatches:
             mode=self._mode,
             pad_id=self._pad_id,
             num_docs=self._num_docs,
+            max_segments=self._max_segments,
         )
         self._batches += 1
         return batch
@@ -163,7 +166,12 @@ def _eval_batches(source, field, config, tokenizer, *, seq_len, rows, process_co
     encode = _document_ids(config, tokenizer, field)
     lengths = np.asarray([len(encode(source[i])) for i in range(len(source))])
     per_host_rows = [
-        packing.count_rows(lengths[p::process_count], seq_len=seq_len, mode=config.packing)
+        packing.count_rows(
+            lengths[p::process_count],
+            seq_len=seq_len,
+            mode=config.packing,
+            max_segments=int(config.max_segments_per_row),
+        )
         for p in range(process_count)
     ]
     return max(-(-r // rows) for r in per_host_rows)
@@ -193,6 +201,11 @@ def make_lm_dataset(
     if global_batch_size % process_count:
         raise ValueError(
             f"global_batch_size {global_batch_size} does not divide over {process_count} processes"
+        )
+    if int(config.max_segments_per_row) < 0:
+        raise ValueError(
+            f"data.max_segments_per_row must be >= 0 (0: no limit), got "
+            f"{config.max_segments_per_row}"
         )
     if config.packing not in packing.PACKING_MODES:
         raise ValueError(
@@ -234,6 +247,7 @@ def make_lm_dataset(
         "seq_len": int(seq_len),
         "rows": rows,
         "packing": str(config.packing),
+        "max_segments_per_row": int(config.max_segments_per_row),
         "process_index": int(process_index),
         "process_count": int(process_count),
         "docs_per_epoch": docs_per_epoch,
@@ -245,6 +259,7 @@ def make_lm_dataset(
         rows=rows,
         mode=config.packing,
         pad_id=tokenizer.pad_id,
+        max_segments=int(config.max_segments_per_row),
         docs_per_epoch=docs_per_epoch,
         num_docs=None if training else docs_per_epoch,
         num_batches=num_batches,

@@ -7,7 +7,8 @@ whole state is the cursor.
 
 Two modes:
 - 'concat': documents laid end to end; rows are cut every `seq_len` tokens, so a document can
-  continue in the next row. No padding except at the end of a finite stream.
+  continue in the next row. No padding except at the end of a finite stream, or where a row
+  reached `max_segments` documents (a static bound the model's packed kernel call may need).
 - 'pad': each row holds part of one document only; a document longer than `seq_len` fills
   several rows and its last row is padded.
 
@@ -18,7 +19,7 @@ count from 0 at each segment's first token in the row, `targets[t] = tokens[t + 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -39,10 +40,12 @@ def take_pieces(
     seq_len: int,
     mode: str,
     num_docs: int | None = None,
+    max_segments: int = 0,
 ) -> tuple[list[list[np.ndarray]], Cursor]:
     """Slices of documents for each of `num_rows` rows, and the cursor after them.
 
     `num_docs` bounds a finite stream: once it is used up, remaining rows stay empty.
+    `max_segments` (0: no limit) closes a row, padded, once it holds that many documents.
     """
     if mode not in PACKING_MODES:
         raise ValueError(f"data.packing must be one of {PACKING_MODES}, got {mode!r}")
@@ -51,7 +54,7 @@ def take_pieces(
     ids = doc(k) if num_docs is None or k < num_docs else None
     for _ in range(num_rows):
         row, room = [], seq_len
-        while room > 0 and ids is not None:
+        while room > 0 and ids is not None and not (max_segments and len(row) >= max_segments):
             piece = ids[offset : offset + room]
             row.append(piece)
             room -= len(piece)
@@ -117,18 +120,34 @@ def pack_batch(
     mode: str,
     pad_id: int,
     num_docs: int | None = None,
+    max_segments: int = 0,
 ) -> tuple[dict, Cursor]:
     """One batch of `num_rows` rows starting at `cursor`, and the cursor after it."""
     rows, cursor = take_pieces(
-        doc, cursor, num_rows=num_rows, seq_len=seq_len, mode=mode, num_docs=num_docs
+        doc,
+        cursor,
+        num_rows=num_rows,
+        seq_len=seq_len,
+        mode=mode,
+        num_docs=num_docs,
+        max_segments=max_segments,
     )
     tokens, segment_ids = rows_to_arrays(rows, seq_len=seq_len, pad_id=pad_id)
     return make_batch(tokens, segment_ids, pad_id=pad_id), cursor
 
 
-def count_rows(lengths: np.ndarray, *, seq_len: int, mode: str) -> int:
+def count_rows(lengths: Sequence[int], *, seq_len: int, mode: str, max_segments: int = 0) -> int:
     """Rows that a finite stream of documents with these lengths packs into."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if mode == "concat":
-        return int(-(-lengths.sum() // seq_len))
-    return int((-(-lengths // seq_len)).sum())
+    if mode == "pad":
+        return sum(-(-int(n) // seq_len) for n in lengths)
+    if not max_segments:
+        return -(-sum(int(n) for n in lengths) // seq_len)
+    rows, room, pieces = 0, 0, 0
+    for n in lengths:
+        n = int(n)
+        while n > 0:
+            if room == 0 or pieces == max_segments:  # open a new row
+                rows, room, pieces = rows + 1, seq_len, 0
+            taken = min(room, n)
+            n, room, pieces = n - taken, room - taken, pieces + 1
+    return rows
