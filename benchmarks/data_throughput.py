@@ -1,20 +1,23 @@
 """Tokens per second the input pipeline produces on its own (no model, no device transfer).
 
     python benchmarks/data_throughput.py --plot=data_throughput.png
+    python benchmarks/data_throughput.py --name=kjv_verses --seq-lens=2048   # short documents
 
-Reads the default corpus (KJV, byte tokenizer unless --tokenizer says otherwise), prepared
-on first use; prints a table of batch tokens/s and real (non-padding) tokens/s for each
+Reads the default corpus (KJV chapters, byte tokenizer unless --tokenizer says otherwise),
+prepared on first use; prints a table of batch tokens/s and real (non-padding) tokens/s for each
 sequence length and packing mode, and draws it to --plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 
 from gla_jax import data
+from gla_jax.data import corpora
 
 
 def measure(config, *, seq_len: int, batch_size: int, seconds: float) -> dict:
@@ -76,15 +79,29 @@ def plot(rows: list[dict], path: str, target: float) -> None:
     print(f"wrote {path}")
 
 
+def write_kjv_verses(data_dir: str) -> str:
+    """The KJV with one verse per document (~130 bytes, like lm1b sentences): the per-document
+    costs dominate here, unlike with whole chapters."""
+    path = os.path.join(corpora.resolve_data_dir(data_dir), "benchmark", "kjv_verses.txt")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        verses = [v for _, ch in corpora.kjv_chapters() for v in ch.splitlines()[1:]]
+        with open(path + ".tmp", "w") as f:
+            f.write("\n\n".join(verses))
+        os.replace(path + ".tmp", path)
+    return path
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="kjv")
+    parser.add_argument("--name", default="kjv", help="kjv, kjv_verses, text_files, tfds name")
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--paths", default="", help="for --name=text_files (comma-separated)")
     parser.add_argument("--doc-split", default="file", choices=["file", "blank_line"])
     parser.add_argument("--tokenizer", default="byte")
     parser.add_argument("--seq-lens", default="512,2048,8192")
     parser.add_argument("--packing", default="concat,pad")
+    parser.add_argument("--max-segments-per-row", type=int, default=None, help="0: no limit")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--target", type=float, default=1_000_000)
@@ -93,6 +110,11 @@ def main(argv=None) -> list[dict]:
     config = data.default_data_config()
     config.name, config.data_dir, config.tokenizer = args.name, args.data_dir, args.tokenizer
     config.paths, config.doc_split = tuple(p for p in args.paths.split(",") if p), args.doc_split
+    if args.name == "kjv_verses":
+        config.name, config.doc_split = "text_files", "blank_line"
+        config.paths = (write_kjv_verses(args.data_dir),)
+    if args.max_segments_per_row is not None:
+        config.max_segments_per_row = args.max_segments_per_row
     rows = []
     for mode in args.packing.split(","):
         config.packing = mode
