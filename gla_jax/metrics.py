@@ -76,7 +76,7 @@ class Progress:
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}   ")
             sys.stderr.flush()
         else:
-            logging.info(line)
+            print(line, flush=True)
 
     def close(self) -> None:
         if self.tty:

@@ -1,0 +1,107 @@
+"""The trainer's configuration: every field with its default, and an up-front check.
+
+Config files (configs/*.py) start from ``base_config()`` and set the model and what differs.
+Every field can be overridden on the command line (``--config.batch_size=16``); unknown fields
+are refused by ml_collections before training starts.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    from gla_jax.data import default_data_config  # noqa: PLC0415 - keeps this module light
+
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+    c.data = default_data_config()
+    c.seed = 0
+    c.seq_len = 256
+    c.batch_size = 8  # global rows per step
+    c.grad_accum_steps = 1
+    c.steps = 300
+    # Optimizer (the paper: AdamW 0.9/0.95, wd 0.01, clip 1.0, cosine to 10% of the peak).
+    c.learning_rate = 3e-4
+    c.warmup_steps = 30
+    c.end_lr_ratio = 0.1
+    c.weight_decay = 0.01
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.95
+    c.adam_eps = 1e-8
+    c.grad_clip = 1.0
+    c.max_nonfinite_steps = 5
+    # Devices.
+    c.mesh = "-1,1,1"  # data,fsdp,tensor; -1 takes the remaining devices
+    c.multihost = "auto"  # auto | on | off
+    c.coordinator_address = ""
+    c.num_processes = 1
+    c.process_id = 0
+    c.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
+    # Logging, evaluation, checkpoints, samples.
+    c.log_every = 10
+    c.eval_every = 100
+    c.eval_batches = 4
+    c.eval_batch_size = 8
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    c.keep_period = 0  # also keep every N-th step forever; 0 = off
+    c.async_checkpoint = True
+    c.num_samples = 2
+    c.sample_length = 64
+    c.sample_prompt = "And "
+    c.sample_temperature = 0.8
+    return c
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"config.{field}: {message}")
+
+
+def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+    """Fails fast, naming the field, on values that would fail (or silently mislead) later."""
+    from gla_jax.sharding import parse_mesh_shape  # noqa: PLC0415
+
+    _require("type" in config.model, "model.type", "must be set ('gla' or 'transformer')")
+    for field in (
+        "steps",
+        "seq_len",
+        "batch_size",
+        "grad_accum_steps",
+        "log_every",
+        "checkpoint_every",
+        "eval_batch_size",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+    ):
+        value = config[field]
+        _require(
+            isinstance(value, int) and value >= 1, field, f"must be an integer >= 1, got {value!r}"
+        )
+    _require(config.learning_rate > 0, "learning_rate", f"must be > 0, got {config.learning_rate}")
+    _require(config.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {config.warmup_steps}")
+    _require(0 <= config.end_lr_ratio <= 1, "end_lr_ratio", "must be in [0, 1]")
+    _require(config.multihost in ("auto", "on", "off"), "multihost", "must be auto, on or off")
+    try:
+        data, fsdp, _ = parse_mesh_shape(config.mesh, num_devices)
+    except ValueError as err:
+        raise ValueError(f"config.mesh: {err}") from None
+    batch_shards = data * fsdp
+    _require(
+        config.batch_size % config.grad_accum_steps == 0,
+        "batch_size",
+        f"{config.batch_size} rows do not split into grad_accum_steps = {config.grad_accum_steps}",
+    )
+    micro = config.batch_size // config.grad_accum_steps
+    _require(
+        micro % batch_shards == 0,
+        "batch_size",
+        f"micro-batch of {micro} rows (batch_size / grad_accum_steps) does not divide over "
+        f"data x fsdp = {batch_shards} devices of mesh {config.mesh!r}",
+    )
+    _require(
+        config.eval_batch_size % batch_shards == 0,
+        "eval_batch_size",
+        f"{config.eval_batch_size} rows do not divide over data x fsdp = {batch_shards} devices",
+    )

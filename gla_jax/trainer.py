@@ -1,0 +1,480 @@
+"""The training loop: ``main(config, workdir)``.
+
+Flow: check the config -> (multi-host init) -> mesh -> data -> abstract model and state with
+shardings -> restore the latest checkpoint or initialize -> jitted, sharded train steps with
+logging, evaluation, checkpoints and samples. Rerunning with the same workdir resumes exactly: the
+checkpoint holds parameters, optimizer state, step, RNG and the data iterator's position.
+
+MFU counts, per token, 6 FLOPs per weight of every matrix multiply (forward + backward) plus the
+sequence mixer's own work (see ``mixer_flops_per_token``), against ``config.peak_tflops`` per
+device (or the device's bf16 dense peak when known).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from gla_jax import checkpoint as checkpoint_lib
+from gla_jax import data as data_lib
+from gla_jax import sharding as sharding_lib
+from gla_jax.config_check import check_config
+from gla_jax.metrics import MetricsWriter, Progress
+from gla_jax.model import build_model
+from gla_jax.optim import learning_rate_schedule, make_optimizer
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v4": 275.0}
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop needs, built once."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    state_shardings: dict
+    abstract_state: dict
+    optimizer: optax.GradientTransformation
+    num_params: int
+
+
+# --------------------------------------------------------------------------------------------
+# Model and state
+# --------------------------------------------------------------------------------------------
+
+
+def abstract_model(model_config):
+    """The model built abstractly: no parameter is allocated."""
+    return nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
+
+
+def _init_state(model_config, optimizer, seed):
+    model = build_model(model_config, nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed + 1)),
+        "nonfinite_steps": jnp.zeros((), jnp.int32),
+    }
+
+
+def build_run(config, mesh) -> Run:
+    model = abstract_model(config.model)
+    graphdef, param_state = nnx.split(model, nnx.Param)
+    logical_params = nnx.to_pure_dict(nnx.get_partition_spec(param_state))
+    optimizer = make_optimizer(config)
+    abstract_state = jax.eval_shape(lambda: _init_state(config.model, optimizer, config.seed))
+    params_sharding = sharding_lib.state_shardings(abstract_state["params"], logical_params, mesh)
+    opt_sharding = _optimizer_shardings(abstract_state, params_sharding, mesh)
+    replicated = sharding_lib.replicated(mesh)
+    shardings = {
+        "params": params_sharding,
+        "opt_state": opt_sharding,
+        "step": replicated,
+        "rng": replicated,
+        "nonfinite_steps": replicated,
+    }
+    num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+    return Run(config, mesh, graphdef, shardings, abstract_state, optimizer, num_params)
+
+
+def _optimizer_shardings(abstract_state, params_sharding, mesh):
+    """Optimizer moments mirror their parameters' sharding; scalars are replicated."""
+    params = abstract_state["params"]
+    params_treedef = jax.tree.structure(params)
+
+    def is_params_like(node):
+        try:
+            return jax.tree.structure(node) == params_treedef
+        except Exception:  # noqa: BLE001 - any non-matching node is simply not params-like
+            return False
+
+    def assign(node):
+        if is_params_like(node):
+            return params_sharding
+        return jax.tree.map(lambda _: sharding_lib.replicated(mesh), node)
+
+    return jax.tree.map(assign, abstract_state["opt_state"], is_leaf=is_params_like)
+
+
+def with_shardings(abstract_state, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+
+def initialize_state(run: Run):
+    init = jax.jit(
+        lambda: _init_state(run.config.model, run.optimizer, run.config.seed),
+        out_shardings=run.state_shardings,
+    )
+    return init()
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+def token_losses(graphdef, params, batch):
+    """Summed cross-entropy over the loss mask and the number of tokens it counts."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"], segment_ids=batch.get("segment_ids"))
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def _accumulated_gradients(graphdef, params, batch, micro_batches: int):
+    """Gradient of the mean token loss over the whole batch, summed micro-batch by micro-batch
+    so that accumulation gives the same result as one large batch."""
+
+    def sum_loss(params, micro):
+        total, count = token_losses(graphdef, params, micro)
+        return total, count
+
+    grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+    if micro_batches == 1:
+        (total, count), grads = grad_fn(params, batch)
+    else:
+        split = jax.tree.map(
+            lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch
+        )
+
+        def body(carry, micro):
+            grads_acc, total_acc, count_acc = carry
+            (total, count), grads = grad_fn(params, micro)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, total_acc + total, count_acc + count), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (grads, total, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), split)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    return total / count, grads, count
+
+
+def train_step(run: Run, state, batch):
+    graphdef, optimizer = run.graphdef, run.optimizer
+    loss, grads, tokens = _accumulated_gradients(
+        graphdef, state["params"], batch, run.config.grad_accum_steps
+    )
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    # A non-finite step is not applied: parameters and optimizer state stay as they were.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {
+        "params": keep(new_params, state["params"]),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+        "nonfinite_steps": jnp.where(finite, 0, state["nonfinite_steps"] + 1),
+    }
+    schedule = learning_rate_schedule(run.config)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state["step"]),
+        "finite": finite,
+        "tokens": tokens,
+    }
+    return new_state, metrics
+
+
+def eval_step(run: Run, params, batch):
+    total, count = token_losses(run.graphdef, params, batch)
+    return total, count
+
+
+def compile_steps(run: Run):
+    batch_sharding = sharding_lib.batch_sharding(run.mesh)
+    replicated = sharding_lib.replicated(run.mesh)
+    train = jax.jit(
+        lambda state, batch: train_step(run, state, batch),
+        in_shardings=(run.state_shardings, batch_sharding),
+        out_shardings=(run.state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    evaluate = jax.jit(
+        lambda params, batch: eval_step(run, params, batch),
+        in_shardings=(run.state_shardings["params"], batch_sharding),
+        out_shardings=replicated,
+    )
+    return train, evaluate
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def mixer_flops_per_token(model_config, seq_len: int) -> float:
+    """Forward + backward FLOPs per token of the sequence mixers, beyond their projections.
+
+    Softmax attention (causal): 2 matmuls of T/2 keys on average, 2 * 2 * (T / 2) * d per layer
+    forward. GLA (chunkwise, chunk C): the intra-chunk scores and their product with values cost
+    2 * C * (d_k + d_v) per token, and the state read and write 2 * 2 * d_k * d_v / H per token.
+    Backward costs twice the forward.
+    """
+    d = model_config.d_model
+    layers = model_config.n_layers
+    if model_config.type == "transformer":
+        forward = 2 * 2 * (seq_len / 2) * d
+    else:
+        heads = model_config.n_heads
+        d_k = int(d * model_config.get("expand_k", 0.5))
+        d_v = int(d * model_config.get("expand_v", 1.0))
+        chunk = model_config.get("chunk_size", 64)
+        forward = 2 * chunk * (d_k + d_v) + 4 * d_k * d_v / heads
+    return 3 * forward * layers
+
+
+def peak_flops_per_device(config) -> float | None:
+    if config.peak_tflops:
+        return config.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, tflops in PEAK_BF16_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed(config) -> None:
+    """Joins a multi-process run when asked to, or when a launcher's environment says so."""
+    mode = config.multihost
+    env_says = (
+        any(
+            os.environ.get(name)
+            for name in (
+                "JAX_COORDINATOR_ADDRESS",
+                "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS",
+            )
+        )
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    )
+    if mode == "off" or (mode == "auto" and not env_says):
+        return
+    if jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if config.coordinator_address:
+        kwargs = dict(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
+    jax.distributed.initialize(**kwargs)
+    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+def describe(run: Run) -> str:
+    per_device = {}
+    for kind, tree in (
+        ("params", run.abstract_state["params"]),
+        ("opt", run.abstract_state["opt_state"]),
+    ):
+        shardings = run.state_shardings["params" if kind == "params" else "opt_state"]
+        total = 0
+        for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+            shard = sharding.shard_shape(leaf.shape)
+            total += int(np.prod(shard)) * leaf.dtype.itemsize
+        per_device[kind] = total
+    mib = {k: v / 2**20 for k, v in per_device.items()}
+    return (
+        f"parameters: {run.num_params}\n"
+        f"per-device memory: parameters {mib['params']:.1f} MiB, optimizer {mib['opt']:.1f} MiB "
+        f"(mesh {dict(run.mesh.shape)})"
+    )
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+class _Stop:
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
+
+    requested = False
+
+    @classmethod
+    def install(cls):
+        cls.requested = False
+        try:
+            signal.signal(signal.SIGTERM, lambda *_: setattr(cls, "requested", True))
+        except ValueError:  # not the main thread (e.g. called from a test thread)
+            pass
+
+
+def _global_batch(batch, mesh):
+    keys = ("tokens", "targets", "segment_ids", "loss_mask")
+    return data_lib.make_global_batch({k: batch[k] for k in keys if k in batch}, mesh)
+
+
+def _save_config(config, workdir):
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
+    with open(path, "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def evaluate_loss(run: Run, evaluate, params, config) -> float:
+    iterator = data_lib.make_eval_dataset(
+        config.data,
+        seq_len=config.seq_len,
+        global_batch_size=config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_batches=config.eval_batches,
+    )
+    total = count = 0.0
+    for _ in range(config.eval_batches):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        t, c = evaluate(params, _global_batch(batch, run.mesh))
+        total, count = total + float(t), count + float(c)
+    return total / max(count, 1.0)
+
+
+def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = False) -> dict:
+    """Trains (or, with dry_run, only describes) the model; returns the last logged metrics."""
+    maybe_initialize_distributed(config)
+    check_config(config, num_devices=jax.device_count())
+    mesh = sharding_lib.make_mesh(config.mesh)
+    run = build_run(config, mesh)
+    print(describe(run), flush=True)
+    if dry_run:
+        return {"parameters": run.num_params}
+
+    os.makedirs(workdir, exist_ok=True)
+    _save_config(config, workdir)
+    data_lib.check_vocab(data_lib.make_tokenizer(config.data), config.model.vocab_size)
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.keep_checkpoints,
+        keep_period=config.keep_period,
+        async_save=config.async_checkpoint,
+    )
+    train_iter = data_lib.make_lm_dataset(
+        config.data,
+        seq_len=config.seq_len,
+        global_batch_size=config.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        split="train",
+    )
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = initialize_state(run)
+        _say(f"initialized a new run in {workdir}")
+    else:
+        abstract = with_shardings(run.abstract_state, run.state_shardings)
+        state, data_state = checkpointer.restore(latest, abstract)
+        train_iter.set_state(data_state)
+        _say(f"resumed from step {latest} in {workdir}")
+
+    train, evaluate = compile_steps(run)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    start_step = int(state["step"])
+    progress = Progress(config.steps, start_step)
+    peak = peak_flops_per_device(config)
+    flops_per_token = 6 * run.num_params + mixer_flops_per_token(config.model, config.seq_len)
+    tokens_per_step = config.batch_size * config.seq_len
+    _Stop.install()
+    last = {}
+    window_start, window_steps = time.time(), 0
+    step = start_step
+    try:
+        while step < config.steps:
+            batch = _global_batch(next(train_iter), mesh)
+            state, metrics = train(state, batch)
+            step += 1
+            window_steps += 1
+            if not bool(metrics["finite"]):
+                logging.warning("step %d: non-finite loss or gradient; update skipped", step)
+                if int(state["nonfinite_steps"]) >= config.max_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: "
+                        "stopping (lower the learning rate or check the data)"
+                    )
+            if step % config.log_every == 0 or step == config.steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.time() - window_start
+                tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                last = {
+                    "loss": float(metrics["loss"]),
+                    "learning_rate": float(metrics["learning_rate"]),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": (tokens_per_s * flops_per_token / (peak * jax.device_count()))
+                    if peak
+                    else None,
+                }
+                writer.write(step, last)
+                progress.update(step, last["loss"], tokens_per_s)
+                window_start, window_steps = time.time(), 0
+            if config.eval_every and step % config.eval_every == 0:
+                eval_loss = evaluate_loss(run, evaluate, state["params"], config)
+                writer.write(step, {"eval_loss": eval_loss})
+                window_start, window_steps = time.time(), 0
+            if step % config.checkpoint_every == 0 or step == config.steps or _Stop.requested:
+                checkpointer.save(step, state, train_iter.get_state(), force=True)
+            if _Stop.requested:
+                _say(f"SIGTERM: checkpoint saved at step {step}; exiting")
+                break
+    finally:
+        checkpointer.close()
+        progress.close()
+        writer.close()
+    if step >= config.steps and config.num_samples and jax.process_index() == 0:
+        write_samples(run, state["params"], config, workdir)
+    return last
+
+
+def write_samples(run: Run, params, config, workdir) -> None:
+    """A few continuations of the corpus's first characters, into WORKDIR/samples.txt."""
+    from gla_jax.sampling import generate  # noqa: PLC0415 - sampling is only needed here
+
+    tokenizer = data_lib.make_tokenizer(config.data)
+    model = nnx.merge(run.graphdef, params)
+    prompt = np.asarray([tokenizer.encode(config.sample_prompt)] * config.num_samples, np.int32)
+    out = generate(
+        model,
+        jnp.asarray(prompt),
+        max_new_tokens=config.sample_length,
+        rng=jax.random.key(config.seed),
+        temperature=config.sample_temperature,
+    )
+    texts = [tokenizer.decode([int(t) for t in row]) for row in np.asarray(out)]
+    with open(os.path.join(workdir, "samples.txt"), "w", errors="replace") as f:
+        for i, text in enumerate(texts):
+            f.write(
+                f"--- sample {i} (step {config.steps}, temperature "
+                f"{config.sample_temperature})\n{text}\n"
+            )
+    _say(f"samples written to {os.path.join(workdir, 'samples.txt')}")

@@ -1,0 +1,220 @@
+"""The trainer end to end on the CPU, each run in its own process (as a user would run it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gla_jax.config_check import base_config, check_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small, fast run: tiny model, short rows, every step logged.
+FAST = [
+    "--config.seq_len=64",
+    "--config.batch_size=8",
+    "--config.log_every=1",
+    "--config.eval_every=0",
+    "--config.num_samples=0",
+    "--config.warmup_steps=2",
+    "--config.learning_rate=3e-3",
+]
+
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _cmd(workdir, *extra):
+    return [
+        sys.executable,
+        "train.py",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *FAST,
+        *extra,
+    ]
+
+
+def _train(workdir, *extra, devices=1, check=True):
+    result = subprocess.run(
+        _cmd(workdir, *extra),
+        cwd=ROOT,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Loss per step; a step logged twice (re-run after a resume) keeps its last value."""
+    losses = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "loss" in record:
+                losses[record["step"]] = record["loss"]
+    return losses
+
+
+def _committed_steps(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    _train(workdir, "--config.steps=60", "--config.checkpoint_every=10")
+    return _losses(workdir)
+
+
+def test_loss_falls_and_artifacts_are_written(uninterrupted, tmp_path):
+    steps = sorted(uninterrupted)
+    assert steps == list(range(1, 61))
+    first, last = np.mean([uninterrupted[s] for s in steps[:5]]), uninterrupted[60]
+    assert last < 0.8 * first, (first, last)
+
+
+def test_kill_9_then_rerun_continues_exactly(uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(
+        _cmd(workdir, "--config.steps=60", "--config.checkpoint_every=10"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while not _committed_steps(workdir) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(_losses(workdir))
+    assert killed_at < 60, "the run finished before it could be killed"
+    _train(workdir, "--config.steps=60", "--config.checkpoint_every=10")
+    resumed = _losses(workdir)
+    assert sorted(resumed) == list(range(1, 61))
+    for step in range(1, 61):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
+
+
+def test_sigterm_saves_and_exits_cleanly(uninterrupted, tmp_path):
+    workdir = tmp_path / "preempted"
+    process = subprocess.Popen(
+        _cmd(workdir, "--config.steps=60", "--config.checkpoint_every=50"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 600
+    metrics = workdir / "metrics.jsonl"
+    while process.poll() is None and time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    stopped_at = max(_losses(workdir))
+    assert _committed_steps(workdir)[-1] == stopped_at < 60
+    _train(workdir, "--config.steps=60", "--config.checkpoint_every=50")
+    resumed = _losses(workdir)
+    for step in range(1, 61):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
+
+
+def test_mesh_2x2x2_on_8_devices_matches_one_device(uninterrupted, tmp_path):
+    _train(
+        tmp_path,
+        "--config.steps=8",
+        "--config.checkpoint_every=4",
+        "--config.mesh=2,2,2",
+        devices=8,
+    )
+    sharded = _losses(tmp_path)
+    one_device = tmp_path / "one"
+    _train(one_device, "--config.steps=8", "--config.checkpoint_every=4")
+    single = _losses(one_device)
+    for step in range(1, 9):
+        assert sharded[step] == pytest.approx(single[step], rel=2e-4), step
+
+
+def test_resume_onto_a_different_mesh(tmp_path):
+    _train(
+        tmp_path,
+        "--config.steps=8",
+        "--config.checkpoint_every=4",
+        "--config.mesh=8,1,1",
+        devices=8,
+    )
+    reference = _losses(tmp_path)
+    # Forget everything after step 4, then continue on another mesh.
+    subprocess.run(["rm", "-rf", str(tmp_path / "checkpoints" / "8")], check=True)
+    _train(
+        tmp_path,
+        "--config.steps=8",
+        "--config.checkpoint_every=4",
+        "--config.mesh=1,4,2",
+        devices=8,
+    )
+    resumed = _losses(tmp_path)
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=2e-4), step
+
+
+def test_dry_run_prints_parameters_without_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/gla_340m.py", "--dry_run"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    count = int(result.stdout.split("parameters:")[1].split()[0])
+    assert abs(count - 341e6) / 341e6 < 0.02, count
+    assert "per-device memory" in result.stdout
+
+
+def test_unknown_config_field_fails_fast(tmp_path):
+    result = _train(tmp_path, "--config.no_such_field=3", check=False)
+    assert result.returncode != 0
+    assert "no_such_field" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, devices, field",
+    [
+        (dict(mesh="2,1,1"), 1, "config.mesh"),
+        (dict(mesh="8,1,1", batch_size=4), 8, "config.batch_size"),
+        (dict(batch_size=8, grad_accum_steps=3), 1, "config.batch_size"),
+        (dict(steps=0), 1, "config.steps"),
+        (dict(eval_batch_size=3, mesh="2,1,1"), 2, "config.eval_batch_size"),
+    ],
+)
+def test_bad_configs_name_the_field(overrides, devices, field):
+    config = base_config()
+    config.model.type = "gla"
+    config.update(overrides)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        check_config(config, num_devices=devices)
