@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
             remat=False,
             backend=None,  # chunk_gla backend; None = chosen by platform
             chunk_size=64,
-            max_segments_per_row=16,
+            packing="gate_reset",  # or "cu_seqlens" (see gla_jax/model.py)
         )
     )
     return config

@@ -140,6 +140,22 @@ def packed_cu_seqlens(segment_ids, max_segments_per_row: int):
     return jnp.concatenate([offsets, jnp.full((1,), total, jnp.int32)])
 
 
+# A log gate whose exp underflows to exactly 0 in float32 (below log(1.4e-45) = -103.3): placed at
+# a document's first token it erases the carried state, so a row of packed documents computes each
+# document as if alone. It stays within the range of gates the op's chunked forms are built for
+# (strong gates reach ~-10 per step, hundreds per chunk), and it keeps rows independent, so under a
+# mesh the op still splits rows across devices (one packed cu_seqlens row cannot be split).
+RESET_LOG_GATE = -120.0
+
+PACKING_MODES = ("gate_reset", "cu_seqlens")
+
+
+def reset_gates_at_starts(log_gate, segment_ids):
+    """[B, T, K] log gates with every document's first token set to RESET_LOG_GATE."""
+    starts = segment_starts(segment_ids)[..., None]
+    return jnp.where(starts, jnp.asarray(RESET_LOG_GATE, log_gate.dtype), log_gate)
+
+
 def prompt_cu_seqlens(lengths, seq_len: int):
     """Right-padded prompts as 2B packed sequences: (prompt b, padding b) for each row."""
     row_starts = jnp.arange(lengths.shape[0], dtype=jnp.int32) * seq_len
@@ -221,6 +237,7 @@ class GatedLinearAttention(nnx.Module):
         conv_size: int = 4,
         backend: str | None = None,
         chunk_size: int = 64,
+        packing: str = "gate_reset",
         max_segments_per_row: int = 16,
         init_std: float = 0.02,
         out_init_std: float | None = None,
@@ -231,6 +248,8 @@ class GatedLinearAttention(nnx.Module):
         for name, dim in (("key dim (d_model * expand_k)", key_dim), ("value dim", value_dim)):
             if dim % num_heads:
                 raise ValueError(f"GLA {name} = {dim} must divide by num_heads = {num_heads}")
+        if packing not in PACKING_MODES:
+            raise ValueError(f"packing must be one of {PACKING_MODES}, got {packing!r}")
         if head_norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"head_norm must be 'rmsnorm' or 'layernorm', got {head_norm!r}")
         self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
@@ -238,7 +257,7 @@ class GatedLinearAttention(nnx.Module):
         self.gate_logit_normalizer = gate_logit_normalizer
         self.use_output_gate = use_output_gate
         self.backend, self.chunk_size = backend, chunk_size
-        self.max_segments_per_row = max_segments_per_row
+        self.packing, self.max_segments_per_row = packing, max_segments_per_row
         self.dtype = dtype
         out_std = init_std if out_init_std is None else out_init_std
         proj = dict(std=init_std, dtype=dtype, rngs=rngs)
@@ -284,9 +303,14 @@ class GatedLinearAttention(nnx.Module):
             o = o * jax.nn.silu(self.g_proj(x).astype(jnp.float32))
         return self.o_proj(o.astype(self.dtype))
 
-    def _mix(self, x, q, k, v, cu_seqlens=None, want_state=False):
-        """chunk_gla over [B, T, *] (or packed: then the batch is flattened into one row)."""
+    def _mix(self, x, q, k, v, cu_seqlens=None, want_state=False, reset_at=None):
+        """chunk_gla over [B, T, *] (or packed: then the batch is flattened into one row).
+
+        reset_at: segment ids whose document starts restart the state (gate_reset packing).
+        """
         g = self._log_gate(x)
+        if reset_at is not None:
+            g = reset_gates_at_starts(g, reset_at)
         q, k, g = (self._heads(t, self.head_k) for t in (q, k, g))
         v = self._heads(v, self.head_v)
         shape = v.shape
@@ -310,10 +334,13 @@ class GatedLinearAttention(nnx.Module):
         q, k, v = self._projections(x)
         if self.conv is not None:
             q, k, v = (conv(t, segment_ids) for conv, t in zip(self.conv, (q, k, v), strict=True))
-        cu_seqlens = None
-        if segment_ids is not None:
+        if segment_ids is None:
+            o, _ = self._mix(x, q, k, v)
+        elif self.packing == "gate_reset":
+            o, _ = self._mix(x, q, k, v, reset_at=segment_ids)
+        else:
             cu_seqlens = packed_cu_seqlens(segment_ids, self.max_segments_per_row)
-        o, _ = self._mix(x, q, k, v, cu_seqlens)
+            o, _ = self._mix(x, q, k, v, cu_seqlens)
         return self._output(o, x)
 
     def init_cache(self, batch_size: int) -> GLACache:

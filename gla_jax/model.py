@@ -14,6 +14,11 @@ attention with RoPE (``mixer='attention'``, the Transformer++ baseline).
 ``segment_ids`` [B, T] int32 marks packed documents: 1, 2, ... per document within a row, 0 for
 padding. Tokens attend to (attention) or receive state from (GLA) only their own document; RoPE
 positions restart at each document. Padding forms its own segment and its outputs are meaningless.
+A new document starts wherever the id changes along the row. GLA separates documents in one of two
+ways (``packing``): 'gate_reset' (default) gives each document's first token a forget gate of
+exactly zero, so rows stay independent and shard over the mesh's batch axes; 'cu_seqlens' hands
+the op the documents as packed sequences of one flattened row (static bound
+``max_segments_per_row``, rows not split across devices).
 
 Logical axis names carried by the parameters (the trainer maps them onto its mesh):
   'vocab'      vocabulary rows of the embedding (and untied LM head columns)
@@ -40,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 from gla_jax.layers import (
+    PACKING_MODES,
     AttentionCache,
     CausalSelfAttention,
     GatedLinearAttention,
@@ -71,7 +77,8 @@ class GLAConfig:
     conv_size: int = 4
     backend: str | None = None  # chunk_gla backend; None = chosen by platform
     chunk_size: int = 64
-    max_segments_per_row: int = 16  # static bound on packed documents per row (GLA)
+    packing: str = "gate_reset"  # GLA with segment_ids: 'gate_reset' | 'cu_seqlens' (layers.py)
+    max_segments_per_row: int = 16  # static bound on documents per row, 'cu_seqlens' only
     # Attention layer
     rope_theta: float = 10000.0
     max_seq_len: int = 2048  # default KV-cache length
@@ -100,6 +107,8 @@ class GLAConfig:
                         f"d_model * {name} = {self.d_model} * {ratio} = {dim} must divide by "
                         f"n_heads = {self.n_heads}"
                     )
+        if self.packing not in PACKING_MODES:
+            raise ValueError(f"packing must be one of {PACKING_MODES}, got {self.packing!r}")
         jnp.dtype(self.dtype)  # raises on an unknown name
 
     @property
@@ -145,6 +154,7 @@ class Block(nnx.Module):
                 conv_size=cfg.conv_size,
                 backend=cfg.backend,
                 chunk_size=cfg.chunk_size,
+                packing=cfg.packing,
                 max_segments_per_row=cfg.max_segments_per_row,
                 init_std=cfg.init_std,
                 out_init_std=out_std,

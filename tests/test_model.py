@@ -96,9 +96,18 @@ def test_prefill_then_decode_equals_full_forward(name):
         assert _rel(step_logits, want) <= 1e-4, (i, _rel(step_logits, want))
 
 
-@pytest.mark.parametrize("name", ["gla", "gla_conv", "attention"])
-def test_packed_rows_equal_documents_run_separately(name):
-    model = _model(name, max_segments_per_row=4)  # a tight static bound keeps the op small
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("gla", {}),
+        ("gla", dict(packing="cu_seqlens", max_segments_per_row=4)),
+        ("gla_conv", {}),
+        ("attention", {}),
+    ],
+    ids=["gla_gate_reset", "gla_cu_seqlens", "gla_conv", "attention"],
+)
+def test_packed_rows_equal_documents_run_separately(name, options):
+    model = _model(name, **options)
     lengths_per_row = [[5, 70, 3], [78], [1, 40, 20, 17]]  # ragged, crossing chunk boundaries
     seq_len = 78
     tokens = np.zeros((3, seq_len), np.int32)
@@ -213,6 +222,7 @@ def test_gradients_finite_and_nonzero_for_every_parameter(name):
         (dict(d_model=30, n_heads=4), ["d_model", "30", "n_heads", "4"]),
         (dict(d_model=24, n_heads=4, expand_k=0.25), ["expand_k", "6", "n_heads"]),
         (dict(mixer="rnn"), ["mixer", "rnn"]),
+        (dict(packing="flat"), ["packing", "flat"]),
         (dict(n_layers=0), ["n_layers", "0"]),
     ],
 )
@@ -248,7 +258,7 @@ def test_cache_for_another_batch_or_model_raises():
 
 
 def test_segment_ids_with_too_many_documents_or_wrong_shape_raise():
-    model = _model("gla", max_segments_per_row=2)
+    model = _model("gla", packing="cu_seqlens", max_segments_per_row=2)
     tokens = _tokens((1, 9))
     with pytest.raises(ValueError, match="3 documents.*max_segments_per_row = 2"):
         model(tokens, segment_ids=jnp.array([[1, 1, 1, 2, 2, 2, 3, 3, 3]]))
