@@ -21,11 +21,42 @@ last row of a column block for dk) so both exp factors are <= 1, diagonal sub-bl
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gla.tpu_forward import SUB, Chunk, exact, positions, reverse_cumsum
+from pallas_kernels.gla.tpu_forward import (
+    SUB,
+    Chunk,
+    diagonal_decay,
+    exact,
+    positions,
+    reverse_cumsum,
+    row_of,
+)
 
 F32 = jnp.float32
+
+
+def _diagonal_gradients(chunk: Chunk, do_rows, v_rows, block):
+    """Query and key gradients through one diagonal sub-block, in log space: ([SUB, K], [SUB, K]).
+
+    Column j of the block contributes dA_ij k_j exp(b_i - b_j) to query row i, and its key row j
+    gets sum_i dA_ij q_i exp(b_i - b_j), with dA_ij = do_i . v_j; the decays are zero for i < j.
+    """
+    rows = chunk.rows(block)
+    qs, k, b = chunk.qs[rows], chunk.k[rows], chunk.b[rows]
+    do_rows, v_rows = do_rows.astype(F32), v_rows.astype(F32)
+    row_ids = positions(qs.shape, 0)
+
+    def add_column(j, grads):
+        dq, dk = grads
+        decay = diagonal_decay(b, j)
+        d_column = jnp.sum(do_rows * row_of(v_rows, j), axis=1, keepdims=True)  # [SUB, 1]
+        dq = dq + d_column * row_of(k, j) * decay
+        dk_row = jnp.sum(d_column * qs * decay, axis=0, keepdims=True)  # [1, K]
+        return dq, jnp.where(row_ids == j, dk_row, dk)
+
+    return lax.fori_loop(0, SUB, add_column, (jnp.zeros_like(qs), jnp.zeros_like(k)))
 
 
 def _intra_block_gradients(chunk: Chunk, do, block):
@@ -54,11 +85,7 @@ def _intra_block_gradients(chunk: Chunk, do, block):
     k_to_ref = jnp.exp(chunk.b[r_end : r_end + 1, :] - chunk.b[rows])
     dk_off = k_to_ref * chunk.mm(d_scores_t, chunk.queries_after(block))
 
-    # The diagonal sub-block in log space (the decay is already zero above the diagonal).
-    d_diag = chunk.mm(do_rows, v_rows, contract=(1, 1))[:, :, None]  # [SUB, SUB, 1]
-    decay = chunk.diagonal_decay(block)
-    dq_diag = jnp.sum(d_diag * chunk.k[rows][None, :, :] * decay, axis=1)
-    dk_diag = jnp.sum(d_diag * chunk.qs[rows][:, None, :] * decay, axis=0)
+    dq_diag, dk_diag = _diagonal_gradients(chunk, do_rows, v_rows, block)
     return dv_off, dv_diag, dq_off + dq_diag, dk_off + dk_diag
 
 

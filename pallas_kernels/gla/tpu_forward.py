@@ -10,8 +10,8 @@ Stability (as in reference.py): b is the chunk-local inclusive cumsum of the log
 non-increasing along time. The intra-chunk scores sum_d q_id k_jd exp(b_id - b_jd), j <= i, are
 split into sub-chunks of SUB rows. For row sub-chunk I starting at r, the columns j < r are a matmul
 of q_i exp(b_i - b_r) against k_j exp(b_r - b_j): both exponents are <= 0. The diagonal sub-block is
-computed in log space on a [SUB, SUB, K] tile with the exponent masked to -inf above the diagonal
-*before* exp, so no inf is ever formed.
+computed in log space, one column j at a time on [SUB, K] tiles, with the exponent masked to -inf
+above the diagonal *before* exp, so no inf is ever formed.
 
 Matmuls take the input dtype (bf16 stays bf16) with float32 accumulation; float32 inputs ask for
 full float32 precision, which TPUs otherwise emulate with a single bf16 pass.
@@ -66,6 +66,22 @@ def as_column(row):
     return exact(row, jnp.ones((1, 1), F32), contract=(0, 0))
 
 
+def row_of(x, j):
+    """Row j (traced) of a [R, D] tile as [1, D]: a masked sum, exact, and no dynamic slicing."""
+    return jnp.sum(jnp.where(positions(x.shape, 0) == j, x, 0.0), axis=0, keepdims=True)
+
+
+def diagonal_decay(b, j):
+    """exp(b_i - b_j) for the rows i of a sub-block, zero for i < j: [SUB, K].
+
+    The diagonal sub-blocks go one column j at a time on 2-D tiles (a [SUB, SUB, K] tile would
+    need relayouts Mosaic handles poorly); the exponent is masked before exp, so it is never
+    positive.
+    """
+    above = positions(b.shape, 0) < j
+    return jnp.exp(jnp.where(above, -jnp.inf, b - row_of(b, j)))
+
+
 class Chunk:
     """Per-chunk quantities every kernel derives from the same tiles (a plain bundle)."""
 
@@ -110,13 +126,18 @@ class Chunk:
         after = positions(self.b.shape, 0) > r
         return self.qs * jnp.exp(jnp.where(after, self.b - b_ref, -jnp.inf))
 
-    def diagonal_decay(self, block):
-        """exp(b_i - b_j) for i >= j inside one sub-block, 0 above the diagonal: [SUB, SUB, K]."""
-        b = self.b[self.rows(block)]
-        shape = (SUB, SUB, b.shape[1])
-        causal = positions(shape, 1) <= positions(shape, 0)
-        log_decay = jnp.where(causal, b[:, None, :] - b[None, :, :], -jnp.inf)
-        return jnp.exp(log_decay)
+    def diagonal_scores(self, block):
+        """sum_d q_id k_jd exp(b_id - b_jd) for i >= j in one diagonal sub-block: [SUB, SUB]."""
+        rows = self.rows(block)
+        qs, k, b = self.qs[rows], self.k[rows], self.b[rows]
+        col_ids = positions((SUB, SUB), 1)
+
+        def add_column(j, diag):
+            decay = diagonal_decay(b, j)
+            column = jnp.sum(qs * row_of(k, j) * decay, axis=1, keepdims=True)  # [SUB, 1]
+            return jnp.where(col_ids == j, column, diag)
+
+        return lax.fori_loop(0, SUB, add_column, jnp.zeros((SUB, SUB), F32))
 
     def scores(self, block):
         """Gated causal scores of row sub-block `block`: (off [SUB, C], diag [SUB, SUB]).
@@ -128,9 +149,7 @@ class Chunk:
         b_ref = self.b[block * SUB : block * SUB + 1, :]
         q_ref = self.qs[rows] * jnp.exp(self.b[rows] - b_ref)
         off = self.mm(q_ref, self.keys_before(block), contract=(1, 1))
-        qk = self.qs[rows][:, None, :] * self.k[rows][None, :, :]
-        diag = jnp.sum(qk * self.diagonal_decay(block), axis=-1)
-        return off, diag
+        return off, self.diagonal_scores(block)
 
     def advance(self, state):
         """The state after the chunk from the state before it (float32 [K, V])."""
