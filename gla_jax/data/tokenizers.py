@@ -33,7 +33,7 @@ class ByteTokenizer:
 
     def encode(self, text: str | bytes) -> np.ndarray:
         # 'surrogateescape' so that text decoded from invalid bytes encodes back to them.
-        raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+        raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
         return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
