@@ -28,7 +28,10 @@ API the trainer calls::
 
 Each document is laid out as [BOS] text EOS (BOS unless `add_bos` is False). Training
 iterators are endless: epoch e shows every document of this host's share exactly once, in an
-order that is a pure function of (seed, e). Evaluation iterators make one ordered pass.
+order that is a pure function of (seed, e). Evaluation iterators make one ordered pass over
+`eval_split`, the last batch padded; with several processes every host yields the same number
+of batches (`len(it)`), or exactly `num_batches=` when given. A packed row holds at most
+`max_segments_per_row` documents, matching the model's static bound.
 
 Byte tokenizer ids: 0..255 the UTF-8 bytes, 256 PAD, 257 BOS, 258 EOS (vocab_size 259).
 
@@ -38,7 +41,9 @@ write it at the same time. From the trainer's command line a tuple field is over
 Python literal: `--config.data.name=text_files --config.data.paths="('DIR',)"`.
 
 Command line (`python -m gla_jax.data --help`): `prepare` builds a corpus into the data dir,
-`train-tokenizer` trains a SentencePiece model from a corpus, `inspect` prints a batch.
+`inspect` prints a batch, and `train-tokenizer` trains a SentencePiece model offline, e.g.
+`python -m gla_jax.data train-tokenizer --output=kjv8k.model --vocab-size=8192`; then set
+`data.tokenizer` to that path and `model.vocab_size` to at least its vocab size.
 """
 
 from __future__ import annotations
