@@ -236,3 +236,30 @@ def test_default_config_fields():
     config = data.default_data_config()
     assert (config.name, config.tokenizer, config.packing) == ("kjv", "byte", "concat")
     assert config.seed == 0 and config.shuffle and config.add_bos
+
+
+def test_sentencepiece_tokenizer_trained_by_the_command_line(corpus_config, tmp_path, capsys):
+    from gla_jax.data.__main__ import main as data_cli  # noqa: PLC0415
+
+    model = tmp_path / "tok.model"
+    data_cli(
+        [
+            "train-tokenizer",
+            "--name=text_files",
+            f"--paths={corpus_config.paths[0]}",
+            f"--data-dir={corpus_config.data_dir}",
+            f"--validation-fraction={corpus_config.validation_fraction}",
+            f"--output={model}",
+            "--vocab-size=300",
+        ]
+    )
+    assert "vocab_size 300" in capsys.readouterr().out
+    config = with_changes(corpus_config, tokenizer=str(model), shuffle=False)
+    tokenizer = data.make_tokenizer(config)
+    data.check_vocab(tokenizer, 300)
+    batch = next(data.make_lm_dataset(config, seq_len=256, global_batch_size=1))
+    tokens, seg = batch["tokens"][0], batch["segment_ids"][0]
+    assert tokens.max() < 300 and tokens[0] == tokenizer.bos_id
+    first_doc = tokens[seg == 1]
+    assert first_doc[-1] == tokenizer.eos_id
+    assert tokenizer.decode(first_doc) == split_docs(config, "train")[0]
