@@ -31,7 +31,7 @@ iterators are endless: epoch e shows every document of this host's share exactly
 order that is a pure function of (seed, e). Evaluation iterators make one ordered pass over
 `eval_split`, the last batch padded; with several processes every host yields the same number
 of batches (`len(it)`), or exactly `num_batches=` when given. A packed row holds at most
-`max_segments_per_row` documents, matching the model's static bound.
+`max_segments_per_row` documents when that is set (for the model's 'cu_seqlens' packing).
 
 Byte tokenizer ids: 0..255 the UTF-8 bytes, 256 PAD, 257 BOS, 258 EOS (vocab_size 259).
 
@@ -88,9 +88,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tokenizer = "byte"  # 'byte' or the path of a SentencePiece .model file
     c.add_bos = True
     c.packing = "concat"  # 'concat' (documents end to end) or 'pad' (one document per row)
-    # At most this many documents in a row (0: no limit); keep it <= model.max_segments_per_row,
-    # the static bound of the GLA layers' packed kernel call.
-    c.max_segments_per_row = 16
+    # At most this many documents in a row (0: no limit). With model.packing='cu_seqlens' set it
+    # to model.max_segments_per_row, that call's static bound; 'gate_reset' needs no limit, and
+    # a limit wastes rows on short documents (16 sentences of lm1b fill a quarter of 2048).
+    c.max_segments_per_row = 0
     c.seed = 0
     c.shuffle = True
     return c
