@@ -359,7 +359,7 @@ class GatedLinearAttention(nnx.Module):
         Starts from an empty state (``cache`` only fixes the structure).
         """
         del cache
-        batch, seq_len = x.shape[:2]
+        seq_len = x.shape[1]
         raw = self._projections(x)
         q, k, v = raw
         conv_state = None
@@ -368,7 +368,6 @@ class GatedLinearAttention(nnx.Module):
             conv_state = tuple(last_inputs(t, lengths, self.conv_size - 1) for t in raw)
         cu_seqlens = prompt_cu_seqlens(lengths, seq_len)
         o, states = self._mix(x, q, k, v, cu_seqlens, want_state=True)
-        del batch
         return self._output(o, x), GLACache(states[0::2], conv_state)
 
     def decode(self, x_t, positions, cache: GLACache):
