@@ -82,7 +82,7 @@ def _intra_block_gradients(chunk: Chunk, do, block):
     r_end = r + SUB - 1
     d_scores_t = chunk.mm(v_rows, do, contract=(1, 1))  # [SUB, C]: v_j . do_i
     d_scores_t = jnp.where(positions((SUB, c), 1) > r_end, d_scores_t, 0.0)
-    k_to_ref = jnp.exp(chunk.b[r_end : r_end + 1, :] - chunk.b[rows])
+    k_to_ref = jnp.exp(row_of(chunk.b, r_end) - chunk.b[rows])
     dk_off = k_to_ref * chunk.mm(d_scores_t, chunk.queries_after(block))
 
     dq_diag, dk_diag = _diagonal_gradients(chunk, do_rows, v_rows, block)

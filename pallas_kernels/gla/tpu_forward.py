@@ -93,7 +93,7 @@ class Chunk:
         self.k = k.astype(F32)
         self.v = v
         self.b = inclusive_cumsum(g.astype(F32))  # [C, K], non-increasing along time
-        self.b_last = self.b[self.size - 1 :, :]  # [1, K]
+        self.b_last = row_of(self.b, self.size - 1)  # [1, K]
         self.decay_col = jnp.exp(as_column(self.b_last))  # [K, 1]: chunk decay of the state rows
 
     def mm(self, a, b, contract=(1, 0)):
@@ -122,7 +122,7 @@ class Chunk:
     def queries_after(self, block):
         """q_i exp(b_i - b_r') for i > r' (r' = last row of `block`), zero elsewhere: [C, K]."""
         r = block * SUB + SUB - 1
-        b_ref = self.b[r : r + 1, :]
+        b_ref = row_of(self.b, r)  # an unaligned row: selected, not sliced
         after = positions(self.b.shape, 0) > r
         return self.qs * jnp.exp(jnp.where(after, self.b - b_ref, -jnp.inf))
 
