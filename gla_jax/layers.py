@@ -411,11 +411,16 @@ def rope(x, positions, theta: float):
     return out.astype(x.dtype)
 
 
-def attention_implementation(dtype, head_dim: int) -> str:
-    """cuDNN's fused attention on GPU where it applies (half precision, head dim <= 128)."""
+def attention_implementation(dtype, head_dim: int, seq_len: int = 2, masked: bool = False) -> str:
+    """cuDNN's fused attention on GPU where it applies, else XLA's.
+
+    cuDNN needs half precision and a head dim <= 128 (a multiple of 8); a segment mask reaches it
+    as a bias, which its backward accepts only for even sequence lengths.
+    """
     on_gpu = jax.default_backend() == "gpu"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if on_gpu and half and head_dim <= 128 and head_dim % 8 == 0 else "xla"
+    shape_ok = head_dim <= 128 and head_dim % 8 == 0 and not (masked and seq_len % 2)
+    return "cudnn" if on_gpu and half and shape_ok else "xla"
 
 
 class CausalSelfAttention(nnx.Module):
@@ -460,7 +465,7 @@ class CausalSelfAttention(nnx.Module):
             mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & jnp.tril(
                 jnp.ones((q.shape[1], q.shape[1]), bool)
             )
-        impl = attention_implementation(q.dtype, self.head_dim)
+        impl = attention_implementation(q.dtype, self.head_dim, q.shape[1], mask is not None)
         o = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=mask is None, implementation=impl
         )

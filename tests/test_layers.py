@@ -81,6 +81,8 @@ def test_attention_implementation_choice():
     assert attention_implementation(jnp.bfloat16, 64) == expected
     assert attention_implementation(jnp.float32, 64) == "xla"
     assert attention_implementation(jnp.bfloat16, 256) == "xla"
+    assert attention_implementation(jnp.bfloat16, 64, seq_len=511, masked=False) == expected
+    assert attention_implementation(jnp.bfloat16, 64, seq_len=511, masked=True) == "xla"
 
 
 @pytest.mark.parametrize(
