@@ -334,6 +334,12 @@ class GLALM(nnx.Module):
             want = jax.tree.map(lambda x: x.shape, expected)
             if got != want:
                 raise ValueError(f"cache.layers[{i}] has shapes {got}, the model needs {want}")
+            positions = _concrete(cache.positions)
+            if max_len is not None and positions is not None and positions.max() >= max_len:
+                raise ValueError(
+                    f"cache is full: positions reach {int(positions.max())} but the KV cache "
+                    f"holds max_len = {max_len} tokens (init_cache(batch_size, max_len))"
+                )
 
     def prefill(self, tokens, lengths=None, max_len: int | None = None):
         """Right-padded prompts [B, T] (row b's prompt is tokens[b, :lengths[b]]).

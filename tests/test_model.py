@@ -141,6 +141,12 @@ def test_remat_and_bfloat16_compute():
     tokens = _tokens((2, 20))
     remat = GLALM(MODELS["gla"](remat=True), rngs=nnx.Rngs(0))
     assert _rel(forward(remat, tokens), forward(model, tokens)) <= 1e-6
+    graphdef, state = nnx.split(remat)
+    traced = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens).sum())(state))
+    is_remat = lambda jaxpr: "remat" in jaxpr or "checkpoint[" in jaxpr  # name differs by version
+    assert is_remat(traced)  # the blocks really are rematerialized
+    graphdef, state = nnx.split(model)
+    assert not is_remat(str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)))
     bf16 = GLALM(MODELS["gla"](dtype="bfloat16"), rngs=nnx.Rngs(0))
     out = forward(bf16, tokens)
     assert out.dtype == jnp.float32
@@ -252,6 +258,9 @@ def test_cache_for_another_batch_or_model_raises():
     wider = GLALM(MODELS["gla"](d_model=64), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"cache.layers\[0\] has shapes"):
         gla.decode_step(jnp.zeros((2,), jnp.int32), wider.init_cache(2))
+    full = attention.init_cache(2, max_len=1)._replace(positions=jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="cache is full.*max_len = 1"):
+        attention.decode_step(jnp.zeros((2,), jnp.int32), full)
     deeper = GLALM(MODELS["gla"](n_layers=3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="3 layers.*n_layers = 2"):
         gla.decode_step(jnp.zeros((2,), jnp.int32), deeper.init_cache(2))
