@@ -3,7 +3,7 @@
 Each kernel family is timed on its own, with the others at the heuristic settings:
   state  (chunk_states + state_grads): state_block_k, state_block_v, state_warps, state_stages
   output (chunk_outputs + value_grads): output_block_v, output_warps, output_stages
-  grad   (query_key_gate_grads):        grad_block_v, grad_warps, grad_stages
+  grad   (query_key_grads):             grad_block_v, grad_warps, grad_stages
 The best candidate of each family goes into the table, keyed by padded (K, V, dtype).
 
   python benchmarks/tune_gpu.py --out $OUT      # writes $OUT/tuned_gpu.json and prints timings
@@ -35,8 +35,8 @@ FAMILIES = {
         for bv, w in itertools.product((64, 128, 256), (4, 8))
     ],
     "grad": [
-        dict(grad_block_v=bv, grad_warps=w, grad_stages=1)
-        for bv, w in itertools.product((32, 64, 128), (4, 8))
+        dict(grad_block_v=bv, grad_warps=w, grad_stages=s)
+        for bv, w, s in [(64, 4, 1), (64, 8, 1), (128, 8, 1), (32, 4, 2)]
     ],
 }
 
@@ -69,7 +69,7 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
         hs = states()
 
         def run():
-            return gpu_backward.query_key_gate_grads(p.q, p.k, p.b, p.v, do_rows, hs, hs,
+            return gpu_backward.query_key_grads(p.q, p.k, p.b, p.v, do_rows, hs, hs,
                                                      scale=scale, **common)
     return jax.jit(run)
 
@@ -83,13 +83,14 @@ def fits(fields, key_dim, value_dim):
     return True
 
 
-def tune_shape(heads, key_dim, value_dim, seq_len=2048, chunk=64):
+def tune_shape(heads, key_dim, value_dim, families, seq_len=2048, chunk=64):
     q, k, v, g, do = gla_inputs(32768 // seq_len, seq_len, heads, key_dim, value_dim)
     p = gpu.prepare(q, k, v, g, None, chunk)
     do_rows = jnp.swapaxes(p.layout.to_chunked(do), 1, 2)
     base = tuning.heuristic(key_dim, value_dim, q.dtype)
     best = {}
-    for family, candidates in FAMILIES.items():
+    for family in families:
+        candidates = FAMILIES[family]
         results = []
         for fields in candidates:
             if not fits(fields, key_dim, value_dim):
@@ -102,6 +103,8 @@ def tune_shape(heads, key_dim, value_dim, seq_len=2048, chunk=64):
                 continue
             print(f"  {family} {fields}: {ms:.3f} ms", flush=True)
             results.append((ms, fields))
+        if not results:
+            continue
         ms, fields = min(results, key=lambda r: r[0])
         print(f"{key_dim}x{value_dim} best {family}: {fields} {ms:.3f} ms", flush=True)
         best.update(fields)
@@ -112,12 +115,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--shapes", default="16x128x128,4x256x512")
+    parser.add_argument("--families", default="state,output,grad")
     args = parser.parse_args()
     table = {}
     for shape in args.shapes.split(","):
         heads, key_dim, value_dim = (int(x) for x in shape.split("x"))
         table[tuning.table_key(key_dim, value_dim, jnp.bfloat16)] = tune_shape(
-            heads, key_dim, value_dim
+            heads, key_dim, value_dim, args.families.split(",")
         )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tuned_gpu.json"), "w") as f:

@@ -118,8 +118,8 @@ def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype):
 def test_every_kernel_lowers_through_triton(shape):
     module = _export_for_cuda(*shape)
     # chunk_states (forward), chunk_outputs, chunk_states (backward recompute), state_grads,
-    # value_grads, query_key_gate_grads.
+    # value_grads, query_key_grads.
     assert module.count("__gpu$xla.gpu.triton") == 6
     for name in ("gla_chunk_states", "gla_chunk_outputs", "gla_state_grads", "gla_value_grads",
-                 "gla_query_key_gate_grads"):
+                 "gla_query_key_grads"):
         assert name in module

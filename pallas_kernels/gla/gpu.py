@@ -2,7 +2,8 @@
 
 This file prepares the kernels' inputs and assembles their outputs; the kernels are in
 gpu_forward.py (chunk_states, chunk_outputs) and gpu_backward.py (state_grads, value_grads,
-query_key_gate_grads); block sizes come from tuning.py.
+query_key_grads); the gate gradient is assembled here from dL/db (``gate_grads``); block sizes come
+from tuning.py.
 
 Inputs go to the time-major rows layout [B', Tp, H, D]: the chunk layout's head-major form
 transposed back, which XLA folds into nothing for equal-length rows with T a multiple of the chunk
@@ -18,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.gla import gpu_backward, gpu_forward, tuning
 from pallas_kernels.gla.layout import ChunkLayout, make_layout
@@ -95,8 +97,8 @@ def _state_dtype(dtype):
 def _config(p: Prepared, opts, config):
     if config is not None:
         return config
-    kp, vp = p.q.shape[-1], p.v.shape[-1]
-    return tuning.config_for(kp, vp, p.q.dtype, opts.interpret)
+    rows, _, heads, kp = p.q.shape
+    return tuning.config_for(kp, p.v.shape[-1], p.q.dtype, opts.interpret, rows * heads)
 
 
 def _states(p: Prepared, initial_state, opts, config):
@@ -126,7 +128,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     config = _config(p, opts, config)
     kp, vp = p.q.shape[-1], p.v.shape[-1]
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
-    states, _ = _states(p, initial_state, opts, config)
+    states, final = _states(p, initial_state, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), vp)
     dfinal_padded = _pad_state(dfinal.astype(jnp.float32), kp, vp)
     dstates, dh0 = gpu_backward.state_grads(
@@ -137,16 +139,39 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         p.q, p.k, p.b, do_rows, dstates, chunk=chunk, scale=scale, out_dtype=jnp.float32,
         config=config, interpret=interpret,
     )
-    dq, dk, dg = gpu_backward.query_key_gate_grads(
+    dq, dk, db = gpu_backward.query_key_grads(
         p.q, p.k, p.b, p.v, do_rows, states, dstates, chunk=chunk, scale=scale, config=config,
         interpret=interpret,
     )
+    dg = gate_grads(p, db[..., : p.key_dim], final, dfinal.astype(jnp.float32))
     # An empty sequence's final state is its initial state.
     empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
     dh0 = jnp.where(empty, dfinal.astype(jnp.float32), dh0[..., : p.key_dim, : p.value_dim])
     unpad = lambda x, width: _from_rows(p.layout, x, width)  # noqa: E731
     return unpad(dq, p.key_dim), unpad(dk, p.key_dim), unpad(dv, p.value_dim), \
-        unpad(dg, p.key_dim), dh0
+        _from_rows(p.layout, dg, p.key_dim), dh0
+
+
+def gate_grads(p: Prepared, db, final, dfinal):
+    """dg from dL/db (b = cumulative log gates): within each sequence dg_t = sum_{i >= t} dL/db_i,
+    plus rowsum(final_state * dfinal) for every position (the final state decays by all gates).
+
+    db: [B', Tp, H, K] float32 rows layout. A reverse cumulative sum inside each chunk, plus the
+    totals of the sequence's later chunks (whole-row suffix sums minus those past its last chunk).
+    """
+    rows, padded_len, heads, key_dim = db.shape
+    chunk = p.layout.chunk_size
+    num_chunks = padded_len // chunk
+    x = db.reshape(rows, num_chunks, chunk, heads, key_dim)
+    within = jnp.flip(jnp.cumsum(jnp.flip(x, 2), 2), 2)
+    totals = x.sum(2)  # [B', NC, H, K]
+    later_chunks = jnp.flip(jnp.cumsum(jnp.flip(totals, 1), 1), 1) - totals
+    seq = jnp.maximum(lax.cummax(p.first_seq, axis=1), 0)  # [B', NC] sequence of each chunk
+    seq_last = jnp.maximum(p.layout.seq_last_chunk, 0)[seq] % num_chunks
+    past_end = jnp.take_along_axis(later_chunks, seq_last[:, :, None, None], axis=1)
+    final_term = jnp.sum(final * dfinal, axis=-1)[seq]  # [B', NC, H, K]
+    dg = within + (later_chunks - past_end + final_term)[:, :, None]
+    return dg.reshape(db.shape)
 
 
 class GpuBackend:

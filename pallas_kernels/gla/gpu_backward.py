@@ -36,13 +36,15 @@ from pallas_kernels.gla.gpu_forward import (
     F32,
     SQUEEZED,
     diagonal_decay,
-    gated_score_blocks,
+    diagonal_scores,
     mm,
     mm_nt,
     mm_tn,
-    off_diagonal_factors,
+    off_diagonal_scores,
     row,
+    row_block,
     split_rows,
+    sub_block_specs,
     sub_chunk,
     whole,
 )
@@ -135,44 +137,44 @@ def state_grads(q, do, b, dfinal, first_seq, last_seq, *, chunk, scale, state_dt
 # --------------------------------------------------------------------------------------------
 
 
-def _value_grads_kernel(q_ref, k_ref, b_ref, do_ref, dstate_ref, dv_ref, *, scale, dtype):
-    q = q_ref[...].astype(F32) * scale
-    k = k_ref[...].astype(F32)
-    b = b_ref[...]
-    chunk = q.shape[0]
+def _value_grads_kernel(q_ref, k_ref, b_ref, do_ref, dstate_ref, dv_ref, *, scale, parts,
+                        dtype):
+    """One program: dv for the S rows of sub-chunk J of one chunk, one V tile.
+
+    dv_J = (k_J exp(b_last - b_J)) @ dH + sum_{I >= J} A_IJ^T @ do_I.
+    """
+    sub = dv_ref.shape[0]
+    chunk = q_ref.shape[0]
+    block = pl.program_id(0) % parts
+    base = block * sub
+    k = row_block(k_ref, base, sub)
+    b = row_block(b_ref, base, sub)
     b_last = row(b_ref, chunk - 1)
     dv = mm(k * jnp.exp(b_last - b), dstate_ref[...], dtype)
-    scores = gated_score_blocks(q, k, b, k_ref, b_ref, dtype)
-    for block, do_rows in zip(scores, split_rows(do_ref[...], len(scores)), strict=True):
-        dv = dv + mm_tn(block, do_rows, dtype)
+    for later in range(1, parts):  # sub-chunks after J (masked when later <= J)
+        rows = later * sub
+        scores = off_diagonal_scores(row_block(q_ref, rows, sub) * scale,
+                                     row_block(b_ref, rows, sub), row(b_ref, rows), k, b, dtype)
+        contribution = mm_tn(scores, do_ref[pl.ds(rows, sub), :], dtype)
+        dv += jnp.where(later > block, contribution, 0.0)
+    q = row_block(q_ref, base, sub) * scale
+    diagonal = diagonal_scores(q, b, k_ref, b_ref, base, sub)
+    dv += mm_tn(diagonal, do_ref[pl.ds(base, sub), :], dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _chunk_specs(chunk, heads, key_dim, block_v):
-    key = pl.BlockSpec(
-        (SQUEEZED, chunk, SQUEEZED, key_dim), lambda c, bh, vt: (bh // heads, c, bh % heads, 0)
-    )
-    value = pl.BlockSpec(
-        (SQUEEZED, chunk, SQUEEZED, block_v), lambda c, bh, vt: (bh // heads, c, bh % heads, vt)
-    )
-    state = pl.BlockSpec(
-        (SQUEEZED, SQUEEZED, SQUEEZED, key_dim, block_v),
-        lambda c, bh, vt: (bh // heads, c, bh % heads, 0, vt),
-    )
-    return key, value, state
 
 
 def value_grads(q, k, b, do, dstates, *, chunk, scale, out_dtype, config, interpret):
     rows, padded_len, heads, key_dim = q.shape
     value_dim = do.shape[-1]
     block_v = min(config.output_block_v, value_dim)
-    key, value, state = _chunk_specs(chunk, heads, key_dim, block_v)
+    sub = sub_chunk(chunk)
+    key, value, state, out_value, _ = sub_block_specs(chunk, heads, key_dim, block_v)
     return pl.pallas_call(
-        functools.partial(_value_grads_kernel, scale=scale, dtype=q.dtype),
+        functools.partial(_value_grads_kernel, scale=scale, parts=chunk // sub, dtype=q.dtype),
         out_shape=jax.ShapeDtypeStruct((rows, padded_len, heads, value_dim), out_dtype),
-        grid=(padded_len // chunk, rows * heads, value_dim // block_v),
+        grid=(padded_len // sub, rows * heads, value_dim // block_v),
         in_specs=[key, key, key, value, state],
-        out_specs=value,
+        out_specs=out_value,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.output_warps, num_stages=config.output_stages
         ),
@@ -182,128 +184,110 @@ def value_grads(q, k, b, do, dstates, *, chunk, scale, out_dtype, config, interp
 
 
 # --------------------------------------------------------------------------------------------
-# query_key_gate_grads
+# query_key_grads
 # --------------------------------------------------------------------------------------------
 
 
-def _inter_chunk_terms(v_ref, do_ref, h_ref, dstate_ref, *, chunk, key_dim, block_v, dtype):
-    """do @ h^T, v @ dH^T, the causal dA = do @ v^T and rowsum(h * dH), over all V tiles."""
+def _inter_chunk_terms(v_ref, do_ref, h_ref, dstate_ref, base, sub, block_v, dtype):
+    """Over all V tiles: do_P @ h^T, v_P @ dH^T, and the dA = do @ v^T rows and columns of
+    sub-chunk P (rows P against every column; every row against columns P)."""
+    chunk = v_ref.shape[0]
+    key_dim = h_ref.shape[0]
     num_tiles = v_ref.shape[-1] // block_v
 
     def tile(t, carry):
-        dq_inter, dk_state, dscores, decay_grad = carry
+        dq_inter, dk_state, ds_rows, ds_cols = carry
         vs = pl.ds(t * block_v, block_v)
+        do_p, v_p = do_ref[pl.ds(base, sub), vs], v_ref[pl.ds(base, sub), vs]
         do, v = do_ref[:, vs], v_ref[:, vs]
-        h, dh = h_ref[:, vs], dstate_ref[:, vs]
         return (
-            dq_inter + mm_nt(do, h, dtype),
-            dk_state + mm_nt(v, dh, dtype),
-            dscores + mm_nt(do, v, dtype),
-            decay_grad + jnp.sum(h.astype(F32) * dh.astype(F32), axis=1, keepdims=True),
+            dq_inter + mm_nt(do_p, h_ref[:, vs], dtype),
+            dk_state + mm_nt(v_p, dstate_ref[:, vs], dtype),
+            ds_rows + mm_nt(do_p, v, dtype),
+            ds_cols + mm_nt(do, v_p, dtype),
         )
 
     init = (
-        jnp.zeros((chunk, key_dim), F32),
-        jnp.zeros((chunk, key_dim), F32),
-        jnp.zeros((chunk, chunk), F32),
-        jnp.zeros((key_dim, 1), F32),
+        jnp.zeros((sub, key_dim), F32),
+        jnp.zeros((sub, key_dim), F32),
+        jnp.zeros((sub, chunk), F32),
+        jnp.zeros((chunk, sub), F32),
     )
+    if num_tiles == 1:
+        return tile(0, init)
     return lax.fori_loop(0, num_tiles, tile, init)
 
 
-def _query_key_gate_grads_kernel(
-    q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dstate_ref, dq_ref, dk_ref, dg_ref,
-    *, scale, block_v, dtype,
+def _query_key_grads_kernel(
+    q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dstate_ref, dq_ref, dk_ref, db_ref,
+    *, scale, parts, block_v, dtype,
 ):
-    q = q_ref[...].astype(F32) * scale
-    k = k_ref[...].astype(F32)
-    b = b_ref[...]
-    chunk, key_dim = q.shape
-    sub = sub_chunk(chunk)
-    parts = chunk // sub
-    b_last = row(b_ref, chunk - 1)
-    dq_inter, dk_state, dscores, decay_grad = _inter_chunk_terms(
-        v_ref, do_ref, h_ref, dstate_ref, chunk=chunk, key_dim=key_dim, block_v=block_v,
-        dtype=dtype,
+    """One program: dq, dk and dL/db for the S rows of sub-chunk P of one chunk."""
+    sub = dq_ref.shape[0]
+    chunk = q_ref.shape[0]
+    block = pl.program_id(0) % parts
+    base = block * sub
+    dq_inter, dk_state, ds_rows, ds_cols = _inter_chunk_terms(
+        v_ref, do_ref, h_ref, dstate_ref, base, sub, block_v, dtype
     )
-    causal = (lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-              >= lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1))
-    dscores = jnp.where(causal, dscores, 0.0)
-    dk_state = dk_state * jnp.exp(b_last - b)
-    # Gradient of the chunk's total decay exp(b_last): sum_v S_after * dH, split in two parts.
-    d_last = jnp.exp(b_last) * decay_grad.T + jnp.sum(k * dk_state, axis=0, keepdims=True)
-    dq_inter = dq_inter * jnp.exp(b)
+    q = row_block(q_ref, base, sub) * scale
+    k = row_block(k_ref, base, sub)
+    b = row_block(b_ref, base, sub)
+    b_last = row(b_ref, chunk - 1)
+    dq = dq_inter * jnp.exp(b)  # gradient of the scaled query
+    dk = dk_state * jnp.exp(b_last - b)
 
-    q_blocks, b_blocks = split_rows(q, parts), split_rows(b, parts)
-    ds_blocks = split_rows(dscores, parts)
+    # Off-diagonal: dq_P from columns before P (factorized around P's first position r_P);
+    # dk_P from every later sub-chunk I (factorized around r_I).
     cols = lax.broadcasted_iota(jnp.int32, (sub, chunk), 1)
+    b_ref_row = row(b_ref, base)
+    k_decay = jnp.exp(jnp.minimum(b_ref_row - b_ref[...], 0.0))  # [C, K]
+    ds_before = jnp.where(cols < base, ds_rows, 0.0)
+    dq += mm(ds_before, k_ref[...].astype(F32) * k_decay, dtype) * jnp.exp(b - b_ref_row)
+    for later, ds_block in enumerate(split_rows(ds_cols, parts)):
+        if later == 0:
+            continue
+        rows = later * sub
+        r_row = row(b_ref, rows)
+        q_hat = row_block(q_ref, rows, sub) * scale * jnp.exp(row_block(b_ref, rows, sub) - r_row)
+        contribution = mm_tn(ds_block, q_hat, dtype) * jnp.exp(jnp.minimum(r_row - b, 0.0))
+        dk += jnp.where(later > block, contribution, 0.0)
+
+    # Diagonal sub-block, float32 in log space, one (unrolled) column j at a time.
     sub_rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
-    dk_off = jnp.zeros((chunk, key_dim), F32)
-    dq_blocks, dk_diag_blocks = [], []
-    for i in range(parts):
-        base = i * sub
-        dq_i = jnp.zeros((sub, key_dim), F32)
-        if i > 0:
-            q_hat, k_hat, q_decay, k_decay = off_diagonal_factors(
-                q_blocks[i], b_blocks[i], k, b, row(b_ref, base)
-            )
-            ds_off = jnp.where(cols < base, ds_blocks[i], 0.0)
-            dq_i = mm(ds_off, k_hat, dtype) * q_decay
-            dk_off = dk_off + mm_tn(ds_off, q_hat, dtype) * k_decay
+    dk_diag = jnp.zeros((sub, q.shape[1]), F32)
+    for j in range(sub):
+        decay = diagonal_decay(b, row(b_ref, base + j), sub, j)
+        d_col = jnp.sum(jnp.where(cols == base + j, ds_rows, 0.0), axis=1, keepdims=True)
+        weight = d_col * decay  # dA_ij exp(b_i - b_j), zero for i < j
+        dq += weight * row(k_ref, base + j)
+        dk_diag = jnp.where(sub_rows == j, jnp.sum(weight * q, axis=0, keepdims=True), dk_diag)
+    dk += dk_diag
 
-        def diagonal_column(j, carry, i=i, base=base):
-            dq_i, dk_i = carry
-            decay = diagonal_decay(b_blocks[i], row(b_ref, base + j), sub, j)
-            d_col = jnp.sum(jnp.where(cols == base + j, ds_blocks[i], 0.0), axis=1, keepdims=True)
-            weight = d_col * decay  # [S, K]: dA_ij exp(b_i - b_j), zero for i < j
-            dq_i = dq_i + weight * row(k_ref, base + j)
-            dk_row = jnp.sum(weight * q_blocks[i], axis=0, keepdims=True)
-            return dq_i, jnp.where(sub_rows == j, dk_row, dk_i)
-
-        dq_i, dk_diag = lax.fori_loop(
-            0, sub, diagonal_column, (dq_i, jnp.zeros((sub, key_dim), F32))
-        )
-        dq_blocks.append(dq_i)
-        dk_diag_blocks.append(dk_diag)
-
-    dq_inter_blocks = split_rows(dq_inter, parts)
-    dk_blocks = split_rows(dk_state + dk_off, parts)
-    k_blocks = split_rows(k, parts)
-    db_blocks = []
-    for i in range(parts):
-        dq_i = dq_blocks[i] + dq_inter_blocks[i]  # gradient of the scaled query
-        dk_i = dk_blocks[i] + dk_diag_blocks[i]
-        dq_ref[pl.ds(i * sub, sub), :] = (dq_i * scale).astype(dq_ref.dtype)
-        dk_ref[pl.ds(i * sub, sub), :] = dk_i.astype(dk_ref.dtype)
-        db_blocks.append(q_blocks[i] * dq_i - k_blocks[i] * dk_i)
-
-    # dg_t = sum_{i >= t} db_i + d_last: reverse cumulative sum, one sub-chunk at a time.
-    later = d_last
-    for i in reversed(range(parts)):
-        db = db_blocks[i]
-        total = jnp.sum(db, axis=0, keepdims=True)
-        dg = total - jnp.cumsum(db, axis=0) + db + later
-        dg_ref[pl.ds(i * sub, sub), :] = dg.astype(dg_ref.dtype)
-        later = later + total
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    # dL/db for the gate gradient (gpu.py reverse-accumulates it over each sequence).
+    db_ref[...] = q * dq - k * dk
 
 
-def query_key_gate_grads(q, k, b, v, do, states, dstates, *, chunk, scale, config, interpret):
-    """dq, dk [B', Tp, H, K] in q's dtype and dg [B', Tp, H, K] float32."""
+def query_key_grads(q, k, b, v, do, states, dstates, *, chunk, scale, config, interpret):
+    """dq, dk [B', Tp, H, K] in q's dtype and dL/db [B', Tp, H, K] float32."""
     rows, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     block_v = min(config.grad_block_v, value_dim)
-    key, value, state = _chunk_specs(chunk, heads, key_dim, value_dim)
+    sub = sub_chunk(chunk)
+    key, value, state, _, out_key = sub_block_specs(chunk, heads, key_dim, value_dim)
     out = jax.ShapeDtypeStruct(q.shape, q.dtype)
     return pl.pallas_call(
-        functools.partial(_query_key_gate_grads_kernel, scale=scale, block_v=block_v,
-                          dtype=q.dtype),
+        functools.partial(_query_key_grads_kernel, scale=scale, parts=chunk // sub,
+                          block_v=block_v, dtype=q.dtype),
         out_shape=(out, out, jax.ShapeDtypeStruct(q.shape, F32)),
-        grid=(padded_len // chunk, rows * heads, 1),
+        grid=(padded_len // sub, rows * heads, 1),
         in_specs=[key, key, key, value, value, state, state],
-        out_specs=(key, key, key),
+        out_specs=(out_key, out_key, out_key),
         compiler_params=plgpu.CompilerParams(
             num_warps=config.grad_warps, num_stages=config.grad_stages
         ),
         interpret=interpret,
-        name="gla_query_key_gate_grads",
+        name="gla_query_key_grads",
     )(q, k, b, v, do, states, dstates)

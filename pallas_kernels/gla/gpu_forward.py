@@ -41,23 +41,26 @@ F32 = jnp.float32
 # --------------------------------------------------------------------------------------------
 
 
+def _dot(a, b, dims, dtype):
+    # float32 callers get IEEE float32 matmuls (the Triton lowering would otherwise pick TF32).
+    precision = lax.Precision.HIGHEST if jnp.dtype(dtype) == F32 else None
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), (dims, ((), ())),
+                           precision=precision, preferred_element_type=F32)
+
+
 def mm(a, b, dtype):
     """a @ b with operands in ``dtype`` and float32 accumulation."""
-    return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=F32)
+    return _dot(a, b, ((1,), (0,)), dtype)
 
 
 def mm_tn(a, b, dtype):
     """a.T @ b."""
-    return lax.dot_general(
-        a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())), preferred_element_type=F32
-    )
+    return _dot(a, b, ((0,), (0,)), dtype)
 
 
 def mm_nt(a, b, dtype):
     """a @ b.T."""
-    return lax.dot_general(
-        a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((), ())), preferred_element_type=F32
-    )
+    return _dot(a, b, ((1,), (1,)), dtype)
 
 
 def split_rows(x, parts: int):
@@ -85,52 +88,33 @@ def diagonal_decay(b_rows, b_col, sub: int, col: int):
     return jnp.where(keep, jnp.exp(jnp.minimum(b_rows - b_col, 0.0)), 0.0)
 
 
-def off_diagonal_factors(q_rows, b_rows, k, b, b_ref):
-    """Factors of the off-diagonal scores of one row block around its first position r.
+def row_block(ref, base, sub: int):
+    """Rows [base, base + sub) of a 2-D ref as float32."""
+    return ref[pl.ds(base, sub), :].astype(F32)
 
-    Returns (q_hat, k_hat, q_decay, k_decay) with q_decay = exp(b_rows - b_r) and
-    k_decay = exp(min(b_r - b, 0)), both <= 1 where they are used (columns before the block).
+
+def diagonal_scores(q_rows, b_rows, k_ref, b_ref, base, sub: int):
+    """The diagonal sub-block A[i, j] = sum_d q_id k_jd exp(b_id - b_jd), j <= i, in float32.
+
+    q_rows, b_rows: [S, K] rows of the block (q scaled); columns are read one row at a time from
+    k_ref and b_ref at ``base + j``. The loop is unrolled so all those row loads can be issued
+    up front instead of one latency per column. Returns [S, S].
     """
-    q_decay = jnp.exp(b_rows - b_ref)
-    k_decay = jnp.exp(jnp.minimum(b_ref - b, 0.0))
-    return q_rows * q_decay, k * k_decay, q_decay, k_decay
+    cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+    scores = jnp.zeros((sub, sub), F32)
+    for j in range(sub):
+        decay = diagonal_decay(b_rows, row(b_ref, base + j), sub, j)
+        column = jnp.sum(q_rows * row(k_ref, base + j) * decay, axis=1, keepdims=True)
+        scores = jnp.where(cols == j, column, scores)
+    return scores
 
 
-def gated_score_blocks(q, k, b, k_ref, b_ref, dtype):
-    """Row blocks of A[i, j] = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, else 0.
-
-    q, k, b: [C, K] float32 (q already scaled); k_ref, b_ref: the same chunk as refs, for single
-    rows. Returns a list of C // S blocks, each [S, C] float32.
-    """
-    chunk = q.shape[0]
-    sub = sub_chunk(chunk)
-    parts = chunk // sub
-    q_blocks, b_blocks = split_rows(q, parts), split_rows(b, parts)
-    cols = lax.broadcasted_iota(jnp.int32, (sub, chunk), 1)
-    blocks = []
-    for i in range(parts):
-        base = i * sub
-        scores = jnp.zeros((sub, chunk), F32)
-        if i > 0:
-            q_hat, k_hat, _, _ = off_diagonal_factors(
-                q_blocks[i], b_blocks[i], k, b, row(b_ref, base)
-            )
-            scores = jnp.where(cols < base, mm_nt(q_hat, k_hat, dtype), 0.0)
-
-        def diagonal_column(j, scores, i=i, base=base):
-            decay = diagonal_decay(b_blocks[i], row(b_ref, base + j), sub, j)
-            column = jnp.sum(q_blocks[i] * row(k_ref, base + j) * decay, axis=1, keepdims=True)
-            return jnp.where(cols == base + j, column, scores)
-
-        blocks.append(lax.fori_loop(0, sub, diagonal_column, scores))
-    return blocks
-
-
-def chunk_rows_spec(chunk: int, width: int, heads: int):
-    """Block of one chunk of a [B', Tp, H, D] array on the grid (chunk, row * heads, tile)."""
-    return pl.BlockSpec(
-        (SQUEEZED, chunk, SQUEEZED, width), lambda c, bh, t: (bh // heads, c, bh % heads, 0)
-    )
+def off_diagonal_scores(q_rows, b_rows, b_ref_row, k, b, dtype):
+    """Scores of block rows against keys ``k`` [N, K] that all come before the block's first
+    position r: (q exp(b - b_r)) @ (k exp(b_r - b_k))^T, both factors <= 1. Returns [S, N]."""
+    q_hat = q_rows * jnp.exp(b_rows - b_ref_row)
+    k_hat = k * jnp.exp(jnp.minimum(b_ref_row - b, 0.0))
+    return mm_nt(q_hat, k_hat, dtype)
 
 
 def whole(shape):
@@ -222,42 +206,61 @@ def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_outputs_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, o_ref, *, scale, dtype):
-    q = q_ref[...].astype(F32) * scale
-    k = k_ref[...].astype(F32)
-    b = b_ref[...]
-    chunk = q.shape[0]
+def _chunk_outputs_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, o_ref, *, scale, parts, dtype):
+    """One program: the S output rows of sub-chunk ``block`` of one chunk, one V tile."""
+    sub = o_ref.shape[0]
+    chunk = q_ref.shape[0]
+    base = (pl.program_id(0) % parts) * sub
+    q = row_block(q_ref, base, sub) * scale
+    b = row_block(b_ref, base, sub)
+    out = mm(q * jnp.exp(b), h_ref[...], dtype)  # inter-chunk: [S, BV]
+    # Earlier sub-chunks of this chunk (masked to columns before this block; none for block 0).
+    cols = lax.broadcasted_iota(jnp.int32, (sub, chunk), 1)
+    earlier = off_diagonal_scores(q, b, row(b_ref, base), k_ref[...].astype(F32), b_ref[...],
+                                  dtype)
+    out += mm(jnp.where(cols < base, earlier, 0.0), v_ref[...], dtype)
+    diagonal = diagonal_scores(q, b, k_ref, b_ref, base, sub)
+    out += mm(diagonal, v_ref[pl.ds(base, sub), :], dtype)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def sub_block_specs(chunk, heads, key_dim, block_v):
+    """Specs for a grid (chunk * parts, row * heads, V tile) of one-sub-chunk programs: whole
+    chunks of inputs, the state of the chunk, and the program's own S rows of the output."""
+    parts = chunk // sub_chunk(chunk)
+
+    def chunk_of(p, bh):
+        return (bh // heads, p // parts, bh % heads)
+
+    key = pl.BlockSpec((SQUEEZED, chunk, SQUEEZED, key_dim),
+                       lambda p, bh, vt: (*chunk_of(p, bh), 0))
+    value = pl.BlockSpec((SQUEEZED, chunk, SQUEEZED, block_v),
+                         lambda p, bh, vt: (*chunk_of(p, bh), vt))
+    state = pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, key_dim, block_v),
+                         lambda p, bh, vt: (bh // heads, p // parts, bh % heads, 0, vt))
     sub = sub_chunk(chunk)
-    inter = mm(q * jnp.exp(b), h_ref[...], dtype)  # [C, BV]
-    scores = gated_score_blocks(q, k, b, k_ref, b_ref, dtype)
-    v = v_ref[...]
-    for i, (block, inter_rows) in enumerate(zip(scores, split_rows(inter, len(scores)),
-                                                strict=True)):
-        o_ref[pl.ds(i * sub, sub), :] = (inter_rows + mm(block, v, dtype)).astype(o_ref.dtype)
+    out_value = pl.BlockSpec((SQUEEZED, sub, SQUEEZED, block_v),
+                             lambda p, bh, vt: (bh // heads, p, bh % heads, vt))
+    out_key = pl.BlockSpec((SQUEEZED, sub, SQUEEZED, key_dim),
+                           lambda p, bh, vt: (bh // heads, p, bh % heads, 0))
+    return key, value, state, out_value, out_key
 
 
 def chunk_outputs(q, k, v, b, states, *, chunk, scale, out_dtype, config, interpret):
     """o [B', Tp, H, V] from the inputs and the states entering each chunk."""
     rows, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    num_chunks = padded_len // chunk
     block_v = min(config.output_block_v, value_dim)
-    grid = (num_chunks, rows * heads, value_dim // block_v)
-    key_spec = chunk_rows_spec(chunk, key_dim, heads)
-    value_spec = pl.BlockSpec(
-        (SQUEEZED, chunk, SQUEEZED, block_v), lambda c, bh, vt: (bh // heads, c, bh % heads, vt)
-    )
-    state_spec = pl.BlockSpec(
-        (SQUEEZED, SQUEEZED, SQUEEZED, key_dim, block_v),
-        lambda c, bh, vt: (bh // heads, c, bh % heads, 0, vt),
-    )
-    kernel = functools.partial(_chunk_outputs_kernel, scale=scale, dtype=q.dtype)
+    sub = sub_chunk(chunk)
+    key, value, state, out_value, _ = sub_block_specs(chunk, heads, key_dim, block_v)
+    kernel = functools.partial(_chunk_outputs_kernel, scale=scale, parts=chunk // sub,
+                               dtype=q.dtype)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((rows, padded_len, heads, value_dim), out_dtype),
-        grid=grid,
-        in_specs=[key_spec, key_spec, value_spec, key_spec, state_spec],
-        out_specs=value_spec,
+        grid=(padded_len // sub, rows * heads, value_dim // block_v),
+        in_specs=[key, key, value, key, state],
+        out_specs=out_value,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.output_warps, num_stages=config.output_stages
         ),

@@ -52,7 +52,8 @@ def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
     return GpuConfig(
         state_block_k=min(key_dim, 64),
         state_block_v=min(value_dim, 64),
-        output_block_v=min(value_dim, 128 if not wide else 64),
+        # Each V tile recomputes the gated scores, so wide V still wants few tiles.
+        output_block_v=min(value_dim, 128),
         output_warps=8 if wide else 4,
         grad_block_v=min(value_dim, 64),
         grad_warps=8,
@@ -60,11 +61,33 @@ def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
     )
 
 
-def config_for(key_dim: int, value_dim: int, dtype, interpret: bool) -> GpuConfig:
-    """key_dim, value_dim: the padded (power-of-two) head dims."""
+# The sequential state kernels run one program per (row, head, K tile, V tile); with few long
+# rows that is too few programs to fill the GPU's 132 multiprocessors, so tiles shrink until
+# there are at least this many (down to 32 x 32).
+MIN_STATE_PROGRAMS = 264
+
+
+def _fill_state_grid(config: GpuConfig, key_dim: int, value_dim: int, sequences: int):
+    block_k, block_v = config.state_block_k, config.state_block_v
+
+    def programs():
+        return sequences * (key_dim // block_k) * (value_dim // block_v)
+
+    while programs() < MIN_STATE_PROGRAMS and max(block_k, block_v) > 32:
+        if block_v >= block_k:
+            block_v //= 2
+        else:
+            block_k //= 2
+    return dataclasses.replace(config, state_block_k=block_k, state_block_v=block_v)
+
+
+def config_for(key_dim: int, value_dim: int, dtype, interpret: bool,
+               sequences: int = MIN_STATE_PROGRAMS) -> GpuConfig:
+    """key_dim, value_dim: the padded (power-of-two) head dims; sequences: rows * heads."""
     if interpret:
         return GpuConfig(key_dim, value_dim, 4, 1, value_dim, 4, 1, value_dim, 4, 1)
-    return TUNED.get(_key(key_dim, value_dim, dtype)) or heuristic(key_dim, value_dim, dtype)
+    config = TUNED.get(_key(key_dim, value_dim, dtype)) or heuristic(key_dim, value_dim, dtype)
+    return _fill_state_grid(config, key_dim, value_dim, sequences)
 
 
 def table_key(key_dim: int, value_dim: int, dtype) -> str:
