@@ -137,8 +137,12 @@ def test_forward_and_backward_lower_to_mosaic():
 
 
 def _races_module():
-    return pytest.importorskip("jax._src.pallas.mosaic.interpret.interpret_pallas_call",
-                               reason="race detector state moved in this jax version")
+    """Where the simulator records races (a private module: skip if this jax moved it)."""
+    module = pytest.importorskip("jax._src.pallas.mosaic.interpret.interpret_pallas_call",
+                                 reason="race detector state moved in this jax version")
+    if not hasattr(module, "races"):
+        pytest.skip("race detector state moved in this jax version")
+    return module
 
 
 def _simulator():
