@@ -180,8 +180,11 @@ def call(kernel, plan: Plan, opts, *, scalars, inputs, in_specs, out_shape, out_
         num_scalar_prefetch=len(scalars), grid=grid, in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((plan.key_pad, plan.value_pad), jnp.float32)])
     need = vmem_bytes(plan.layout.chunk_size, plan.key_pad, plan.value_pad, plan.dtype.itemsize)
+    # Twice the estimate for Mosaic's own buffers, at least the usual default, and at most 48 MiB
+    # so that it stays under the 64 MiB VMEM of the smallest TPU generation.
+    vmem_limit = int(min(max(2 * need, 32 * 2**20), 48 * 2**20))
     params = _CompilerParams(dimension_semantics=(_PARALLEL, _PARALLEL, _ARBITRARY),
-                             vmem_limit_bytes=int(min(max(2 * need, 32 * 2**20), 48 * 2**20)))
+                             vmem_limit_bytes=vmem_limit)
     return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec,
                           compiler_params=params, interpret=opts.interpret)(*scalars, *inputs)
 
