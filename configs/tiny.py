@@ -2,10 +2,20 @@
 
 import ml_collections
 
+from gla_jax.config_check import base_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
+    config = base_config()
+    # CPU-sized run on the embedded corpus: a few hundred steps in a few minutes.
     config.seq_len = 256
+    config.batch_size = 8
+    config.steps = 300
+    config.warmup_steps = 30
+    config.learning_rate = 3e-3
+    config.log_every = 10
+    config.eval_every = 100
+    config.checkpoint_every = 100
     config.model = ml_collections.ConfigDict(
         dict(
             type="gla",  # 'gla' | 'transformer'

@@ -48,9 +48,17 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
-        """Starts saving (returns at once when asynchronous). Refuses a non-finite state."""
-        if not tree_is_finite(state):
+    def save(
+        self, step: int, state, data_state: dict, *, force: bool = False, finite: bool | None = None
+    ) -> bool:
+        """Starts saving (returns at once when asynchronous). Refuses a non-finite state.
+
+        ``finite``: whether every float in ``state`` is finite, when the caller already knows
+        (the train step computes it in the same program, so no extra collective is launched).
+        """
+        if finite is None:
+            finite = tree_is_finite(state)
+        if not finite:
             raise FloatingPointError(f"refusing to checkpoint a non-finite state at step {step}")
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
@@ -77,12 +85,15 @@ class Checkpointer:
 
 
 def tree_is_finite(tree) -> bool:
-    leaves = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.floating)]
-    if not leaves:
-        return True
-    return bool(jax.device_get(jax.tree.reduce(lambda a, b: a & b, [_finite(x) for x in leaves])))
+    """One program over the whole tree (not one per leaf: many small collective programs in
+    flight at once can stall the CPU's simulated devices)."""
+    return bool(jax.device_get(_all_finite(tree)))
 
 
 @jax.jit
-def _finite(x):
-    return jax.numpy.all(jax.numpy.isfinite(x))
+def _all_finite(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, np.floating)]
+    result = jax.numpy.asarray(True)
+    for x in leaves:
+        result = result & jax.numpy.all(jax.numpy.isfinite(x))
+    return result

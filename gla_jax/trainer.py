@@ -192,9 +192,15 @@ def train_step(run: Run, state, batch):
         "grad_norm": grad_norm,
         "learning_rate": schedule(state["step"]),
         "finite": finite,
+        "state_finite": _all_finite(new_state["params"]) & _all_finite(new_state["opt_state"]),
         "tokens": tokens,
     }
     return new_state, metrics
+
+
+def _all_finite(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def eval_step(run: Run, params, batch):
@@ -443,7 +449,13 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
                 writer.write(step, {"eval_loss": eval_loss})
                 window_start, window_steps = time.time(), 0
             if step % config.checkpoint_every == 0 or step == config.steps or _Stop.requested:
-                checkpointer.save(step, state, train_iter.get_state(), force=True)
+                checkpointer.save(
+                    step,
+                    state,
+                    train_iter.get_state(),
+                    force=True,
+                    finite=bool(metrics["state_finite"]),
+                )
             if _Stop.requested:
                 _say(f"SIGTERM: checkpoint saved at step {step}; exiting")
                 break
