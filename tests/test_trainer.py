@@ -218,3 +218,51 @@ def test_bad_configs_name_the_field(overrides, devices, field):
     config.update(overrides)
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         check_config(config, num_devices=devices)
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gla_jax import trainer
+    from gla_jax.model import build_model
+
+    config = base_config()
+    config.model.update(
+        type="gla", vocab_size=64, d_model=32, n_layers=1, n_heads=2, dtype="float32"
+    )
+    model = build_model(config.model, nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (4, 24)).astype(np.int32)
+    mask = np.ones((4, 24), np.float32)
+    mask[1, 10:] = 0  # uneven token counts per micro-batch: the mean must still be over tokens
+    batch = {
+        "tokens": jnp.asarray(tokens),
+        "targets": jnp.asarray(np.roll(tokens, -1, 1)),
+        "loss_mask": jnp.asarray(mask),
+        "segment_ids": jnp.ones((4, 24), jnp.int32),
+    }
+    whole = trainer._accumulated_gradients(graphdef, params, batch, 1)
+    split = trainer._accumulated_gradients(graphdef, params, batch, 2)
+    assert float(split[0]) == pytest.approx(float(whole[0]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(split[1]), jax.tree.leaves(whole[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    # A huge learning rate blows the parameters up after one step; every later step is
+    # non-finite, is not applied, and five in a row stop the run with no checkpoint written.
+    result = _train(
+        tmp_path,
+        "--config.steps=30",
+        "--config.checkpoint_every=25",
+        "--config.learning_rate=1e30",
+        "--config.warmup_steps=0",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "non-finite steps in a row" in result.stderr
+    assert _committed_steps(tmp_path) == []
