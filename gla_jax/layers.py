@@ -219,6 +219,7 @@ class GatedLinearAttention(nnx.Module):
 
     The forget gate is low rank: logsigmoid(x W1 W2 + b) / gate_logit_normalizer, so that decays
     start close to 1 and the state remembers long contexts from the first step of training.
+    ``use_forget_gate=False`` fixes the decay at 1 (plain linear attention, the ablation).
     """
 
     def __init__(
@@ -231,6 +232,7 @@ class GatedLinearAttention(nnx.Module):
         gate_low_rank_dim: int = 16,
         gate_logit_normalizer: float = 16.0,
         use_output_gate: bool = True,
+        use_forget_gate: bool = True,
         head_norm: str = "rmsnorm",
         norm_eps: float = 1e-6,
         use_short_conv: bool = False,
@@ -264,9 +266,14 @@ class GatedLinearAttention(nnx.Module):
         self.q_proj = dense(d_model, key_dim, ("embed", "heads"), **proj)
         self.k_proj = dense(d_model, key_dim, ("embed", "heads"), **proj)
         self.v_proj = dense(d_model, value_dim, ("embed", "heads"), **proj)
-        self.gk_down = dense(d_model, gate_low_rank_dim, ("embed", "gate_rank"), **proj)
-        self.gk_up = dense(
-            gate_low_rank_dim, key_dim, ("gate_rank", "heads"), use_bias=True, **proj
+        gate = use_forget_gate  # without it the decay is fixed at 1: no gate parameters
+        self.gk_down = (
+            dense(d_model, gate_low_rank_dim, ("embed", "gate_rank"), **proj) if gate else None
+        )
+        self.gk_up = (
+            dense(gate_low_rank_dim, key_dim, ("gate_rank", "heads"), use_bias=True, **proj)
+            if gate
+            else None
         )
         self.g_proj = (
             dense(d_model, value_dim, ("embed", "heads"), **proj) if use_output_gate else None
@@ -290,6 +297,8 @@ class GatedLinearAttention(nnx.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _log_gate(self, x):
+        if self.gk_up is None:  # no forget gate: decay exactly 1 (documents still reset)
+            return jnp.zeros(x.shape[:-1] + (self.key_dim,), jnp.float32)
         logits = self.gk_up(self.gk_down(x)).astype(jnp.float32)
         return jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer
 

@@ -72,6 +72,7 @@ class GLAConfig:
     gate_low_rank_dim: int = 16
     gate_logit_normalizer: float = 16.0
     use_output_gate: bool = True
+    use_forget_gate: bool = True  # False: plain linear attention (ablation)
     head_norm: str = "rmsnorm"  # 'rmsnorm' | 'layernorm' (as the paper wrote)
     use_short_conv: bool = False
     conv_size: int = 4
@@ -148,6 +149,7 @@ class Block(nnx.Module):
                 gate_low_rank_dim=cfg.gate_low_rank_dim,
                 gate_logit_normalizer=cfg.gate_logit_normalizer,
                 use_output_gate=cfg.use_output_gate,
+                use_forget_gate=cfg.use_forget_gate,
                 head_norm=cfg.head_norm,
                 norm_eps=cfg.norm_eps,
                 use_short_conv=cfg.use_short_conv,

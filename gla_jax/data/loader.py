@@ -147,7 +147,12 @@ class PackedBatches:
 
 
 def make_tokenizer(config) -> tokenizers.Tokenizer:
-    """The tokenizer named by `config.tokenizer` ('byte' or a SentencePiece .model path)."""
+    """The tokenizer named by `config.tokenizer` ('byte' or a SentencePiece .model path);
+    for the synthetic 'mqar' task, its symbol table (gla_jax/mqar.py)."""
+    if config.name == "mqar":
+        from gla_jax import mqar  # noqa: PLC0415 - the synthetic task is not a corpus
+
+        return mqar.tokenizer_from_config(config)
     return tokenizers.load_tokenizer(config.tokenizer)
 
 
@@ -193,7 +198,20 @@ def make_lm_dataset(
     Any other split (e.g. 'validation', mapped to `config.eval_split`): one pass in order,
     the last batch padded; with `num_batches`, exactly that many batches (empty rows after
     the data runs out). Across several hosts every host yields the same number of batches.
+    `config.name == 'mqar'` yields the synthetic recall task instead (gla_jax/mqar.py).
     """
+    if config.name == "mqar":
+        from gla_jax import mqar  # noqa: PLC0415 - the synthetic task is not a corpus
+
+        return mqar.make_dataset(
+            config,
+            seq_len=seq_len,
+            global_batch_size=global_batch_size,
+            process_index=process_index,
+            process_count=process_count,
+            split=split,
+            num_batches=num_batches,
+        )
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if not 0 <= process_index < process_count:
