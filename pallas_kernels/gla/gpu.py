@@ -19,7 +19,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels.gla import gpu_backward, gpu_forward, tuning
 from pallas_kernels.gla.layout import ChunkLayout, make_layout
@@ -143,7 +142,8 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         p.q, p.k, p.b, p.v, do_rows, states, dstates, chunk=chunk, scale=scale, config=config,
         interpret=interpret,
     )
-    dg = gate_grads(p, db[..., : p.key_dim], final, dfinal.astype(jnp.float32))
+    decay_grads = chunk_decay_grads(p, states, dstates, final)
+    dg = gate_grads(p, db[..., : p.key_dim], decay_grads)
     # An empty sequence's final state is its initial state.
     empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
     dh0 = jnp.where(empty, dfinal.astype(jnp.float32), dh0[..., : p.key_dim, : p.value_dim])
@@ -152,26 +152,32 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         _from_rows(p.layout, dg, p.key_dim), dh0
 
 
-def gate_grads(p: Prepared, db, final, dfinal):
-    """dg from dL/db (b = cumulative log gates): within each sequence dg_t = sum_{i >= t} dL/db_i,
-    plus rowsum(final_state * dfinal) for every position (the final state decays by all gates).
+def chunk_decay_grads(p: Prepared, states, dstates, final):
+    """rowsum(S_after * dH) per chunk [B', NC, H, K]: the gradient of the chunk's total log decay
+    b_last (S_after, the state leaving the chunk, is the next chunk's entering state, or the
+    sequence's final state at its last chunk)."""
+    rows, num_chunks = p.first_seq.shape
+    key_dim, value_dim = p.key_dim, p.value_dim
+    following = jnp.concatenate([states[:, 1:], states[:, -1:]], axis=1)
+    following = following[..., :key_dim, :value_dim].astype(jnp.float32)
+    ends = p.last_seq >= 0
+    final_of_chunk = final[jnp.maximum(p.last_seq, 0)]  # [B', NC, H, K, V]
+    after = jnp.where(ends[:, :, None, None, None], final_of_chunk, following)
+    return jnp.sum(after * dstates[..., :key_dim, :value_dim].astype(jnp.float32), axis=-1)
 
-    db: [B', Tp, H, K] float32 rows layout. A reverse cumulative sum inside each chunk, plus the
-    totals of the sequence's later chunks (whole-row suffix sums minus those past its last chunk).
+
+def gate_grads(p: Prepared, db, decay_grads):
+    """dg from dL/db (b = chunk-local cumulative log gates): dg_t = sum_{i >= t in its chunk}
+    dL/db_i + the chunk's decay gradient (b_last includes every gate of the chunk).
+
+    Kept chunk-local on purpose: the equivalent reverse sum over the whole sequence accumulates
+    rounding over thousands of positions (bf16 dg errors grew with T that way).
     """
     rows, padded_len, heads, key_dim = db.shape
     chunk = p.layout.chunk_size
-    num_chunks = padded_len // chunk
-    x = db.reshape(rows, num_chunks, chunk, heads, key_dim)
+    x = db.reshape(rows, padded_len // chunk, chunk, heads, key_dim)
     within = jnp.flip(jnp.cumsum(jnp.flip(x, 2), 2), 2)
-    totals = x.sum(2)  # [B', NC, H, K]
-    later_chunks = jnp.flip(jnp.cumsum(jnp.flip(totals, 1), 1), 1) - totals
-    seq = jnp.maximum(lax.cummax(p.first_seq, axis=1), 0)  # [B', NC] sequence of each chunk
-    seq_last = jnp.maximum(p.layout.seq_last_chunk, 0)[seq] % num_chunks
-    past_end = jnp.take_along_axis(later_chunks, seq_last[:, :, None, None], axis=1)
-    final_term = jnp.sum(final * dfinal, axis=-1)[seq]  # [B', NC, H, K]
-    dg = within + (later_chunks - past_end + final_term)[:, :, None]
-    return dg.reshape(db.shape)
+    return (within + decay_grads[:, :, None]).reshape(db.shape)
 
 
 class GpuBackend:

@@ -7,19 +7,20 @@ The backward recomputes the chunk states with the forward's ``chunk_states`` ker
   chunk, else the gradient entering chunk c + 1, which is
   ``exp(b_last) * dH + (q * scale * exp(b))^T @ do``. At a sequence's first chunk that entering
   gradient is the gradient of its initial state.
-* ``value_grads``: parallel over (chunk, row * head, V tile):
-  ``dv = A^T @ do + (k * exp(b_last - b)) @ dH``.
-* ``query_key_gate_grads``: parallel over (chunk, row * head), whole K, looping over V tiles for
-  ``do @ h^T``, ``v @ dH^T`` and ``dA = do @ v^T``; then the intra-chunk parts of dq and dk from
-  dA with the same secondary-level chunking as the forward, and the gate gradient.
+* ``value_grads``: one program per (16-row sub-chunk, row * head, V tile):
+  ``dv_J = (k_J * exp(b_last - b_J)) @ dH + sum_{I >= J} A_IJ^T @ do_I``.
+* ``query_key_grads``: one program per (16-row sub-chunk P, row * head), whole K, looping over V
+  tiles for ``do_P @ h^T``, ``v_P @ dH^T`` and the rows and columns of P in ``dA = do @ v^T``; then
+  the intra-chunk parts of dq_P and dk_P from dA with the forward's secondary-level chunking, and
+  dL/db_P for the gate gradient.
 
 The gate gradient. With b the chunk-local cumulative sum of g, every use of b is a factor
 exp(+b_i) on a query side or exp(-b_j) on a key side, so dL/db_i = q_i * dq_i - k_i * dk_i
 (q scaled; dq, dk the full gradients of the scaled query and the key), plus, at the chunk's last
-position, the decay of the whole chunk: sum_v S_after[d, v] * dH[d, v], where
-S_after = exp(b_last) * h + sum_j (k_j exp(b_last - b_j))^T v_j; the second part equals
-sum_j k_j * dk_state_j. Since b_i = sum_{t <= i} g_t, dg_t is the reverse cumulative sum of
-dL/db over the chunk, so the last-position term is added to every position of the chunk.
+position, the decay of the whole chunk: rowsum(S_after * dH) with S_after the state leaving the
+chunk. Since b_i = sum_{t <= i} g_t, dg_t is the reverse cumulative sum of dL/db over the chunk,
+and the last-position term is added to every position of the chunk. gpu.py assembles it
+(``chunk_decay_grads``, ``gate_grads``).
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ def _query_key_grads_kernel(
 
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    # dL/db for the gate gradient (gpu.py reverse-accumulates it over each sequence).
+    # dL/db for the gate gradient (gpu.py reverse-accumulates it over the chunk).
     db_ref[...] = q * dq - k * dk
 
 

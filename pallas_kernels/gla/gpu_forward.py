@@ -10,8 +10,10 @@ Two kernels make the forward:
 * ``chunk_states``: one program per (row, head, K tile, V tile) walks the chunks in order and
   stores the state entering every chunk (``[B', NC, H, K, V]``), resetting to a sequence's initial
   state at the chunk where it starts and writing each sequence's final state at its last chunk.
-* ``chunk_outputs``: fully parallel over (chunk, row * head, V tile): the inter-chunk term
-  ``(q * exp(b)) @ h`` plus the intra-chunk term ``A @ v`` with the gated causal scores ``A``.
+* ``chunk_outputs``: fully parallel, one program per (16-row sub-chunk, row * head, V tile): the
+  inter-chunk term ``(q * exp(b)) @ h`` plus the intra-chunk term ``A @ v`` with the gated causal
+  scores ``A`` of those rows. Small programs keep few values live (no register spills) and give
+  the GPU many programs to hide load latency with.
 
 The scores use secondary-level chunking (sub-chunks of 16): an off-diagonal sub-block (rows in
 sub-chunk I, columns before it) is factorized around the first position r of sub-chunk I, so both
