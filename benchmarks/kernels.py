@@ -5,7 +5,8 @@ paper's 1.3B layer (4 heads, K = 256, V = 512); cuDNN causal flash attention (16
 128) through jax.nn.dot_product_attention as the softmax-attention anchor. bf16 inputs, gates
 logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png to --out.
 
-  python benchmarks/kernels.py --out $OUT [--ts 1024,2048,4096,8192,16384]
+  PYTHONPATH=. python -m benchmarks.kernels --out $OUT [--ts 1024,2048,4096,8192,16384] [--check]
+  PYTHONPATH=. python -m benchmarks.kernels --breakdown     # each pallas_gpu stage timed alone
 """
 
 from __future__ import annotations
@@ -123,6 +124,49 @@ def check_against_xla(seq_len=1024, batch=2):
                               T=seq_len, rel_err=errors)), flush=True)
 
 
+def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=False,
+              tokens=TOKENS, chunk=64):
+    """Times each stage of pallas_gpu alone on prepared inputs: where the op's time goes."""
+    from pallas_kernels.gla import gpu, gpu_backward, gpu_forward, tuning
+
+    q, k, v, g, do = gla_inputs(tokens // seq_len, seq_len, heads, key_dim, value_dim)
+    scale = key_dim**-0.5
+
+    def prepare(q, k, v, g, do):
+        p = gpu.prepare(q, k, v, g, None, chunk)
+        do_rows = jnp.swapaxes(p.layout.to_chunked(do), 1, 2)
+        return p.q, p.k, p.v, p.b, p.first_seq, p.last_seq, do_rows
+
+    prepared = jax.jit(prepare)(q, k, v, g, do)
+    pq, pk, pv, b, first, last, do_rows = prepared
+    rows, _, _, kp = pq.shape
+    config = tuning.config_for(kp, pv.shape[-1], pq.dtype, interpret, rows * heads)
+    h0 = jnp.zeros((rows, heads, kp, pv.shape[-1]), jnp.float32)
+    common = dict(chunk=chunk, config=config, interpret=interpret)
+    states = jax.jit(lambda k, v, b, h0, f, e: gpu_forward.chunk_states(
+        k, v, b, h0, f, e, state_dtype=pq.dtype, **common)[0])
+    hs = states(pk, pv, b, h0, first, last)
+    stages = {
+        "prepare (XLA: layout, f32 gate cumsum)": (jax.jit(prepare), (q, k, v, g, do)),
+        "chunk_states": (states, (pk, pv, b, h0, first, last)),
+        "chunk_outputs": (jax.jit(lambda q, k, v, b, h: gpu_forward.chunk_outputs(
+            q, k, v, b, h, scale=scale, out_dtype=q.dtype, **common)), (pq, pk, pv, b, hs)),
+        "state_grads": (jax.jit(lambda q, do, b, d, f, e: gpu_backward.state_grads(
+            q, do, b, d, f, e, scale=scale, state_dtype=q.dtype, **common)),
+            (pq, do_rows, b, h0, first, last)),
+        "value_grads": (jax.jit(lambda q, k, b, do, dh: gpu_backward.value_grads(
+            q, k, b, do, dh, scale=scale, out_dtype=jnp.float32, **common)),
+            (pq, pk, b, do_rows, hs)),
+        "query_key_grads": (jax.jit(lambda q, k, b, v, do, h, dh: gpu_backward.query_key_grads(
+            q, k, b, v, do, h, dh, scale=scale, **common)), (pq, pk, b, pv, do_rows, hs, hs)),
+    }
+    reps = dict(reps=2, inner=1) if interpret else {}
+    for name, (fn, args) in stages.items():
+        ms = time_ms(fn, *args, **reps)
+        print(json.dumps(dict(stage=name, T=seq_len, H=heads, K=key_dim, V=value_dim,
+                              ms=round(ms, 4))), flush=True)
+
+
 def table(rows):
     lines = ["| op | H | K | V | T | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -169,9 +213,20 @@ def main():
     parser.add_argument("--backends", default="pallas_gpu,xla")
     parser.add_argument("--no-paper", action="store_true")
     parser.add_argument("--check", action="store_true", help="first compare with 'xla' (f32)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only time each pallas_gpu stage alone (T = 2K, both shapes)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="with --breakdown: a tiny interpret-mode run (CPU smoke test)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     print(jax.devices(), jax.__version__, flush=True)
+    if args.breakdown:
+        if args.interpret:
+            breakdown(64, 2, 32, 32, interpret=True, tokens=128)
+            return
+        breakdown()
+        breakdown(heads=4, key_dim=256, value_dim=512)
+        return
     if args.check:
         check_against_xla()
     rows = run([int(t) for t in args.ts.split(",")], args.backends.split(","), not args.no_paper)

@@ -42,36 +42,38 @@ FAMILIES = {
 
 
 def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
-    """A jitted call of one kernel family on prepared inputs."""
+    """(jitted call of one kernel family, its arguments). Arrays go in as arguments, not closed
+    over: closed-over arrays would be baked into the executable as constants."""
     h0 = jnp.zeros((p.q.shape[0], p.q.shape[2], p.q.shape[-1], p.v.shape[-1]), jnp.float32)
     state_dtype = p.q.dtype
     common = dict(chunk=chunk, config=config, interpret=False)
 
-    def states():
-        return gpu_forward.chunk_states(p.k, p.v, p.b, h0, p.first_seq, p.last_seq,
-                                        state_dtype=state_dtype, **common)[0]
+    def states(k, v, b, h0, first, last):
+        return gpu_forward.chunk_states(k, v, b, h0, first, last, state_dtype=state_dtype,
+                                        **common)[0]
 
     if family == "state":
-        def run():
-            grads = gpu_backward.state_grads(p.q, do_rows, p.b, h0, p.first_seq, p.last_seq,
-                                             scale=scale, state_dtype=state_dtype, **common)
-            return states(), grads
-    elif family == "output":
-        hs = states()
+        def run(q, k, v, b, do, h0, first, last):
+            grads = gpu_backward.state_grads(q, do, b, h0, first, last, scale=scale,
+                                             state_dtype=state_dtype, **common)
+            return states(k, v, b, h0, first, last), grads
 
-        def run():
-            o = gpu_forward.chunk_outputs(p.q, p.k, p.v, p.b, hs, scale=scale,
-                                          out_dtype=p.q.dtype, **common)
-            dv = gpu_backward.value_grads(p.q, p.k, p.b, do_rows, hs, scale=scale,
-                                          out_dtype=jnp.float32, **common)
+        return jax.jit(run), (p.q, p.k, p.v, p.b, do_rows, h0, p.first_seq, p.last_seq)
+    hs = jax.jit(states)(p.k, p.v, p.b, h0, p.first_seq, p.last_seq)
+    if family == "output":
+        def run(q, k, v, b, do, hs):
+            o = gpu_forward.chunk_outputs(q, k, v, b, hs, scale=scale, out_dtype=q.dtype,
+                                          **common)
+            dv = gpu_backward.value_grads(q, k, b, do, hs, scale=scale, out_dtype=jnp.float32,
+                                          **common)
             return o, dv
-    else:
-        hs = states()
 
-        def run():
-            return gpu_backward.query_key_grads(p.q, p.k, p.b, p.v, do_rows, hs, hs,
-                                                     scale=scale, **common)
-    return jax.jit(run)
+        return jax.jit(run), (p.q, p.k, p.v, p.b, do_rows, hs)
+
+    def run(q, k, v, b, do, hs):
+        return gpu_backward.query_key_grads(q, k, b, v, do, hs, hs, scale=scale, **common)
+
+    return jax.jit(run), (p.q, p.k, p.v, p.b, do_rows, hs)
 
 
 def fits(fields, key_dim, value_dim):
@@ -97,7 +99,8 @@ def tune_shape(heads, key_dim, value_dim, families, seq_len=2048, chunk=64):
                 continue
             config = dataclasses.replace(base, **fields)
             try:
-                ms = time_ms(family_fn(family, p, do_rows, config, chunk, key_dim**-0.5))
+                fn, fn_args = family_fn(family, p, do_rows, config, chunk, key_dim**-0.5)
+                ms = time_ms(fn, *fn_args)
             except Exception as err:  # a candidate that does not compile is skipped
                 print(f"  {family} {fields}: failed {repr(err)[:160]}", flush=True)
                 continue
