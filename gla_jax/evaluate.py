@@ -140,11 +140,16 @@ def bucket_losses(losses, mask, positions, bucket_size: int, num_buckets: int):
     return sums, counts
 
 
+_last_progress_line = [0.0]
+
+
 def _progress(message: str, final: bool = False) -> None:
+    """One rewritten line on a terminal; in a log, a line every 10 s and the final one."""
     if sys.stderr.isatty():
         sys.stderr.write("\r" + message + ("\n" if final else "   "))
-    elif final:
+    elif final or time.time() - _last_progress_line[0] >= 10:
         sys.stderr.write(message + "\n")
+        _last_progress_line[0] = time.time()
     sys.stderr.flush()
 
 
@@ -364,6 +369,7 @@ def plot_perplexity(runs: list[dict], path: str) -> None:
     )
     left.set_xticks(sorted({r["length"] for run in runs for r in run["results"]}))
     left.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    left.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.set(
         xlabel="token position in its document", ylabel="loss (nats)", title="loss by position"
     )
@@ -377,11 +383,11 @@ def plot_perplexity(runs: list[dict], path: str) -> None:
 
 def print_table(runs: list[dict]) -> None:
     lengths = sorted({r["length"] for run in runs for r in run["results"]})
-    print("perplexity   " + "".join(f"{f'L={n}':>12}" for n in lengths))
+    print(f"{'perplexity':<17}" + "".join(f"{f'L={n}':>12}" for n in lengths))
     for run in runs:
         by_length = {r["length"]: r["perplexity"] for r in run["results"]}
         cells = "".join(f"{by_length[n]:12.3f}" if n in by_length else f"{'':>12}" for n in lengths)
-        print(f"{run['label'][:12]:<13}{cells}")
+        print(f"{run['label'][:16]:<17}{cells}")
 
 
 def write_json(obj, path: str) -> None:
