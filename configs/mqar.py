@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
             n_layers=2,
             n_heads=2,
             use_forget_gate=True,  # False: GLA without gates (plain linear attention)
+            use_short_conv=False,  # True: a causal conv on q, k, v (eases recall)
             tie_embeddings=True,
             dtype="float32",
             remat=False,

@@ -381,6 +381,49 @@ def plot_perplexity(runs: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def training_losses(workdir: str) -> tuple[list[int], list[float]]:
+    """(steps, losses) from WORKDIR/metrics.jsonl; a step logged twice keeps its last value."""
+    losses = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                if "loss" in record:
+                    losses[int(record["step"])] = float(record["loss"])
+    steps = sorted(losses)
+    return steps, [losses[s] for s in steps]
+
+
+def plot_mqar(results: list[dict], path: str) -> None:
+    """Training loss of each MQAR run, labelled with its answer accuracy."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axis = plt.subplots(figsize=(6, 3.8), dpi=90)
+    for result in results:
+        steps, losses = training_losses(result["workdir"])
+        label = f"{result['label']}: accuracy {result['accuracy']:.1%}"
+        axis.plot(steps, losses, "-", label=label)
+    first = results[0]
+    # A model that knows only which tokens are values scores log(number of values).
+    task = mqar.MQARTask(first["seq_len"], first["num_kv_pairs"], first["vocab_size"])
+    chance = math.log(task.num_values)
+    axis.axhline(chance, color="gray", ls=":", lw=1, label="uniform over values")
+    axis.set(
+        xlabel="training step",
+        ylabel="training loss (answer tokens)",
+        title=f"MQAR, T={first['seq_len']}, {first['num_kv_pairs']} pairs",
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def print_table(runs: list[dict]) -> None:
     lengths = sorted({r["length"] for run in runs for r in run["results"]})
     print(f"{'perplexity':<17}" + "".join(f"{f'L={n}':>12}" for n in lengths))
@@ -460,7 +503,8 @@ def main(argv) -> None:
                 f"(T={result['seq_len']}, {result['num_kv_pairs']} pairs)"
             )
         write_json(results, os.path.join(output_dir, "mqar.json"))
-        print(f"wrote {os.path.join(output_dir, 'mqar.json')}")
+        plot_mqar(results, os.path.join(output_dir, "mqar.png"))
+        print(f"wrote {output_dir}/mqar.json and mqar.png")
         return
     explicit = parse_ints(_LENGTHS.value, "--lengths") if _LENGTHS.value else None
     runs = [

@@ -181,5 +181,8 @@ def test_mqar_accuracy_of_a_trained_run(tmp_path, runs):
     assert result["accuracy"] == result["correct"] / result["answers"]
     longer = evaluate.mqar_accuracy(workdir, seq_len=64, num_kv_pairs=8, num_batches=1)
     assert longer["answers"] == 64 * 8 and longer["seq_len"] == 64
+    evaluate.plot_mqar([{"label": "tiny", **result}], str(tmp_path / "mqar.png"))
+    assert (tmp_path / "mqar.png").stat().st_size > 1000
+    assert evaluate.training_losses(workdir)[0] == [1, 2], "the curve comes from metrics.jsonl"
     with pytest.raises(ValueError, match="not on 'mqar'"):
         evaluate.mqar_accuracy(runs["gla"])
