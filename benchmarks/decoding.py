@@ -53,7 +53,10 @@ def model_configs(args) -> dict:
         }
     configs = {}
     for name in args.models.split(","):
-        fields = load_model_config(name).to_dict()
+        # 'tiny:transformer' is configs/tiny.py's model with its mixer swapped for attention.
+        file_name, _, model_type = name.partition(":")
+        fields = load_model_config(file_name).to_dict()
+        fields["type"] = model_type or fields.get("type", "gla")
         if args.dtype:
             fields["dtype"] = args.dtype
         configs[name] = config_from_dict(fields)
@@ -182,7 +185,7 @@ def format_row(row: dict) -> str:
         return f"{head}  failed: {row['error']}"
     in_use = row["device_mib_in_use"]
     return (
-        f"{head} {row['ms_per_token']:10.3f} {row['ms_p90']:9.3f} {row['cache_mib']:11.1f} "
+        f"{head} {row['ms_per_token']:10.3f} {row['ms_p90']:9.3f} {row['cache_mib']:11.3f} "
         f"{'-' if in_use is None else f'{in_use:.0f}':>12}"
     )
 
@@ -213,7 +216,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="gla_340m,transformer_340m", help="configs/*.py names")
+    parser.add_argument(
+        "--models",
+        default="gla_340m,transformer_340m",
+        help="configs/*.py names; NAME:transformer or NAME:gla overrides model.type",
+    )
     parser.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768,65536")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=50, help="timed tokens per context")

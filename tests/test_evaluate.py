@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from gla_jax import data as data_lib
-from gla_jax import evaluate, trainer
+from gla_jax import eval_plots, evaluate, trainer
 from gla_jax.config_check import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,8 +181,8 @@ def test_mqar_accuracy_of_a_trained_run(tmp_path, runs):
     assert result["accuracy"] == result["correct"] / result["answers"]
     longer = evaluate.mqar_accuracy(workdir, seq_len=64, num_kv_pairs=8, num_batches=1)
     assert longer["answers"] == 64 * 8 and longer["seq_len"] == 64
-    evaluate.plot_mqar([{"label": "tiny", **result}], str(tmp_path / "mqar.png"))
+    eval_plots.plot_mqar([{"label": "tiny", **result}], str(tmp_path / "mqar.png"))
     assert (tmp_path / "mqar.png").stat().st_size > 1000
-    assert evaluate.training_losses(workdir)[0] == [1, 2], "the curve comes from metrics.jsonl"
+    assert eval_plots.training_losses(workdir)[0] == [1, 2], "the curve comes from metrics.jsonl"
     with pytest.raises(ValueError, match="not on 'mqar'"):
         evaluate.mqar_accuracy(runs["gla"])
