@@ -75,7 +75,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     """The `data` section of a training config, with its defaults."""
     c = ml_collections.ConfigDict()
     # 'kjv' (King James Bible, installed with the project), 'text_files' (data.paths), or a
-    # dataset prepared with tfds in data_dir: 'lm1b', 'pg19', 'c4/en:3.1.0', ...
+    # dataset prepared with tfds in data_dir: 'lm1b', 'pg19', 'c4/en:3.1.0', ...; or 'mqar', the
+    # synthetic recall task (gla_jax/mqar.py, sizes in data.mqar; see configs/mqar.py).
     c.name = "kjv"
     # '' means $GLA_JAX_DATA_DIR or ~/.cache/gla_jax/datasets for 'kjv' / 'text_files', and
     # $TFDS_DATA_DIR or ~/tensorflow_datasets for datasets prepared with tfds.
