@@ -294,22 +294,20 @@ def mqar_accuracy(
     model, config = load_run(workdir)
     if config.data.name != "mqar":
         raise ValueError(f"workdir {workdir!r} was trained on {config.data.name!r}, not on 'mqar'")
-    data_config = config.data.copy_and_resolve_references()
-    if num_kv_pairs:
-        with data_config.unlocked():
-            data_config.mqar.num_kv_pairs = num_kv_pairs
     seq_len = seq_len or int(config.seq_len)
-    task = mqar.task_from_config(data_config, seq_len)
+    trained = mqar.task_from_config(config.data, int(config.seq_len))
+    task = mqar.MQARTask(seq_len, num_kv_pairs or trained.num_kv_pairs, trained.vocab_size)
     if task.vocab_size > model.cfg.vocab_size:
         raise ValueError(
             f"MQAR vocab_size {task.vocab_size} exceeds the model's vocab_size "
             f"{model.cfg.vocab_size}"
         )
-    batches = mqar.make_dataset(
-        data_config,
-        seq_len=seq_len,
-        global_batch_size=batch_size,
+    # Validation sequences: a random stream apart from the training one.
+    batches = mqar.MQARBatches(
+        task,
+        seed=int(config.data.seed),
         split="validation",
+        global_batch_size=batch_size,
         num_batches=num_batches,
     )
     graphdef, state = nnx.split(model)
