@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.coordinator_address = ""
     c.num_processes = 1
     c.process_id = 0
+    c.compilation_cache_dir = ""  # persistent XLA compilation cache; "" = off
     c.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
     # Logging, evaluation, checkpoints, samples.
     c.log_every = 10

@@ -117,11 +117,10 @@ def with_shardings(abstract_state, shardings):
 
 
 def initialize_state(run: Run):
-    init = jax.jit(
-        lambda: _init_state(run.config.model, run.optimizer, run.config.seed),
-        out_shardings=run.state_shardings,
-    )
-    return init()
+    def init_train_state():
+        return _init_state(run.config.model, run.optimizer, run.config.seed)
+
+    return jax.jit(init_train_state, out_shardings=run.state_shardings)()
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,17 +210,34 @@ def eval_step(run: Run, params, batch):
 def compile_steps(run: Run):
     batch_sharding = sharding_lib.batch_sharding(run.mesh)
     replicated = sharding_lib.replicated(run.mesh)
-    train = jax.jit(
-        lambda state, batch: train_step(run, state, batch),
+
+    def sharded_train_step(state, batch):
+        return train_step(run, state, batch)
+
+    def sharded_eval_step(params, batch):
+        return eval_step(run, params, batch)
+
+    train_jit = jax.jit(
+        sharded_train_step,
         in_shardings=(run.state_shardings, batch_sharding),
         out_shardings=(run.state_shardings, replicated),
         donate_argnums=(0,),
     )
-    evaluate = jax.jit(
-        lambda params, batch: eval_step(run, params, batch),
+    evaluate_jit = jax.jit(
+        sharded_eval_step,
         in_shardings=(run.state_shardings["params"], batch_sharding),
         out_shardings=replicated,
     )
+
+    # Traced under the mesh, so that gla_jax.ops.chunk_gla runs its kernels per shard.
+    def train(state, batch):
+        with jax.set_mesh(run.mesh):
+            return train_jit(state, batch)
+
+    def evaluate(params, batch):
+        with jax.set_mesh(run.mesh):
+            return evaluate_jit(params, batch)
+
     return train, evaluate
 
 
@@ -370,6 +386,9 @@ def evaluate_loss(run: Run, evaluate, params, config) -> float:
 def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = False) -> dict:
     """Trains (or, with dry_run, only describes) the model; returns the last logged metrics."""
     maybe_initialize_distributed(config)
+    if config.compilation_cache_dir:
+        # Large models compile for minutes; a persistent cache makes reruns and resumes start fast.
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     check_config(config, num_devices=jax.device_count())
     mesh = sharding_lib.make_mesh(config.mesh)
     run = build_run(config, mesh)
