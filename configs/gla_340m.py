@@ -1,24 +1,11 @@
 """The paper's 340M GLA Transformer: d 1024, 24 layers, 4 heads, tied embeddings (~341M)."""
 
-import ml_collections
-
-from gla_jax.config_check import base_config
+from gla_jax.config_check import paper_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = base_config()
-    # The paper's 340M recipe: 15B tokens in batches of 0.5M tokens (256 x 2048), warmup 0.5B
-    # tokens, AdamW 3e-4 cosine to 3e-5. Lower batch_size / raise grad_accum_steps to fit.
-    config.seq_len = 2048
-    config.batch_size = 256
-    config.steps = 28_610
-    config.warmup_steps = 954
-    config.learning_rate = 3e-4
-    config.log_every = 50
-    config.eval_every = 1000
-    config.checkpoint_every = 1000
-    config.data.tokenizer = "byte"  # point at a 32000-token SentencePiece .model for real runs
-    config.model = ml_collections.ConfigDict(
+def get_config():
+    return paper_config(
+        "340m",
         dict(
             type="gla",
             vocab_size=32000,
@@ -33,6 +20,5 @@ def get_config() -> ml_collections.ConfigDict:
             backend=None,
             chunk_size=64,
             packing="gate_reset",  # or "cu_seqlens" (see gla_jax/model.py)
-        )
+        ),
     )
-    return config

@@ -55,6 +55,31 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The paper's recipes (section 5): 340M on 15B tokens in batches of 0.5M tokens (256 x 2048) with
+# 0.5B warmup tokens; 1.3B on 100B tokens in batches of 2M tokens (1024 x 2048) with 1B warmup
+# tokens, parameters and optimizer state sharded FSDP-style. AdamW 3e-4, cosine to 3e-5.
+PAPER_RECIPES = {
+    "340m": dict(seq_len=2048, batch_size=256, steps=28_610, warmup_steps=954, mesh="-1,1,1"),
+    "1.3b": dict(seq_len=2048, batch_size=1024, steps=47_684, warmup_steps=477, mesh="1,-1,1"),
+}
+
+
+def paper_config(size: str, model: dict) -> ml_collections.ConfigDict:
+    """base_config() with the paper's recipe for ``size`` ('340m' | '1.3b') and ``model``.
+
+    Lower batch_size or raise grad_accum_steps to fit smaller machines; point
+    data.tokenizer at a 32000-token SentencePiece .model for real runs (byte-level by default).
+    """
+    c = base_config()
+    c.update(PAPER_RECIPES[size])
+    c.learning_rate = 3e-4
+    c.log_every = 50
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.model = ml_collections.ConfigDict(model)
+    return c
+
+
 def _require(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ValueError(f"config.{field}: {message}")
