@@ -85,7 +85,8 @@ def logical_to_mesh_spec(logical: PartitionSpec, shape, mesh: Mesh, rules=DEFAUL
     """
     used: set[str] = set()
     out = []
-    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
+    names = tuple(logical) + (None,) * (len(shape) - len(logical))
+    for dim, name in zip(shape, names, strict=True):
         axes = rules.get(name) if isinstance(name, str) else None
         axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes_tuple = tuple(a for a in axes_tuple if a not in used and mesh.shape[a] > 1)
