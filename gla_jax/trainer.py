@@ -13,6 +13,7 @@ device (or the device's bf16 dense peak when known).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -355,6 +356,37 @@ def _global_batch(batch, mesh):
     return data_lib.make_global_batch({k: batch[k] for k in keys if k in batch}, mesh)
 
 
+def _all_processes_data_state(state: dict) -> dict:
+    """Every host's loader position, gathered so that the one JSON item holds them all (only
+    the primary host writes it)."""
+    if jax.process_count() == 1:
+        return {"per_process": [state]}
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([encoded.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: encoded.size] = encoded
+    gathered = multihost_utils.process_allgather(padded)
+    return {
+        "per_process": [
+            json.loads(bytes(row[: int(n)]).decode())
+            for row, n in zip(gathered, lengths.reshape(-1), strict=True)
+        ]
+    }
+
+
+def _this_process_data_state(saved: dict) -> dict:
+    states = saved["per_process"]
+    if len(states) != jax.process_count():
+        raise ValueError(
+            f"the checkpoint's data position was saved by {len(states)} processes but "
+            f"{jax.process_count()} are running: resume with the same number of hosts (the mesh "
+            "may differ)"
+        )
+    return states[jax.process_index()]
+
+
 def _save_config(config, workdir):
     if jax.process_index() != 0:
         return
@@ -420,7 +452,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
     else:
         abstract = with_shardings(run.abstract_state, run.state_shardings)
         state, data_state = checkpointer.restore(latest, abstract)
-        train_iter.set_state(data_state)
+        train_iter.set_state(_this_process_data_state(data_state))
         _say(f"resumed from step {latest} in {workdir}")
 
     train, evaluate = compile_steps(run)
@@ -461,7 +493,8 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
                     else None,
                 }
                 writer.write(step, last)
-                progress.update(step, last["loss"], tokens_per_s)
+                if jax.process_index() == 0:
+                    progress.update(step, last["loss"], tokens_per_s)
                 window_start, window_steps = time.time(), 0
             if config.eval_every and step % config.eval_every == 0:
                 eval_loss = evaluate_loss(run, evaluate, state["params"], config)
@@ -471,7 +504,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
                 checkpointer.save(
                     step,
                     state,
-                    train_iter.get_state(),
+                    _all_processes_data_state(train_iter.get_state()),
                     force=True,
                     finite=bool(metrics["state_finite"]),
                 )
