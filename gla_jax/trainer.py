@@ -13,7 +13,6 @@ device (or the device's bf16 dense peak when known).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -28,6 +27,7 @@ from flax import nnx
 
 from gla_jax import checkpoint as checkpoint_lib
 from gla_jax import data as data_lib
+from gla_jax import multihost
 from gla_jax import sharding as sharding_lib
 from gla_jax.config_check import check_config
 from gla_jax.metrics import MetricsWriter, Progress
@@ -283,35 +283,6 @@ def peak_flops_per_device(config) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def maybe_initialize_distributed(config) -> None:
-    """Joins a multi-process run when asked to, or when a launcher's environment says so."""
-    mode = config.multihost
-    env_says = (
-        any(
-            os.environ.get(name)
-            for name in (
-                "JAX_COORDINATOR_ADDRESS",
-                "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS",
-            )
-        )
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    )
-    if mode == "off" or (mode == "auto" and not env_says):
-        return
-    if jax.distributed.is_initialized():
-        return
-    kwargs = {}
-    if config.coordinator_address:
-        kwargs = dict(
-            coordinator_address=config.coordinator_address,
-            num_processes=config.num_processes,
-            process_id=config.process_id,
-        )
-    jax.distributed.initialize(**kwargs)
-    logging.info("process %d of %d", jax.process_index(), jax.process_count())
-
-
 def describe(run: Run) -> str:
     per_device = {}
     for kind, tree in (
@@ -356,37 +327,6 @@ def _global_batch(batch, mesh):
     return data_lib.make_global_batch({k: batch[k] for k in keys if k in batch}, mesh)
 
 
-def _all_processes_data_state(state: dict) -> dict:
-    """Every host's loader position, gathered so that the one JSON item holds them all (only
-    the primary host writes it)."""
-    if jax.process_count() == 1:
-        return {"per_process": [state]}
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.asarray([encoded.size], np.int32))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: encoded.size] = encoded
-    gathered = multihost_utils.process_allgather(padded)
-    return {
-        "per_process": [
-            json.loads(bytes(row[: int(n)]).decode())
-            for row, n in zip(gathered, lengths.reshape(-1), strict=True)
-        ]
-    }
-
-
-def _this_process_data_state(saved: dict) -> dict:
-    states = saved["per_process"]
-    if len(states) != jax.process_count():
-        raise ValueError(
-            f"the checkpoint's data position was saved by {len(states)} processes but "
-            f"{jax.process_count()} are running: resume with the same number of hosts (the mesh "
-            "may differ)"
-        )
-    return states[jax.process_index()]
-
-
 def _save_config(config, workdir):
     if jax.process_index() != 0:
         return
@@ -417,7 +357,7 @@ def evaluate_loss(run: Run, evaluate, params, config) -> float:
 
 def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = False) -> dict:
     """Trains (or, with dry_run, only describes) the model; returns the last logged metrics."""
-    maybe_initialize_distributed(config)
+    multihost.maybe_initialize_distributed(config)
     if config.compilation_cache_dir:
         # Large models compile for minutes; a persistent cache makes reruns and resumes start fast.
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
@@ -452,7 +392,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
     else:
         abstract = with_shardings(run.abstract_state, run.state_shardings)
         state, data_state = checkpointer.restore(latest, abstract)
-        train_iter.set_state(_this_process_data_state(data_state))
+        train_iter.set_state(multihost.this_process_data_state(data_state))
         _say(f"resumed from step {latest} in {workdir}")
 
     train, evaluate = compile_steps(run)
@@ -504,7 +444,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
                 checkpointer.save(
                     step,
                     state,
-                    _all_processes_data_state(train_iter.get_state()),
+                    multihost.gather_data_states(train_iter.get_state()),
                     force=True,
                     finite=bool(metrics["state_finite"]),
                 )
