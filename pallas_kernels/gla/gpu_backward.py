@@ -35,7 +35,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gla.gpu_forward import (
     F32,
-    SQUEEZED,
     diagonal_decay,
     diagonal_scores,
     mm,
@@ -45,9 +44,9 @@ from pallas_kernels.gla.gpu_forward import (
     row,
     row_block,
     split_rows,
+    state_scan_call,
     sub_block_specs,
     sub_chunk,
-    whole,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -93,44 +92,11 @@ def state_grads(q, do, b, dfinal, first_seq, last_seq, *, chunk, scale, state_dt
 
     dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
     """
-    rows, padded_len, heads, key_dim = q.shape
-    value_dim = do.shape[-1]
-    num_chunks = padded_len // chunk
-    block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
-
-    def seq_spec(width_block, tile_axis):
-        def index(bh, kt, vt):
-            return (bh // heads, 0, bh % heads, kt if tile_axis == "k" else vt)
-
-        return pl.BlockSpec((SQUEEZED, padded_len, SQUEEZED, width_block), index)
-
-    kernel = functools.partial(
-        _state_grads_kernel, chunk=chunk, num_chunks=num_chunks, heads=heads,
-        block_k=block_k, block_v=block_v, scale=scale, dtype=q.dtype,
+    return state_scan_call(
+        _state_grads_kernel, q, do, b, dfinal, first_seq, last_seq, chunk=chunk,
+        state_dtype=state_dtype, config=config, interpret=interpret, name="gla_state_grads",
+        scale=scale,
     )
-    states_spec = pl.BlockSpec(
-        (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
-        lambda bh, kt, vt: (bh // heads, 0, bh % heads, kt, vt),
-    )
-    return pl.pallas_call(
-        kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((rows, num_chunks, heads, key_dim, value_dim), state_dtype),
-            jax.ShapeDtypeStruct(dfinal.shape, F32),
-        ),
-        grid=(rows * heads, key_dim // block_k, value_dim // block_v),
-        in_specs=[
-            whole(first_seq.shape), whole(last_seq.shape),
-            seq_spec(block_k, "k"), seq_spec(block_v, "v"), seq_spec(block_k, "k"),
-            whole(dfinal.shape),
-        ],
-        out_specs=(states_spec, whole(dfinal.shape)),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.state_warps, num_stages=config.state_stages
-        ),
-        interpret=interpret,
-        name="gla_state_grads",
-    )(first_seq, last_seq, q, do, b, dfinal)
 
 
 # --------------------------------------------------------------------------------------------

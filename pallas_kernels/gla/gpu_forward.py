@@ -160,13 +160,20 @@ def _chunk_states_kernel(
     lax.fori_loop(0, num_chunks, step, jnp.zeros((block_k, block_v), F32))
 
 
-def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
-    """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32."""
-    rows, padded_len, heads, key_dim = k.shape
-    value_dim = v.shape[-1]
+def state_scan_call(
+    kernel_body, key_side, value_side, b, boundary, first_seq, last_seq, *, chunk, state_dtype,
+    config, interpret, name, **kernel_options,
+):
+    """Launches a walk over the chunks of every (row, head, K tile, V tile), in one program each.
+
+    The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
+    dfinal -> state gradients, dh0) share this launch: [B', Tp, H, K]- and [B', Tp, H, V]-shaped
+    inputs, the gates, one [N, H, K, V] boundary input and output, [B', NC, H, K, V] per chunk.
+    """
+    rows, padded_len, heads, key_dim = key_side.shape
+    value_dim = value_side.shape[-1]
     num_chunks = padded_len // chunk
     block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
-    grid = (rows * heads, key_dim // block_k, value_dim // block_v)
 
     def seq_spec(width_block, tile_axis):
         def index(bh, kt, vt):
@@ -175,8 +182,8 @@ def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config
         return pl.BlockSpec((SQUEEZED, padded_len, SQUEEZED, width_block), index)
 
     kernel = functools.partial(
-        _chunk_states_kernel, chunk=chunk, num_chunks=num_chunks, heads=heads,
-        block_k=block_k, block_v=block_v, dtype=k.dtype,
+        kernel_body, chunk=chunk, num_chunks=num_chunks, heads=heads,
+        block_k=block_k, block_v=block_v, dtype=key_side.dtype, **kernel_options,
     )
     states_spec = pl.BlockSpec(
         (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
@@ -186,21 +193,29 @@ def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((rows, num_chunks, heads, key_dim, value_dim), state_dtype),
-            jax.ShapeDtypeStruct(h0.shape, F32),
+            jax.ShapeDtypeStruct(boundary.shape, F32),
         ),
-        grid=grid,
+        grid=(rows * heads, key_dim // block_k, value_dim // block_v),
         in_specs=[
             whole(first_seq.shape), whole(last_seq.shape),
             seq_spec(block_k, "k"), seq_spec(block_v, "v"), seq_spec(block_k, "k"),
-            whole(h0.shape),
+            whole(boundary.shape),
         ],
-        out_specs=(states_spec, whole(h0.shape)),
+        out_specs=(states_spec, whole(boundary.shape)),
         compiler_params=plgpu.CompilerParams(
             num_warps=config.state_warps, num_stages=config.state_stages
         ),
         interpret=interpret,
-        name="gla_chunk_states",
-    )(first_seq, last_seq, k, v, b, h0)
+        name=name,
+    )(first_seq, last_seq, key_side, value_side, b, boundary)
+
+
+def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
+    """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32."""
+    return state_scan_call(
+        _chunk_states_kernel, k, v, b, h0, first_seq, last_seq, chunk=chunk,
+        state_dtype=state_dtype, config=config, interpret=interpret, name="gla_chunk_states",
+    )
 
 
 # --------------------------------------------------------------------------------------------
