@@ -192,7 +192,21 @@ def _check_state(name, state, expected):
     return state.astype(jnp.float32)
 
 
-def _resolve_backend(backend, interpret, q, v, opts_without_backend) -> str:
+def _prepare(q, k, v, g, initial_state, cu_seqlens, scale):
+    """Checks the arguments both ops share; returns (initial_state float32, cu_seqlens, scale)."""
+    _check_inputs(q, k, v, g)
+    batch, seq_len, heads, key_dim = q.shape
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, batch, seq_len)
+    num_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    state_shape = (num_seqs, heads, key_dim, v.shape[-1])
+    initial_state = _check_state("initial_state", initial_state, state_shape)
+    if initial_state is None:
+        initial_state = jnp.zeros(state_shape, jnp.float32)
+    scale = float(key_dim**-0.5 if scale is None else scale)
+    return initial_state, cu_seqlens, scale
+
+
+def _resolve_backend(backend, q, v, opts_without_backend) -> str:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend is None:
@@ -242,20 +256,11 @@ def chunk_gla(
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log forget gate (<= 0) per key dimension.
     Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 or None).
     """
-    _check_inputs(q, k, v, g)
-    batch, seq_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
-    cu_seqlens = _check_cu_seqlens(cu_seqlens, batch, seq_len)
-    num_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    state_shape = (num_seqs, heads, key_dim, value_dim)
-    initial_state = _check_state("initial_state", initial_state, state_shape)
-    if initial_state is None:
-        initial_state = jnp.zeros(state_shape, jnp.float32)
-    scale = float(key_dim**-0.5 if scale is None else scale)
+    initial_state, cu_seqlens, scale = _prepare(q, k, v, g, initial_state, cu_seqlens, scale)
     opts = Options(backend="", scale=scale, chunk_size=int(chunk_size), interpret=bool(interpret))
-    opts = dataclasses.replace(opts, backend=_resolve_backend(backend, interpret, q, v, opts))
+    opts = dataclasses.replace(opts, backend=_resolve_backend(backend, q, v, opts))
     o, final_state = _gla(opts, q, k, v, g, initial_state, cu_seqlens)
     return o, (final_state if output_final_state else None)
 
@@ -275,15 +280,7 @@ def fused_recurrent_gla(
 
     Same shapes and return values as ``chunk_gla``.
     """
-    _check_inputs(q, k, v, g)
-    batch, seq_len, heads, key_dim = q.shape
-    cu_seqlens = _check_cu_seqlens(cu_seqlens, batch, seq_len)
-    num_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    state_shape = (num_seqs, heads, key_dim, v.shape[-1])
-    initial_state = _check_state("initial_state", initial_state, state_shape)
-    if initial_state is None:
-        initial_state = jnp.zeros(state_shape, jnp.float32)
-    scale = float(key_dim**-0.5 if scale is None else scale)
+    initial_state, cu_seqlens, scale = _prepare(q, k, v, g, initial_state, cu_seqlens, scale)
     o, final_state = reference.recurrent_gla(
         q, k, v, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens
     )
