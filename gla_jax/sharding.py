@@ -110,9 +110,10 @@ def state_shardings(abstract_state, logical_specs, mesh: Mesh, rules=DEFAULT_RUL
     )
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Rows over ('data', 'fsdp'), everything else replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows over the mesh's batch axes ('data', 'fsdp', those it has), the rest replicated."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes or None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -52,7 +52,6 @@ import ml_collections
 
 from gla_jax.data.loader import (
     PackedBatches,
-    batch_sharding,
     make_eval_dataset,
     make_global_batch,
     make_lm_dataset,
@@ -106,7 +105,6 @@ __all__ = [
     "ByteTokenizer",
     "PackedBatches",
     "SentencePieceTokenizer",
-    "batch_sharding",
     "check_vocab",
     "default_data_config",
     "load_tokenizer",

@@ -9,8 +9,6 @@ cursor is the iterator's whole state, so resuming is exact and costs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import grain
 import numpy as np
 
@@ -289,20 +287,14 @@ def make_eval_dataset(config, **kwargs) -> PackedBatches:
     return make_lm_dataset(config, split="validation", **kwargs)
 
 
-def batch_sharding(mesh, batch_axes: Sequence[str] = ("data", "fsdp")):
-    """Rows split over the mesh's batch axes (those of `batch_axes` it has), the rest replicated."""
-    import jax  # noqa: PLC0415 - the loader itself never needs jax
-
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
-
-
 def make_global_batch(batch: dict, sharding) -> dict:
     """Each host's rows -> global jax.Arrays via `jax.make_array_from_process_local_data`.
 
     `sharding` is a Sharding, or a Mesh (rows then go over its 'data' and 'fsdp' axes).
     """
-    import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415 - the loader itself never needs jax
+
+    from gla_jax.sharding import batch_sharding  # noqa: PLC0415
 
     if isinstance(sharding, jax.sharding.Mesh):
         sharding = batch_sharding(sharding)
