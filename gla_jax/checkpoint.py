@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -48,17 +48,9 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(
-        self, step: int, state, data_state: dict, *, force: bool = False, finite: bool | None = None
-    ) -> bool:
-        """Starts saving (returns at once when asynchronous). Refuses a non-finite state.
-
-        ``finite``: whether every float in ``state`` is finite, when the caller already knows
-        (the train step computes it in the same program, so no extra collective is launched).
-        """
-        if finite is None:
-            finite = tree_is_finite(state)
-        if not finite:
+    def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+        """Starts saving (returns at once when asynchronous). Refuses a non-finite state."""
+        if not tree_is_finite(state):
             raise FloatingPointError(f"refusing to checkpoint a non-finite state at step {step}")
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
@@ -73,8 +65,11 @@ class Checkpointer:
         restored = self._manager.restore(step, args=args)
         return restored["state"], restored["data"]
 
-    def restore_item(self, step: int, item: str, args):
-        return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+    def restore_state_as_saved(self, step: int):
+        """The 'state' item as it was saved (host arrays, no target): for readers of a run,
+        such as sampling and evaluation, that need only part of it."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore())
+        return self._manager.restore(step, args=args)["state"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -84,16 +79,16 @@ class Checkpointer:
         self._manager.close()
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point value in ``tree`` is finite (a traceable reduction)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.asarray(True)]))
+
+
 def tree_is_finite(tree) -> bool:
     """One program over the whole tree (not one per leaf: many small collective programs in
     flight at once can stall the CPU's simulated devices)."""
-    return bool(jax.device_get(_all_finite(tree)))
+    return bool(jax.device_get(_all_finite_program(tree)))
 
 
-@jax.jit
-def _all_finite(tree):
-    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, np.floating)]
-    result = jax.numpy.asarray(True)
-    for x in leaves:
-        result = result & jax.numpy.all(jax.numpy.isfinite(x))
-    return result
+_all_finite_program = jax.jit(all_finite)

@@ -194,22 +194,23 @@ def load_model_from_workdir(workdir: str):
     nnx.Param))`` of the model built from config.model.
     """
     import ml_collections  # noqa: PLC0415 - only the CLI needs these
-    import orbax.checkpoint as ocp  # noqa: PLC0415
 
+    from gla_jax.checkpoint import Checkpointer  # noqa: PLC0415
     from gla_jax.model import build_model  # noqa: PLC0415
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    manager = ocp.CheckpointManager(directory, item_names=("state",))
-    step = manager.latest_step()
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+    checkpointer = Checkpointer(directory, async_save=False)
+    step = checkpointer.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    params = fill_params(params, restored["state"]["params"])
-    manager.close()
+    params = fill_params(params, checkpointer.restore_state_as_saved(step)["params"])
+    checkpointer.close()
     return nnx.merge(graphdef, params, rest), config
 
 

@@ -68,7 +68,13 @@ def _init_state(model_config, optimizer, seed):
         "opt_state": optimizer.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(jax.random.key(seed + 1)),
-        "nonfinite_steps": jnp.zeros((), jnp.int32),
+        # Steps skipped for a non-finite loss or gradient: in total, in the current run of
+        # consecutive ones, and the longest such run (read by the host only when it logs).
+        "nonfinite": {
+            "skipped": jnp.zeros((), jnp.int32),
+            "run": jnp.zeros((), jnp.int32),
+            "longest_run": jnp.zeros((), jnp.int32),
+        },
     }
 
 
@@ -86,29 +92,25 @@ def build_run(config, mesh) -> Run:
         "opt_state": opt_sharding,
         "step": replicated,
         "rng": replicated,
-        "nonfinite_steps": replicated,
+        "nonfinite": jax.tree.map(lambda _: replicated, abstract_state["nonfinite"]),
     }
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
     return Run(config, mesh, graphdef, shardings, abstract_state, optimizer, num_params)
 
 
 def _optimizer_shardings(abstract_state, params_sharding, mesh):
-    """Optimizer moments mirror their parameters' sharding; scalars are replicated."""
-    params = abstract_state["params"]
-    params_treedef = jax.tree.structure(params)
+    """Optimizer moments (subtrees shaped like the parameters) mirror the parameters' sharding;
+    everything else (step counts) is replicated."""
+    params_treedef = jax.tree.structure(abstract_state["params"])
 
     def is_params_like(node):
-        try:
-            return jax.tree.structure(node) == params_treedef
-        except Exception:  # noqa: BLE001 - any non-matching node is simply not params-like
-            return False
+        return jax.tree.structure(node) == params_treedef
 
-    def assign(node):
-        if is_params_like(node):
-            return params_sharding
-        return jax.tree.map(lambda _: sharding_lib.replicated(mesh), node)
-
-    return jax.tree.map(assign, abstract_state["opt_state"], is_leaf=is_params_like)
+    return jax.tree.map(
+        lambda node: params_sharding if is_params_like(node) else sharding_lib.replicated(mesh),
+        abstract_state["opt_state"],
+        is_leaf=is_params_like,
+    )
 
 
 def with_shardings(abstract_state, shardings):
@@ -143,11 +145,9 @@ def _accumulated_gradients(graphdef, params, batch, micro_batches: int):
     """Gradient of the mean token loss over the whole batch, summed micro-batch by micro-batch
     so that accumulation gives the same result as one large batch."""
 
-    def sum_loss(params, micro):
-        total, count = token_losses(graphdef, params, micro)
-        return total, count
-
-    grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda params, micro: token_losses(graphdef, params, micro), has_aux=True
+    )
     if micro_batches == 1:
         (total, count), grads = grad_fn(params, batch)
     else:
@@ -184,28 +184,26 @@ def train_step(run: Run, state, batch):
         "opt_state": keep(new_opt_state, state["opt_state"]),
         "step": state["step"] + 1,
         "rng": state["rng"],
-        "nonfinite_steps": jnp.where(finite, 0, state["nonfinite_steps"] + 1),
+        "nonfinite": _count_nonfinite(state["nonfinite"], finite),
     }
     schedule = learning_rate_schedule(run.config)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
         "learning_rate": schedule(state["step"]),
-        "finite": finite,
-        "state_finite": _all_finite(new_state["params"]) & _all_finite(new_state["opt_state"]),
         "tokens": tokens,
+        **new_state["nonfinite"],
     }
     return new_state, metrics
 
 
-def _all_finite(tree):
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def eval_step(run: Run, params, batch):
-    total, count = token_losses(run.graphdef, params, batch)
-    return total, count
+def _count_nonfinite(counts, finite):
+    run = jnp.where(finite, 0, counts["run"] + 1)
+    return {
+        "skipped": counts["skipped"] + (~finite).astype(jnp.int32),
+        "run": run,
+        "longest_run": jnp.maximum(counts["longest_run"], run),
+    }
 
 
 def compile_steps(run: Run):
@@ -216,7 +214,7 @@ def compile_steps(run: Run):
         return train_step(run, state, batch)
 
     def sharded_eval_step(params, batch):
-        return eval_step(run, params, batch)
+        return token_losses(run.graphdef, params, batch)
 
     train_jit = jax.jit(
         sharded_train_step,
@@ -301,6 +299,23 @@ def describe(run: Run) -> str:
         f"per-device memory: parameters {mib['params']:.1f} MiB, optimizer {mib['opt']:.1f} MiB "
         f"(mesh {dict(run.mesh.shape)})"
     )
+
+
+def _check_nonfinite(metrics, skipped_before: int, step: int, config) -> int:
+    """Warns about skipped steps since the last log and stops the run after too many in a row."""
+    skipped = int(metrics["skipped"])
+    if skipped > skipped_before:
+        logging.warning(
+            "%d step(s) up to step %d had a non-finite loss or gradient and were not applied",
+            skipped - skipped_before,
+            step,
+        )
+    if int(metrics["longest_run"]) >= config.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"{config.max_nonfinite_steps} non-finite steps in a row by step {step}: "
+            "stopping (lower the learning rate or check the data)"
+        )
+    return skipped
 
 
 def _say(message: str) -> None:
@@ -404,6 +419,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
     tokens_per_step = config.batch_size * config.seq_len
     _Stop.install()
     last = {}
+    skipped_before = int(state["nonfinite"]["skipped"])
     window_start, window_steps = time.time(), 0
     step = start_step
     try:
@@ -412,21 +428,18 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
             state, metrics = train(state, batch)
             step += 1
             window_steps += 1
-            if not bool(metrics["finite"]):
-                logging.warning("step %d: non-finite loss or gradient; update skipped", step)
-                if int(state["nonfinite_steps"]) >= config.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: "
-                        "stopping (lower the learning rate or check the data)"
-                    )
+            # The host reads the step's results only when it logs, so steps stay queued on the
+            # devices; a non-finite step was already left unapplied inside the step itself.
             if step % config.log_every == 0 or step == config.steps:
                 metrics = jax.device_get(metrics)
+                skipped_before = _check_nonfinite(metrics, skipped_before, step, config)
                 elapsed = time.time() - window_start
                 tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 last = {
                     "loss": float(metrics["loss"]),
                     "learning_rate": float(metrics["learning_rate"]),
                     "grad_norm": float(metrics["grad_norm"]),
+                    "skipped_steps": int(metrics["skipped"]),
                     "tokens_per_s": tokens_per_s,
                     "mfu": (tokens_per_s * flops_per_token / (peak * jax.device_count()))
                     if peak
@@ -446,7 +459,6 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
                     state,
                     multihost.gather_data_states(train_iter.get_state()),
                     force=True,
-                    finite=bool(metrics["state_finite"]),
                 )
             if _Stop.requested:
                 _say(f"SIGTERM: checkpoint saved at step {step}; exiting")
