@@ -30,7 +30,7 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "gate_rank": None,
     "conv": None,
-    "layers": None,
+    "layers": None,  # the stacked blocks' axis (scan_layers): the scan walks it on every device
 }
 
 
