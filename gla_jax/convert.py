@@ -18,7 +18,7 @@ That library stores a ``GLAForCausalLM`` as safetensors with PyTorch's [out, in]
     model.norm.weight                            [d]
     lm_head.weight                               [vocab, d] (absent or equal when tied)
 
-    cfg = gla_config_from_fla(json.load(open("config.json")))
+    cfg = gla_config_from_fla(json.load(open("config.json")))  # scan_layers=True: stacked
     model = GLALM(cfg, rngs=nnx.Rngs(0))   # or nnx.eval_shape(...) then load
     load_fla_state_dict(model, read_safetensors("model.safetensors"))
 
@@ -27,6 +27,7 @@ Missing, extra or mis-shaped tensors raise ValueError naming the tensor and the 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -38,6 +39,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from gla_jax.layer_stack import stack_layer_params
 from gla_jax.model import GLAConfig
 
 # --------------------------------------------------------------------------------------------
@@ -217,10 +219,16 @@ def _path_str(path) -> str:
 
 
 def fla_to_params(state_dict: dict, cfg: GLAConfig) -> dict:
-    """FLA tensors -> our parameters as a pure nested dict of float32 numpy arrays."""
+    """FLA tensors -> our parameters as a pure nested dict of float32 numpy arrays.
+
+    The reference stores one tensor per layer; with ``cfg.scan_layers`` each block parameter
+    becomes one [n_layers, ...] array (the stacked layout), after every layer is checked.
+    """
     from gla_jax.model import GLALM  # noqa: PLC0415 - avoids a cycle at import time
 
-    abstract = nnx.eval_shape(lambda: GLALM(cfg, rngs=nnx.Rngs(0)))
+    # The reference's names map onto the per-layer layout; stacking comes last.
+    per_layer_cfg = dataclasses.replace(cfg, scan_layers=False)
+    abstract = nnx.eval_shape(lambda: GLALM(per_layer_cfg, rngs=nnx.Rngs(0)))
     pure = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     expected = {
         tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path): leaf.shape
@@ -257,7 +265,8 @@ def fla_to_params(state_dict: dict, cfg: GLAConfig) -> dict:
     unfilled = sorted(_path_str(p) for p in set(expected) - set(converted))
     if unfilled:
         raise ValueError(f"no checkpoint tensor maps to parameters {unfilled[:5]}")
-    return _nest(converted)
+    params = _nest(converted)
+    return stack_layer_params(params) if cfg.scan_layers else params
 
 
 def _nest(flat: dict) -> dict:

@@ -175,6 +175,22 @@ def test_converted_logits_match_the_reference_forward(variant):
     assert _rel(before[0], want) > 0.5  # the load really replaced the random parameters
 
 
+def test_scan_layers_model_loads_stacked_weights(tmp_path):
+    fla_config = {**FLA_CONFIG, "use_short_conv": True}
+    sd = synthetic_state_dict(fla_config, seed=5)
+    want = fla_forward(sd, fla_config, TOKENS[0])
+    cfg = gla_config_from_fla(fla_config, dtype="float32", scan_layers=True)
+    params = fla_to_params(sd, cfg)
+    assert params["blocks"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 16)  # [layer, in, out]
+    model = load_fla_state_dict(GLALM(cfg, rngs=nnx.Rngs(1)), sd)
+    assert _rel(forward(model, jnp.asarray(TOKENS))[0], want) <= 1e-4
+    write_safetensors(str(tmp_path / "model.safetensors"), sd)
+    (tmp_path / "config.json").write_text(json.dumps(fla_config))
+    model = load_fla_checkpoint(str(tmp_path), dtype="float32", scan_layers=True)
+    assert model.cfg.scan_layers
+    assert _rel(forward(model, jnp.asarray(TOKENS))[0], want) <= 1e-4
+
+
 def test_safetensors_round_trip_and_checkpoint_directory(tmp_path):
     fla_config = {**FLA_CONFIG, "use_short_conv": True}
     sd = synthetic_state_dict(fla_config, seed=3)
