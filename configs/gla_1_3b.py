@@ -17,6 +17,7 @@ def get_config():
             tie_embeddings=False,
             dtype="bfloat16",
             remat=True,
+            scan_layers=True,  # one compiled block scanned over the 24 layers: fast compile
             backend=None,
             chunk_size=64,
             packing="gate_reset",  # or "cu_seqlens" (see gla_jax/model.py)

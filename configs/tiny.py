@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
             tie_embeddings=True,
             dtype="float32",  # CPUs have no fast bfloat16 matmuls
             remat=False,
+            scan_layers=False,  # True: blocks stacked and scanned (faster compile, deep models)
             backend=None,  # chunk_gla backend; None = chosen by platform
             chunk_size=64,
             packing="gate_reset",  # or "cu_seqlens" (see gla_jax/model.py)

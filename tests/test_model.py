@@ -177,6 +177,7 @@ def test_paper_config_parameter_counts(name, target):
     assert abs(count_params(model) - target) / target <= 0.02, count_params(model)
     expected_type = "gla" if name.startswith("gla") else "transformer"
     assert config.model.type == expected_type
+    assert config.model.scan_layers  # 24 unrolled layers compile for minutes
 
 
 def test_tiny_config_builds_and_runs():
