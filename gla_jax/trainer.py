@@ -318,6 +318,15 @@ def _check_nonfinite(metrics, skipped_before: int, step: int, config) -> int:
     return skipped
 
 
+def _record_first_step(writer, step: int, metrics, step_start: float) -> None:
+    """Waits once for the first step of this process, which traces and compiles the step, and
+    records its wall time apart, so that the throughput windows after it are steady state."""
+    jax.block_until_ready(metrics)
+    seconds = time.time() - step_start
+    writer.write(step, {"first_step_s": seconds})
+    _say(f"first step (trace, compile, run): {seconds:.1f} s")
+
+
 def _say(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
@@ -425,6 +434,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
     try:
         while step < config.steps:
             batch = _global_batch(next(train_iter), mesh)
+            step_start = time.time()
             state, metrics = train(state, batch)
             step += 1
             window_steps += 1
@@ -448,6 +458,9 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
                 writer.write(step, last)
                 if jax.process_index() == 0:
                     progress.update(step, last["loss"], tokens_per_s)
+                window_start, window_steps = time.time(), 0
+            if step == start_step + 1:
+                _record_first_step(writer, step, metrics, step_start)
                 window_start, window_steps = time.time(), 0
             if config.eval_every and step % config.eval_every == 0:
                 eval_loss = evaluate_loss(run, evaluate, state["params"], config)
