@@ -181,6 +181,28 @@ def test_resume_onto_a_different_mesh(tmp_path):
         assert resumed[step] == pytest.approx(reference[step], rel=2e-4), step
 
 
+def test_scan_layers_run_resumes_onto_another_mesh_and_samples(tmp_path):
+    from gla_jax.sampling import load_model_from_workdir
+
+    run = ("--config.steps=6", "--config.checkpoint_every=3", "--config.model.scan_layers=True")
+    _train(tmp_path, *run, "--config.mesh=2,2,2", devices=8)
+    reference = _losses(tmp_path)
+    # Forget everything after step 3, then continue on one device and sample at the end.
+    subprocess.run(["rm", "-rf", str(tmp_path / "checkpoints" / "6")], check=True)
+    _train(tmp_path, *run, "--config.num_samples=1", "--config.sample_length=4")
+    resumed = _losses(tmp_path)
+    for step in range(4, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=2e-4), step
+    assert resumed[6] < resumed[1]
+    assert (tmp_path / "samples.txt").read_text().startswith("--- sample 0")
+    with open(tmp_path / "metrics.jsonl") as f:
+        first_steps = [r for r in map(json.loads, f) if "first_step_s" in r]
+    assert [r["step"] for r in first_steps] == [1, 4]  # each process times its own first step
+    assert all(r["first_step_s"] > 0 for r in first_steps)
+    model, _ = load_model_from_workdir(str(tmp_path))
+    assert model.cfg.scan_layers and model.blocks.mlp.up_proj.kernel.shape[0] == 2
+
+
 def test_dry_run_prints_parameters_without_training(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "--config=configs/gla_340m.py", "--dry_run"],
