@@ -135,30 +135,38 @@ def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=Fals
     def prepare(q, k, v, g, do):
         p = gpu.prepare(q, k, v, g, None, chunk)
         do_rows = jnp.swapaxes(p.layout.to_chunked(do), 1, 2)
-        return p.q, p.k, p.v, p.b, p.first_seq, p.last_seq, do_rows
+        return p.q, p.k, p.v, p.g, p.first_seq, p.last_seq, do_rows
 
-    prepared = jax.jit(prepare)(q, k, v, g, do)
-    pq, pk, pv, b, first, last, do_rows = prepared
+    pq, pk, pv, pg, first, last, do_rows = jax.jit(prepare)(q, k, v, g, do)
     rows, _, _, kp = pq.shape
     config = tuning.config_for(kp, pv.shape[-1], pq.dtype, interpret, rows * heads)
     h0 = jnp.zeros((rows, heads, kp, pv.shape[-1]), jnp.float32)
     common = dict(chunk=chunk, config=config, interpret=interpret)
+    cumsum = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=interpret))
+    b = cumsum(pg)
     states = jax.jit(lambda k, v, b, h0, f, e: gpu_forward.chunk_states(
         k, v, b, h0, f, e, state_dtype=pq.dtype, **common)[0])
     hs = states(pk, pv, b, h0, first, last)
+    scores = jax.jit(lambda q, k, b: gpu_forward.intra_scores(q, k, b, scale=scale, **common))
+    a = scores(pq, pk, b)
     stages = {
-        "prepare (XLA: layout, f32 gate cumsum)": (jax.jit(prepare), (q, k, v, g, do)),
+        "prepare (XLA: layout)": (jax.jit(prepare), (q, k, v, g, do)),
+        "gate_cumsum": (cumsum, (pg,)),
         "chunk_states": (states, (pk, pv, b, h0, first, last)),
-        "chunk_outputs": (jax.jit(lambda q, k, v, b, h: gpu_forward.chunk_outputs(
-            q, k, v, b, h, scale=scale, out_dtype=q.dtype, **common)), (pq, pk, pv, b, hs)),
+        "intra_scores": (scores, (pq, pk, b)),
+        "chunk_outputs": (jax.jit(lambda q, b, h, a, v: gpu_forward.chunk_outputs(
+            q, b, h, a, v, scale=scale, out_dtype=q.dtype, **common)), (pq, b, hs, a, pv)),
         "state_grads": (jax.jit(lambda q, do, b, d, f, e: gpu_backward.state_grads(
             q, do, b, d, f, e, scale=scale, state_dtype=q.dtype, **common)),
             (pq, do_rows, b, h0, first, last)),
-        "value_grads": (jax.jit(lambda q, k, b, do, dh: gpu_backward.value_grads(
-            q, k, b, do, dh, scale=scale, out_dtype=jnp.float32, **common)),
-            (pq, pk, b, do_rows, hs)),
-        "query_key_grads": (jax.jit(lambda q, k, b, v, do, h, dh: gpu_backward.query_key_grads(
-            q, k, b, v, do, h, dh, scale=scale, **common)), (pq, pk, b, pv, do_rows, hs, hs)),
+        "score_grads": (jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common)),
+                        (do_rows, pv)),
+        "value_grads": (jax.jit(lambda k, b, a, do, dh: gpu_backward.value_grads(
+            k, b, a, do, dh, out_dtype=k.dtype, **common)), (pk, b, a, do_rows, hs)),
+        "query_key_grads": (jax.jit(lambda q, k, b, v, do, h, dh, da:
+                                    gpu_backward.query_key_grads(
+                                        q, k, b, v, do, h, dh, da, scale=scale, **common)),
+                            (pq, pk, b, pv, do_rows, hs, hs, a)),
     }
     reps = dict(reps=2, inner=1) if interpret else {}
     for name, (fn, args) in stages.items():

@@ -1,9 +1,10 @@
 """Searches block sizes and launch settings of the Pallas GPU kernels and writes the tuning table.
 
 Each kernel family is timed on its own, with the others at the heuristic settings:
-  state  (chunk_states + state_grads): state_block_k, state_block_v, state_warps, state_stages
-  output (chunk_outputs + value_grads): output_block_v, output_warps, output_stages
-  grad   (query_key_grads):             grad_block_v, grad_warps, grad_stages
+  state  (chunk_states + state_grads):     state_block_k, state_block_v, state_warps, state_stages
+  scores (intra_scores + score_grads):     scores_warps, score_block_v
+  output (chunk_outputs + value_grads):    output_/value_ block_v, block_k, warps, stages
+  grad   (query_key_grads):                grad_block_k, grad_block_v, grad_warps, grad_stages
 The best candidate of each family goes into the table, keyed by padded (K, V, dtype).
 
   python benchmarks/tune_gpu.py --out $OUT      # writes $OUT/tuned_gpu.json and prints timings
@@ -30,13 +31,19 @@ FAMILIES = {
         for bk, bv, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2),
                              (128, 64, 8, 2), (32, 32, 4, 3)]
     ],
+    "scores": [
+        dict(scores_warps=w, diagonal_block_k=d) for w, d in itertools.product((2, 4, 8), (16, 32))
+    ],
     "output": [
-        dict(output_block_v=bv, output_warps=w, output_stages=2)
-        for bv, w in itertools.product((64, 128, 256), (4, 8))
+        dict(output_block_v=bv, output_block_k=bk, output_warps=w, output_stages=2,
+             value_block_v=bv, value_block_k=bk, value_warps=w, value_stages=2)
+        for bv, bk, w in [(64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 32, 4),
+                          (128, 32, 4)]
     ],
     "grad": [
-        dict(grad_block_v=bv, grad_warps=w, grad_stages=s)
-        for bv, w, s in [(64, 4, 1), (64, 8, 1), (128, 8, 1), (32, 4, 2)]
+        dict(grad_block_k=bk, grad_block_v=bv, grad_warps=w, grad_stages=s)
+        for bk, bv, w, s in [(32, 64, 4, 1), (32, 64, 8, 1), (16, 64, 4, 1), (32, 128, 4, 1),
+                             (64, 64, 8, 1), (32, 32, 4, 2)]
     ],
 }
 
@@ -47,10 +54,14 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
     h0 = jnp.zeros((p.q.shape[0], p.q.shape[2], p.q.shape[-1], p.v.shape[-1]), jnp.float32)
     state_dtype = p.q.dtype
     common = dict(chunk=chunk, config=config, interpret=False)
+    b = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=False))(p.g)
 
     def states(k, v, b, h0, first, last):
         return gpu_forward.chunk_states(k, v, b, h0, first, last, state_dtype=state_dtype,
                                         **common)[0]
+
+    def scores(q, k, b):
+        return gpu_forward.intra_scores(q, k, b, scale=scale, **common)
 
     if family == "state":
         def run(q, k, v, b, do, h0, first, last):
@@ -58,22 +69,27 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
                                              state_dtype=state_dtype, **common)
             return states(k, v, b, h0, first, last), grads
 
-        return jax.jit(run), (p.q, p.k, p.v, p.b, do_rows, h0, p.first_seq, p.last_seq)
-    hs = jax.jit(states)(p.k, p.v, p.b, h0, p.first_seq, p.last_seq)
+        return jax.jit(run), (p.q, p.k, p.v, b, do_rows, h0, p.first_seq, p.last_seq)
+    if family == "scores":
+        def run(q, k, b, v, do):
+            return scores(q, k, b), gpu_backward.score_grads(do, v, **common)
+
+        return jax.jit(run), (p.q, p.k, b, p.v, do_rows)
+    hs = jax.jit(states)(p.k, p.v, b, h0, p.first_seq, p.last_seq)
+    a = jax.jit(scores)(p.q, p.k, b)
     if family == "output":
-        def run(q, k, v, b, do, hs):
-            o = gpu_forward.chunk_outputs(q, k, v, b, hs, scale=scale, out_dtype=q.dtype,
+        def run(q, k, v, b, do, hs, a):
+            o = gpu_forward.chunk_outputs(q, b, hs, a, v, scale=scale, out_dtype=q.dtype,
                                           **common)
-            dv = gpu_backward.value_grads(q, k, b, do, hs, scale=scale, out_dtype=jnp.float32,
-                                          **common)
+            dv = gpu_backward.value_grads(k, b, a, do, hs, out_dtype=k.dtype, **common)
             return o, dv
 
-        return jax.jit(run), (p.q, p.k, p.v, p.b, do_rows, hs)
+        return jax.jit(run), (p.q, p.k, p.v, b, do_rows, hs, a)
 
-    def run(q, k, v, b, do, hs):
-        return gpu_backward.query_key_grads(q, k, b, v, do, hs, hs, scale=scale, **common)
+    def run(q, k, v, b, do, hs, a):
+        return gpu_backward.query_key_grads(q, k, b, v, do, hs, hs, a, scale=scale, **common)
 
-    return jax.jit(run), (p.q, p.k, p.v, p.b, do_rows, hs)
+    return jax.jit(run), (p.q, p.k, p.v, b, do_rows, hs, a)
 
 
 def fits(fields, key_dim, value_dim):
@@ -118,17 +134,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--shapes", default="16x128x128,4x256x512")
-    parser.add_argument("--families", default="state,output,grad")
+    parser.add_argument("--families", default="state,scores,output,grad")
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     table = {}
     for shape in args.shapes.split(","):
         heads, key_dim, value_dim = (int(x) for x in shape.split("x"))
         table[tuning.table_key(key_dim, value_dim, jnp.bfloat16)] = tune_shape(
             heads, key_dim, value_dim, args.families.split(",")
         )
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "tuned_gpu.json"), "w") as f:
-        json.dump(table, f, indent=1)
+        # Written after every shape, so a run cut short keeps what it finished.
+        with open(os.path.join(args.out, "tuned_gpu.json"), "w") as f:
+            json.dump(table, f, indent=1)
     print(json.dumps(table, indent=1))
 
 

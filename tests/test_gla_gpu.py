@@ -15,12 +15,15 @@ from pallas_kernels.gla import api, gpu, tuning
 from tests.gla_oracle import gla_oracle
 from tests.test_gla_ops import TOLERANCE, Case, _make_inputs, _rel_err
 
-# Tiles smaller than the head dims: several K and V tiles per state program, several V tiles per
-# output program and inside the gradient kernel.
+# Tiles smaller than the head dims: several K and V tiles per state program, several V tiles (grid)
+# and K pieces (loops) per output and value-gradient program, several K tiles (grid) and V pieces
+# (loop) per query/key-gradient program, several V pieces in the score-gradient loop.
 SMALL_TILES = tuning.GpuConfig(
     state_block_k=16, state_block_v=16, state_warps=4, state_stages=1,
-    output_block_v=16, output_warps=4, output_stages=1,
-    grad_block_v=16, grad_warps=4, grad_stages=1,
+    scores_warps=4, score_block_v=16, diagonal_block_k=16,
+    output_block_v=16, output_block_k=16, output_warps=4, output_stages=1,
+    value_block_v=16, value_block_k=16, value_warps=4, value_stages=1,
+    grad_block_k=16, grad_block_v=16, grad_warps=4, grad_stages=1,
 )
 
 
@@ -117,10 +120,11 @@ def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype):
 ])
 def test_every_kernel_lowers_through_triton(shape):
     module = _export_for_cuda(*shape)
-    # chunk_states (forward), chunk_outputs, chunk_states (backward recompute), state_grads,
-    # value_grads, query_key_grads.
-    assert module.count("__gpu$xla.gpu.triton") == 6
-    for name in ("gla_chunk_states", "gla_chunk_outputs", "gla_state_grads", "gla_value_grads",
+    # Forward: gate_cumsum, chunk_states, intra_scores, chunk_outputs; backward: the first three
+    # recomputed, then state_grads, score_grads, value_grads, query_key_grads.
+    assert module.count("__gpu$xla.gpu.triton") == 11
+    for name in ("gla_gate_cumsum", "gla_chunk_states", "gla_intra_scores", "gla_chunk_outputs",
+                 "gla_state_grads", "gla_score_grads", "gla_value_grads",
                  "gla_query_key_grads"):
         assert name in module
 

@@ -1,16 +1,14 @@
 """The 'pallas_gpu' backend: chunkwise GLA in Pallas kernels lowered through Triton.
 
 This file prepares the kernels' inputs and assembles their outputs; the kernels are in
-gpu_forward.py (chunk_states, chunk_outputs) and gpu_backward.py (state_grads, value_grads,
-query_key_grads); the gate gradient is assembled here from dL/db (``gate_grads``); block sizes come
-from tuning.py.
+gpu_forward.py (gate_cumsum, chunk_states, intra_scores, chunk_outputs) and gpu_backward.py
+(state_grads, score_grads, value_grads, query_key_grads); block sizes come from tuning.py.
 
 Inputs go to the time-major rows layout [B', Tp, H, D]: the chunk layout's head-major form
 transposed back, which XLA folds into nothing for equal-length rows with T a multiple of the chunk
 size, so the kernels then read the caller's arrays in place. Head dims are zero-padded to powers of
 two (>= 16), which the Triton lowering and tensor-core matmuls need; zero keys, values and log
-gates leave the result unchanged. The chunk-local cumulative log gates b are computed once in
-float32 by XLA and read by every kernel.
+gates leave the result unchanged.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ class Prepared:
     q: jax.Array  # [B', Tp, H, Kp] in the compute dtype
     k: jax.Array
     v: jax.Array  # [B', Tp, H, Vp]
-    b: jax.Array  # [B', Tp, H, Kp] float32 chunk-local cumulative log gates
+    g: jax.Array  # [B', Tp, H, Kp] log gates as given
     first_seq: jax.Array  # [B', NC] int32
     last_seq: jax.Array  # [B', NC] int32: the sequence whose last chunk this is, else -1
     key_dim: int
@@ -74,18 +72,16 @@ def prepare(q, k, v, g, cu_seqlens, chunk) -> Prepared:
     kp, vp = padded_dim(key_dim), padded_dim(value_dim)
     q_rows, k_rows = (_to_rows(layout, x.astype(dtype), kp) for x in (q, k))
     v_rows = _to_rows(layout, v.astype(dtype), vp)
-    g_rows = _to_rows(layout, g.astype(jnp.float32), kp)
-    rows, padded_len, heads, _ = g_rows.shape
-    num_chunks = padded_len // chunk
-    b = jnp.cumsum(g_rows.reshape(rows, num_chunks, chunk, heads, kp), axis=2)
-    b = b.reshape(g_rows.shape)
-    flat = rows * num_chunks
+    g_rows = _to_rows(layout, g, kp)
+    rows, padded_len = g_rows.shape[:2]
+    flat = rows * (padded_len // chunk)
     ends = jnp.where(layout.seq_last_chunk >= 0, layout.seq_last_chunk, flat)
     last_seq = jnp.full((flat,), -1, jnp.int32).at[ends].set(
         jnp.arange(ends.shape[0], dtype=jnp.int32), mode="drop"
     )
-    return Prepared(layout, q_rows, k_rows, v_rows, b, layout.chunk_first_seq.astype(jnp.int32),
-                    last_seq.reshape(rows, num_chunks), key_dim, value_dim)
+    return Prepared(layout, q_rows, k_rows, v_rows, g_rows,
+                    layout.chunk_first_seq.astype(jnp.int32), last_seq.reshape(rows, -1),
+                    key_dim, value_dim)
 
 
 def _state_dtype(dtype):
@@ -100,10 +96,10 @@ def _config(p: Prepared, opts, config):
     return tuning.config_for(kp, p.v.shape[-1], p.q.dtype, opts.interpret, rows * heads)
 
 
-def _states(p: Prepared, initial_state, opts, config):
+def _states(p: Prepared, b, initial_state, opts, config):
     h0 = _pad_state(initial_state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
     states, final = gpu_forward.chunk_states(
-        p.k, p.v, p.b, h0, p.first_seq, p.last_seq, chunk=opts.chunk_size,
+        p.k, p.v, b, h0, p.first_seq, p.last_seq, chunk=opts.chunk_size,
         state_dtype=_state_dtype(p.q.dtype), config=config, interpret=opts.interpret,
     )
     empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
@@ -111,13 +107,23 @@ def _states(p: Prepared, initial_state, opts, config):
     return states, final
 
 
+def _recompute(p: Prepared, initial_state, opts, config):
+    """What forward and backward both start from: b, the chunk states and the scores A."""
+    chunk, interpret = opts.chunk_size, opts.interpret
+    b = gpu_forward.gate_cumsum(p.g, chunk=chunk, interpret=interpret)
+    states, final = _states(p, b, initial_state, opts, config)
+    scores = gpu_forward.intra_scores(p.q, p.k, b, chunk=chunk, scale=opts.scale, config=config,
+                                      interpret=interpret)
+    return b, states, final, scores
+
+
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    states, final = _states(p, initial_state, opts, config)
+    b, states, final, scores = _recompute(p, initial_state, opts, config)
     o = gpu_forward.chunk_outputs(
-        p.q, p.k, p.v, p.b, states, chunk=opts.chunk_size, scale=opts.scale,
-        out_dtype=q.dtype, config=config, interpret=opts.interpret,
+        p.q, b, states, scores, p.v, chunk=opts.chunk_size, scale=opts.scale, out_dtype=q.dtype,
+        config=config, interpret=opts.interpret,
     )
     return _from_rows(p.layout, o, p.value_dim), final
 
@@ -127,57 +133,29 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     config = _config(p, opts, config)
     kp, vp = p.q.shape[-1], p.v.shape[-1]
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
-    states, final = _states(p, initial_state, opts, config)
+    b, states, _, scores = _recompute(p, initial_state, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), vp)
     dfinal_padded = _pad_state(dfinal.astype(jnp.float32), kp, vp)
     dstates, dh0 = gpu_backward.state_grads(
-        p.q, do_rows, p.b, dfinal_padded, p.first_seq, p.last_seq, chunk=chunk, scale=scale,
+        p.q, do_rows, b, dfinal_padded, p.first_seq, p.last_seq, chunk=chunk, scale=scale,
         state_dtype=_state_dtype(p.q.dtype), config=config, interpret=interpret,
     )
     dv = gpu_backward.value_grads(
-        p.q, p.k, p.b, do_rows, dstates, chunk=chunk, scale=scale, out_dtype=jnp.float32,
-        config=config, interpret=interpret,
-    )
-    dq, dk, db = gpu_backward.query_key_grads(
-        p.q, p.k, p.b, p.v, do_rows, states, dstates, chunk=chunk, scale=scale, config=config,
+        p.k, b, scores, do_rows, dstates, chunk=chunk, out_dtype=p.v.dtype, config=config,
         interpret=interpret,
     )
-    decay_grads = chunk_decay_grads(p, states, dstates, final)
-    dg = gate_grads(p, db[..., : p.key_dim], decay_grads)
+    dscores = gpu_backward.score_grads(do_rows, p.v, chunk=chunk, config=config,
+                                       interpret=interpret)
+    dq, dk, dg = gpu_backward.query_key_grads(
+        p.q, p.k, b, p.v, do_rows, states, dstates, dscores, chunk=chunk, scale=scale,
+        config=config, interpret=interpret,
+    )
     # An empty sequence's final state is its initial state.
     empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
     dh0 = jnp.where(empty, dfinal.astype(jnp.float32), dh0[..., : p.key_dim, : p.value_dim])
     unpad = lambda x, width: _from_rows(p.layout, x, width)  # noqa: E731
-    return unpad(dq, p.key_dim), unpad(dk, p.key_dim), unpad(dv, p.value_dim), \
-        _from_rows(p.layout, dg, p.key_dim), dh0
-
-
-def chunk_decay_grads(p: Prepared, states, dstates, final):
-    """rowsum(S_after * dH) per chunk [B', NC, H, K]: the gradient of the chunk's total log decay
-    b_last (S_after, the state leaving the chunk, is the next chunk's entering state, or the
-    sequence's final state at its last chunk)."""
-    rows, num_chunks = p.first_seq.shape
-    key_dim, value_dim = p.key_dim, p.value_dim
-    following = jnp.concatenate([states[:, 1:], states[:, -1:]], axis=1)
-    following = following[..., :key_dim, :value_dim].astype(jnp.float32)
-    ends = p.last_seq >= 0
-    final_of_chunk = final[jnp.maximum(p.last_seq, 0)]  # [B', NC, H, K, V]
-    after = jnp.where(ends[:, :, None, None, None], final_of_chunk, following)
-    return jnp.sum(after * dstates[..., :key_dim, :value_dim].astype(jnp.float32), axis=-1)
-
-
-def gate_grads(p: Prepared, db, decay_grads):
-    """dg from dL/db (b = chunk-local cumulative log gates): dg_t = sum_{i >= t in its chunk}
-    dL/db_i + the chunk's decay gradient (b_last includes every gate of the chunk).
-
-    Kept chunk-local on purpose: the equivalent reverse sum over the whole sequence accumulates
-    rounding over thousands of positions (bf16 dg errors grew with T that way).
-    """
-    rows, padded_len, heads, key_dim = db.shape
-    chunk = p.layout.chunk_size
-    x = db.reshape(rows, padded_len // chunk, chunk, heads, key_dim)
-    within = jnp.flip(jnp.cumsum(jnp.flip(x, 2), 2), 2)
-    return (within + decay_grads[:, :, None]).reshape(db.shape)
+    return (unpad(dq, p.key_dim), unpad(dk, p.key_dim), unpad(dv, p.value_dim),
+            unpad(dg, p.key_dim), dh0)
 
 
 class GpuBackend:

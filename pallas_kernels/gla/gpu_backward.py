@@ -1,26 +1,29 @@
 """Backward Pallas kernels for chunkwise GLA, lowered through Triton.
 
-The backward recomputes the chunk states with the forward's ``chunk_states`` kernel, then:
+The backward recomputes b (``gate_cumsum``), the chunk states (``chunk_states``) and the intra-chunk
+scores A (``intra_scores``) with the forward's kernels, then:
 
 * ``state_grads``: per (row, head, K tile, V tile), a reverse walk over the chunks computes dH_c,
   the gradient of the state *leaving* chunk c: ``dfinal[seq]`` where chunk c is a sequence's last
   chunk, else the gradient entering chunk c + 1, which is
   ``exp(b_last) * dH + (q * scale * exp(b))^T @ do``. At a sequence's first chunk that entering
   gradient is the gradient of its initial state.
-* ``value_grads``: one program per (16-row sub-chunk, row * head, V tile):
-  ``dv_J = (k_J * exp(b_last - b_J)) @ dH + sum_{I >= J} A_IJ^T @ do_I``.
-* ``query_key_grads``: one program per (16-row sub-chunk P, row * head), whole K, looping over V
-  tiles for ``do_P @ h^T``, ``v_P @ dH^T`` and the rows and columns of P in ``dA = do @ v^T``; then
-  the intra-chunk parts of dq_P and dk_P from dA with the forward's secondary-level chunking, and
-  dL/db_P for the gate gradient.
+* ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, float32.
+* ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head, V tile).
+* ``query_key_grads``: per (chunk, row * head, K tile): the inter-chunk terms ``do @ h^T`` and
+  ``v @ dH^T``, then the intra-chunk terms from dA with the forward's secondary-level chunking
+  (off-diagonal sub-blocks as matmuls around a reference row, diagonal sub-blocks in log space),
+  and the gate gradient dg of the chunk.
 
 The gate gradient. With b the chunk-local cumulative sum of g, every use of b is a factor
 exp(+b_i) on a query side or exp(-b_j) on a key side, so dL/db_i = q_i * dq_i - k_i * dk_i
 (q scaled; dq, dk the full gradients of the scaled query and the key), plus, at the chunk's last
-position, the decay of the whole chunk: rowsum(S_after * dH) with S_after the state leaving the
-chunk. Since b_i = sum_{t <= i} g_t, dg_t is the reverse cumulative sum of dL/db over the chunk,
-and the last-position term is added to every position of the chunk. gpu.py assembles it
-(``chunk_decay_grads``, ``gate_grads``).
+position, the gradient of the chunk's total decay b_last. That one is rowsum(S_after * dH), and
+since S_after = exp(b_last) * h + (k * exp(b_last - b))^T v, it equals
+``exp(b_last) * rowsum(h * dH) + sum_t k_t * dk_inter_t`` from terms the kernel already has.
+Since b_i = sum_{t <= i} g_t, dg_t is the reverse cumulative sum of dL/db over the chunk, plus
+the last-position term at every position. Kept chunk-local on purpose: a reverse sum over the
+whole sequence accumulates rounding over thousands of positions.
 """
 
 from __future__ import annotations
@@ -31,21 +34,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gla.gpu_forward import (
     F32,
-    diagonal_decay,
-    diagonal_scores,
+    chunk_spec,
+    decay,
+    diagonal_decays,
     mm,
     mm_nt,
     mm_tn,
-    off_diagonal_scores,
+    params,
     row,
-    row_block,
+    rows,
+    safe_decay,
     split_rows,
     state_scan_call,
-    sub_block_specs,
+    state_spec,
     sub_chunk,
 )
 
@@ -69,11 +73,10 @@ def _state_grads_kernel(
             seq_end >= 0, lambda: dfinal_ref[jnp.maximum(seq_end, 0), head, ks, vs], lambda: grad
         )
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
-        rows = pl.ds(c * chunk, chunk)
-        b = b_ref[rows, :]
-        b_last = row(b_ref, c * chunk + chunk - 1)
-        q_decayed = q_ref[rows, :].astype(F32) * (scale * jnp.exp(b))
-        grad = grad * jnp.exp(b_last).T + mm_tn(q_decayed, do_ref[rows, :], dtype)
+        start = c * chunk
+        b_last = row(b_ref, start + chunk - 1)
+        q_decayed = rows(q_ref, start, chunk) * (scale * decay(rows(b_ref, start, chunk)))
+        grad = grad * decay(b_last).T + mm_tn(q_decayed, do_ref[pl.ds(start, chunk), :], dtype)
         seq = first_ref[batch_row, c]
 
         @pl.when(seq >= 0)
@@ -100,54 +103,72 @@ def state_grads(q, do, b, dfinal, first_seq, last_seq, *, chunk, scale, state_dt
 
 
 # --------------------------------------------------------------------------------------------
+# score_grads
+# --------------------------------------------------------------------------------------------
+
+
+def _score_grads_kernel(do_ref, v_ref, da_ref, *, block_v, dtype):
+    chunk, value_dim = do_ref.shape
+    da = jnp.zeros((chunk, chunk), F32)
+    for t in range(value_dim // block_v):
+        vs = pl.ds(t * block_v, block_v)
+        da += mm_nt(do_ref[:, vs], v_ref[:, vs], dtype)
+    causal = (lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+              >= lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1))
+    da_ref[...] = jnp.where(causal, da, 0.0)
+
+
+def score_grads(do, v, *, chunk, config, interpret):
+    """dA [B', Tp, H, C] float32: do @ v^T within each chunk, zero above the diagonal."""
+    rows_, padded_len, heads, value_dim = v.shape
+    value = chunk_spec(chunk, heads, value_dim)
+    return pl.pallas_call(
+        functools.partial(_score_grads_kernel, block_v=min(config.score_block_v, value_dim),
+                          dtype=v.dtype),
+        out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[value, value],
+        out_specs=chunk_spec(chunk, heads, chunk),
+        compiler_params=params(config.scores_warps, 1),
+        interpret=interpret,
+        name="gla_score_grads",
+    )(do, v)
+
+
+# --------------------------------------------------------------------------------------------
 # value_grads
 # --------------------------------------------------------------------------------------------
 
 
-def _value_grads_kernel(q_ref, k_ref, b_ref, do_ref, dstate_ref, dv_ref, *, scale, parts,
-                        dtype):
-    """One program: dv for the S rows of sub-chunk J of one chunk, one V tile.
-
-    dv_J = (k_J exp(b_last - b_J)) @ dH + sum_{I >= J} A_IJ^T @ do_I.
-    """
-    sub = dv_ref.shape[0]
-    chunk = q_ref.shape[0]
-    block = pl.program_id(0) % parts
-    base = block * sub
-    k = row_block(k_ref, base, sub)
-    b = row_block(b_ref, base, sub)
-    b_last = row(b_ref, chunk - 1)
-    dv = mm(k * jnp.exp(b_last - b), dstate_ref[...], dtype)
-    for later in range(1, parts):  # sub-chunks after J (masked when later <= J)
-        rows = later * sub
-        scores = off_diagonal_scores(row_block(q_ref, rows, sub) * scale,
-                                     row_block(b_ref, rows, sub), row(b_ref, rows), k, b, dtype)
-        contribution = mm_tn(scores, do_ref[pl.ds(rows, sub), :], dtype)
-        dv += jnp.where(later > block, contribution, 0.0)
-    q = row_block(q_ref, base, sub) * scale
-    diagonal = diagonal_scores(q, b, k_ref, b_ref, base, sub)
-    dv += mm_tn(diagonal, do_ref[pl.ds(base, sub), :], dtype)
+def _value_grads_kernel(k_ref, b_ref, a_ref, do_ref, dh_ref, dv_ref, *, block_k, dtype):
+    chunk, key_dim = k_ref.shape
+    dv = mm_tn(a_ref[...], do_ref[...], dtype)  # intra-chunk: A^T @ do
+    for t in range(key_dim // block_k):  # through the state leaving the chunk
+        ks = pl.ds(t * block_k, block_k)
+        b_last = row(b_ref, chunk - 1, ks)
+        k_to_end = k_ref[:, ks].astype(F32) * decay(b_last - b_ref[:, ks])
+        dv += mm(k_to_end, dh_ref[ks, :], dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def value_grads(q, k, b, do, dstates, *, chunk, scale, out_dtype, config, interpret):
-    rows, padded_len, heads, key_dim = q.shape
+def value_grads(k, b, scores, do, dstates, *, chunk, out_dtype, config, interpret):
+    rows_, padded_len, heads, key_dim = k.shape
     value_dim = do.shape[-1]
-    block_v = min(config.output_block_v, value_dim)
-    sub = sub_chunk(chunk)
-    key, value, state, out_value, _ = sub_block_specs(chunk, heads, key_dim, block_v)
+    block_v = min(config.value_block_v, value_dim)
+    key = chunk_spec(chunk, heads, key_dim)
+    value = chunk_spec(chunk, heads, block_v, tiled=True)
     return pl.pallas_call(
-        functools.partial(_value_grads_kernel, scale=scale, parts=chunk // sub, dtype=q.dtype),
-        out_shape=jax.ShapeDtypeStruct((rows, padded_len, heads, value_dim), out_dtype),
-        grid=(padded_len // sub, rows * heads, value_dim // block_v),
-        in_specs=[key, key, key, value, state],
-        out_specs=out_value,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.output_warps, num_stages=config.output_stages
-        ),
+        functools.partial(_value_grads_kernel, block_k=min(config.value_block_k, key_dim),
+                          dtype=k.dtype),
+        out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
+        grid=(padded_len // chunk, rows_ * heads, value_dim // block_v),
+        in_specs=[key, key, chunk_spec(chunk, heads, chunk), value,
+                  state_spec(key_dim, block_v, heads, "v")],
+        out_specs=value,
+        compiler_params=params(config.value_warps, config.value_stages),
         interpret=interpret,
         name="gla_value_grads",
-    )(q, k, b, do, dstates)
+    )(k, b, scores, do, dstates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,106 +176,90 @@ def value_grads(q, k, b, do, dstates, *, chunk, scale, out_dtype, config, interp
 # --------------------------------------------------------------------------------------------
 
 
-def _inter_chunk_terms(v_ref, do_ref, h_ref, dstate_ref, base, sub, block_v, dtype):
-    """Over all V tiles: do_P @ h^T, v_P @ dH^T, and the dA = do @ v^T rows and columns of
-    sub-chunk P (rows P against every column; every row against columns P)."""
-    chunk = v_ref.shape[0]
-    key_dim = h_ref.shape[0]
-    num_tiles = v_ref.shape[-1] // block_v
-
-    def tile(t, carry):
-        dq_inter, dk_state, ds_rows, ds_cols = carry
+def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
+    """Over all V tiles: do @ h^T, v @ dH^T [C, BK] and rowsum(h * dH) [1, BK]."""
+    chunk, value_dim = v_ref.shape
+    block_k = h_ref.shape[0]
+    dq = jnp.zeros((chunk, block_k), F32)
+    dk = jnp.zeros((chunk, block_k), F32)
+    h_dh = jnp.zeros((1, block_k), F32)
+    for t in range(value_dim // block_v):
         vs = pl.ds(t * block_v, block_v)
-        do_p, v_p = do_ref[pl.ds(base, sub), vs], v_ref[pl.ds(base, sub), vs]
-        do, v = do_ref[:, vs], v_ref[:, vs]
-        return (
-            dq_inter + mm_nt(do_p, h_ref[:, vs], dtype),
-            dk_state + mm_nt(v_p, dstate_ref[:, vs], dtype),
-            ds_rows + mm_nt(do_p, v, dtype),
-            ds_cols + mm_nt(do, v_p, dtype),
-        )
-
-    init = (
-        jnp.zeros((sub, key_dim), F32),
-        jnp.zeros((sub, key_dim), F32),
-        jnp.zeros((sub, chunk), F32),
-        jnp.zeros((chunk, sub), F32),
-    )
-    if num_tiles == 1:
-        return tile(0, init)
-    return lax.fori_loop(0, num_tiles, tile, init)
+        h, dh = h_ref[:, vs], dh_ref[:, vs]
+        dq += mm_nt(do_ref[:, vs], h, dtype)
+        dk += mm_nt(v_ref[:, vs], dh, dtype)
+        h_dh += jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)[None, :]
+    return dq, dk, h_dh
 
 
 def _query_key_grads_kernel(
-    q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dstate_ref, dq_ref, dk_ref, db_ref,
-    *, scale, parts, block_v, dtype,
+    q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref, dq_ref, dk_ref, dg_ref,
+    *, scale, block_v, dtype,
 ):
-    """One program: dq, dk and dL/db for the S rows of sub-chunk P of one chunk."""
-    sub = dq_ref.shape[0]
     chunk = q_ref.shape[0]
-    block = pl.program_id(0) % parts
-    base = block * sub
-    dq_inter, dk_state, ds_rows, ds_cols = _inter_chunk_terms(
-        v_ref, do_ref, h_ref, dstate_ref, base, sub, block_v, dtype
-    )
-    q = row_block(q_ref, base, sub) * scale
-    k = row_block(k_ref, base, sub)
-    b = row_block(b_ref, base, sub)
-    b_last = row(b_ref, chunk - 1)
-    dq = dq_inter * jnp.exp(b)  # gradient of the scaled query
-    dk = dk_state * jnp.exp(b_last - b)
-
-    # Off-diagonal: dq_P from columns before P (factorized around P's first position r_P);
-    # dk_P from every later sub-chunk I (factorized around r_I).
-    cols = lax.broadcasted_iota(jnp.int32, (sub, chunk), 1)
-    b_ref_row = row(b_ref, base)
-    k_decay = jnp.exp(jnp.minimum(b_ref_row - b_ref[...], 0.0))  # [C, K]
-    ds_before = jnp.where(cols < base, ds_rows, 0.0)
-    dq += mm(ds_before, k_ref[...].astype(F32) * k_decay, dtype) * jnp.exp(b - b_ref_row)
-    for later, ds_block in enumerate(split_rows(ds_cols, parts)):
-        if later == 0:
-            continue
-        rows = later * sub
-        r_row = row(b_ref, rows)
-        q_hat = row_block(q_ref, rows, sub) * scale * jnp.exp(row_block(b_ref, rows, sub) - r_row)
-        contribution = mm_tn(ds_block, q_hat, dtype) * jnp.exp(jnp.minimum(r_row - b, 0.0))
-        dk += jnp.where(later > block, contribution, 0.0)
-
-    # Diagonal sub-block, float32 in log space, one (unrolled) column j at a time.
-    sub_rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
-    dk_diag = jnp.zeros((sub, q.shape[1]), F32)
-    for j in range(sub):
-        decay = diagonal_decay(b, row(b_ref, base + j), sub, j)
-        d_col = jnp.sum(jnp.where(cols == base + j, ds_rows, 0.0), axis=1, keepdims=True)
-        weight = d_col * decay  # dA_ij exp(b_i - b_j), zero for i < j
-        dq += weight * row(k_ref, base + j)
-        dk_diag = jnp.where(sub_rows == j, jnp.sum(weight * q, axis=0, keepdims=True), dk_diag)
-    dk += dk_diag
-
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    # dL/db for the gate gradient (gpu.py reverse-accumulates it over the chunk).
-    db_ref[...] = q * dq - k * dk
-
-
-def query_key_grads(q, k, b, v, do, states, dstates, *, chunk, scale, config, interpret):
-    """dq, dk [B', Tp, H, K] in q's dtype and dL/db [B', Tp, H, K] float32."""
-    rows, padded_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    block_v = min(config.grad_block_v, value_dim)
     sub = sub_chunk(chunk)
-    key, value, state, _, out_key = sub_block_specs(chunk, heads, key_dim, value_dim)
+    parts = chunk // sub
+    dq_inter, dk_inter, h_dh = _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype)
+    b = b_ref[...]
+    b_last = row(b_ref, chunk - 1)
+    dq_inter = dq_inter * decay(b)  # gradient of the scaled query
+    dk_inter = dk_inter * decay(b_last - b)
+    # dL/db_last: the chunk's total decay (module docstring).
+    carry = decay(b_last) * h_dh + jnp.sum(k_ref[...].astype(F32) * dk_inter, axis=0,
+                                           keepdims=True)
+    dq_parts, dk_parts = split_rows(dq_inter, parts), split_rows(dk_inter, parts)
+    def q_rows(start, size):
+        return rows(q_ref, start, size) * scale
+
+    for p in reversed(range(parts)):  # last sub-chunk first: dg is a reverse cumsum
+        base = p * sub
+        own = pl.ds(base, sub)
+        q, k, b_p = q_rows(base, sub), rows(k_ref, base, sub), rows(b_ref, base, sub)
+        dq, dk = dq_parts[p], dk_parts[p]
+        # Off-diagonal, columns J < P, around r = the first row of P.
+        if p > 0:
+            b_r = row(b_ref, base)
+            acc = jnp.zeros_like(dq)
+            for j in range(p):
+                k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
+                acc += mm(da_ref[own, pl.ds(j * sub, sub)], k_hat, dtype)
+            dq += acc * decay(b_p - b_r)
+        # Off-diagonal, rows of every later sub-chunk I, around r = the first row of I.
+        for i in range(p + 1, parts):
+            b_r = row(b_ref, i * sub)
+            q_hat = q_rows(i * sub, sub) * decay(rows(b_ref, i * sub, sub) - b_r)
+            dk += mm_tn(da_ref[pl.ds(i * sub, sub), own], q_hat, dtype) * safe_decay(b_r - b_p)
+        # Diagonal sub-block in log space, all (i, j, d) at once: dq from columns j <= i, dk
+        # from rows i >= j (dA is zero above the diagonal, which masks both).
+        weights = da_ref[own, own][:, :, None] * diagonal_decays(b_p, b_p)  # [S, S, BK]
+        dq += jnp.sum(weights * k[None, :, :], axis=1)
+        dk += jnp.sum(weights * q[:, None, :], axis=0)
+        dq_ref[own, :] = (dq * scale).astype(dq_ref.dtype)
+        dk_ref[own, :] = dk.astype(dk_ref.dtype)
+        db = q * dq - k * dk
+        total = jnp.sum(db, axis=0, keepdims=True)
+        dg_ref[own, :] = carry + total - jnp.cumsum(db, axis=0) + db
+        carry += total
+
+
+def query_key_grads(q, k, b, v, do, states, dstates, dscores, *, chunk, scale, config,
+                    interpret):
+    """dq, dk [B', Tp, H, K] in q's dtype and dg [B', Tp, H, K] float32."""
+    rows_, padded_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    block_k = min(config.grad_block_k, key_dim)
+    key = chunk_spec(chunk, heads, block_k, tiled=True)
+    value = chunk_spec(chunk, heads, value_dim)
+    state = state_spec(block_k, value_dim, heads, "k")
     out = jax.ShapeDtypeStruct(q.shape, q.dtype)
     return pl.pallas_call(
-        functools.partial(_query_key_grads_kernel, scale=scale, parts=chunk // sub,
-                          block_v=block_v, dtype=q.dtype),
+        functools.partial(_query_key_grads_kernel, scale=scale,
+                          block_v=min(config.grad_block_v, value_dim), dtype=q.dtype),
         out_shape=(out, out, jax.ShapeDtypeStruct(q.shape, F32)),
-        grid=(padded_len // sub, rows * heads, 1),
-        in_specs=[key, key, key, value, value, state, state],
-        out_specs=(out_key, out_key, out_key),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.grad_warps, num_stages=config.grad_stages
-        ),
+        grid=(padded_len // chunk, rows_ * heads, key_dim // block_k),
+        in_specs=[key, key, key, value, value, state, state, chunk_spec(chunk, heads, chunk)],
+        out_specs=(key, key, key),
+        compiler_params=params(config.grad_warps, config.grad_stages),
         interpret=interpret,
         name="gla_query_key_grads",
-    )(q, k, b, v, do, states, dstates)
+    )(q, k, b, v, do, states, dstates, dscores)

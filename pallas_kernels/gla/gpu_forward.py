@@ -2,29 +2,34 @@
 
 All kernels read the time-major rows layout ``[B', Tp, H, D]`` (``gpu.py`` builds it from the chunk
 layout; for equal-length rows whose T is a multiple of the chunk size it is the caller's array
-itself, so no transpose or copy is made). ``b`` is the chunk-local inclusive cumulative sum of the
-log gates in float32, ``[B', Tp, H, K]``.
+itself, so no transpose or copy is made). One program owns one chunk of one (row, head), or a tile
+of it, so every chunk is read from HBM once per kernel and the chunk axis is parallel.
 
-Two kernels make the forward:
+Four kernels make the forward:
 
+* ``gate_cumsum``: b, the chunk-local inclusive cumulative sum of the log gates, in float32 and in
+  log2 units (``b = log2(e) * cumsum(g)``), so that every decay is one ``exp2``: the hardware's
+  fast exponential, where ``exp`` would be a multi-instruction library routine.
 * ``chunk_states``: one program per (row, head, K tile, V tile) walks the chunks in order and
   stores the state entering every chunk (``[B', NC, H, K, V]``), resetting to a sequence's initial
   state at the chunk where it starts and writing each sequence's final state at its last chunk.
-* ``chunk_outputs``: fully parallel, one program per (16-row sub-chunk, row * head, V tile): the
-  inter-chunk term ``(q * exp(b)) @ h`` plus the intra-chunk term ``A @ v`` with the gated causal
-  scores ``A`` of those rows. Small programs keep few values live (no register spills) and give
-  the GPU many programs to hide load latency with.
+* ``intra_scores``: the gated causal scores of each chunk, ``A [B', Tp, H, C]`` (float32, scale
+  included), once per chunk and head. Secondary-level chunking (sub-chunks of 16): an
+  off-diagonal sub-block (rows of sub-chunk I against columns of sub-chunk J < I) is factorized
+  around the first position r of sub-chunk I, so both factors ``exp(b_i - b_r)`` and
+  ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul; only the diagonal sub-blocks are
+  computed in float32 in log space, all (i, j) pairs at once as a [16, 16, K piece] block.
+* ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head, V tile): two
+  tensor-core matmuls, no gate arithmetic beyond one exponential per query element.
 
-The scores use secondary-level chunking (sub-chunks of 16): an off-diagonal sub-block (rows in
-sub-chunk I, columns before it) is factorized around the first position r of sub-chunk I, so both
-factors ``exp(b_i - b_r)`` and ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul; only
-the diagonal sub-blocks are computed in float32 in log space, one column at a time. Every exponent
-is clamped at 0 before ``exp`` so masked entries can never overflow.
+Every exponent that could be positive for a masked entry is clamped at 0 first, so nothing
+overflows.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 SUB_CHUNK = 16
+LOG2E = math.log2(math.e)
 # The marker for a squeezed block dimension (older jax spelled it None).
 SQUEEZED = getattr(pl, "squeezed", None) or (pl.Squeezed() if hasattr(pl, "Squeezed") else None)
 F32 = jnp.float32
@@ -65,6 +71,16 @@ def mm_nt(a, b, dtype):
     return _dot(a, b, ((1,), (1,)), dtype)
 
 
+def decay(x):
+    """2 ** x for log2-unit gate differences (the fast hardware exponential)."""
+    return jnp.exp2(x)
+
+
+def safe_decay(x):
+    """2 ** min(x, 0): a decay that is <= 1 where it is used and harmless where it is masked."""
+    return jnp.exp2(jnp.minimum(x, 0.0))
+
+
 def split_rows(x, parts: int):
     """Equal row blocks of a value (Triton has no general value slicing, but it has split)."""
     if parts == 1:
@@ -72,56 +88,71 @@ def split_rows(x, parts: int):
     return list(lax.split(x, [x.shape[0] // parts] * parts, axis=0))
 
 
-def row(ref, index):
+def rows(ref, start, size, cols=slice(None)):
+    """Rows [start, start + size) of a 2-D ref as float32."""
+    return ref[pl.ds(start, size), cols].astype(F32)
+
+
+def row(ref, index, cols=slice(None)):
     """Row ``index`` of a 2-D ref as a [1, D] float32 value."""
-    return ref[pl.ds(index, 1), :].astype(F32)
+    return rows(ref, index, 1, cols)
 
 
 def sub_chunk(chunk: int) -> int:
     return min(SUB_CHUNK, chunk)
 
 
-def diagonal_decay(b_rows, b_col, sub: int, col: int):
-    """exp(b_i - b_j) for the rows i of a sub-chunk and its column j; zero above the diagonal.
-
-    b_rows: [S, K]; b_col: [1, K]. The exponent is clamped at 0 first, so nothing overflows.
-    """
-    keep = lax.broadcasted_iota(jnp.int32, (sub, 1), 0) >= col
-    return jnp.where(keep, jnp.exp(jnp.minimum(b_rows - b_col, 0.0)), 0.0)
-
-
-def row_block(ref, base, sub: int):
-    """Rows [base, base + sub) of a 2-D ref as float32."""
-    return ref[pl.ds(base, sub), :].astype(F32)
-
-
-def diagonal_scores(q_rows, b_rows, k_ref, b_ref, base, sub: int):
-    """The diagonal sub-block A[i, j] = sum_d q_id k_jd exp(b_id - b_jd), j <= i, in float32.
-
-    q_rows, b_rows: [S, K] rows of the block (q scaled); columns are read one row at a time from
-    k_ref and b_ref at ``base + j``. The loop is unrolled so all those row loads can be issued
-    up front instead of one latency per column. Returns [S, S].
-    """
-    cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
-    scores = jnp.zeros((sub, sub), F32)
-    for j in range(sub):
-        decay = diagonal_decay(b_rows, row(b_ref, base + j), sub, j)
-        column = jnp.sum(q_rows * row(k_ref, base + j) * decay, axis=1, keepdims=True)
-        scores = jnp.where(cols == j, column, scores)
-    return scores
-
-
-def off_diagonal_scores(q_rows, b_rows, b_ref_row, k, b, dtype):
-    """Scores of block rows against keys ``k`` [N, K] that all come before the block's first
-    position r: (q exp(b - b_r)) @ (k exp(b_r - b_k))^T, both factors <= 1. Returns [S, N]."""
-    q_hat = q_rows * jnp.exp(b_rows - b_ref_row)
-    k_hat = k * jnp.exp(jnp.minimum(b_ref_row - b, 0.0))
-    return mm_nt(q_hat, k_hat, dtype)
-
-
 def whole(shape):
     """A whole-array block (kernels index it with data-dependent sequence numbers)."""
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def chunk_spec(chunk, heads, width, tiled=False):
+    """[C, width] blocks of a [B', Tp, H, D] array, for a grid (chunk, row * head[, tile])."""
+    if tiled:
+        return pl.BlockSpec((SQUEEZED, chunk, SQUEEZED, width),
+                            lambda c, bh, t: (bh // heads, c, bh % heads, t))
+    return pl.BlockSpec((SQUEEZED, chunk, SQUEEZED, width),
+                        lambda c, bh, *_: (bh // heads, c, bh % heads, 0))
+
+
+def state_spec(key_block, value_block, heads, tile_axis=None):
+    """The [BK, BV] block of a chunk's state in [B', NC, H, K, V], for a grid (chunk, row * head,
+    tile); ``tile_axis`` says which of K or V the grid's third axis tiles."""
+    def index(c, bh, t=0):
+        kt, vt = (t, 0) if tile_axis == "k" else (0, t) if tile_axis == "v" else (0, 0)
+        return (bh // heads, c, bh % heads, kt, vt)
+
+    return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, key_block, value_block), index)
+
+
+def params(warps, stages):
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+# --------------------------------------------------------------------------------------------
+# gate_cumsum
+# --------------------------------------------------------------------------------------------
+
+
+def _gate_cumsum_kernel(g_ref, b_ref):
+    b_ref[...] = jnp.cumsum(g_ref[...].astype(F32) * LOG2E, axis=0)
+
+
+def gate_cumsum(g, *, chunk, interpret):
+    """b [B', Tp, H, K] float32: chunk-local inclusive cumsum of the log gates, log2 units."""
+    rows_, padded_len, heads, key_dim = g.shape
+    spec = chunk_spec(chunk, heads, key_dim)
+    return pl.pallas_call(
+        _gate_cumsum_kernel,
+        out_shape=jax.ShapeDtypeStruct(g.shape, F32),
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[spec],
+        out_specs=spec,
+        compiler_params=params(4, 1),
+        interpret=interpret,
+        name="gla_gate_cumsum",
+    )(g)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,11 +175,10 @@ def _chunk_states_kernel(
             seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state
         )
         states_ref[c] = state.astype(states_ref.dtype)
-        rows = pl.ds(c * chunk, chunk)
-        b = b_ref[rows, :]
-        b_last = row(b_ref, c * chunk + chunk - 1)  # [1, BK]
-        k_to_end = k_ref[rows, :].astype(F32) * jnp.exp(b_last - b)  # decays <= 1
-        state = state * jnp.exp(b_last).T + mm_tn(k_to_end, v_ref[rows, :], dtype)
+        start = c * chunk
+        b_last = row(b_ref, start + chunk - 1)  # [1, BK]
+        k_to_end = rows(k_ref, start, chunk) * decay(b_last - rows(b_ref, start, chunk))
+        state = state * decay(b_last).T + mm_tn(k_to_end, v_ref[pl.ds(start, chunk), :], dtype)
         seq_end = last_ref[batch_row, c]
 
         @pl.when(seq_end >= 0)
@@ -170,7 +200,7 @@ def state_scan_call(
     dfinal -> state gradients, dh0) share this launch: [B', Tp, H, K]- and [B', Tp, H, V]-shaped
     inputs, the gates, one [N, H, K, V] boundary input and output, [B', NC, H, K, V] per chunk.
     """
-    rows, padded_len, heads, key_dim = key_side.shape
+    rows_, padded_len, heads, key_dim = key_side.shape
     value_dim = value_side.shape[-1]
     num_chunks = padded_len // chunk
     block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
@@ -192,19 +222,17 @@ def state_scan_call(
     return pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((rows, num_chunks, heads, key_dim, value_dim), state_dtype),
+            jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
             jax.ShapeDtypeStruct(boundary.shape, F32),
         ),
-        grid=(rows * heads, key_dim // block_k, value_dim // block_v),
+        grid=(rows_ * heads, key_dim // block_k, value_dim // block_v),
         in_specs=[
             whole(first_seq.shape), whole(last_seq.shape),
             seq_spec(block_k, "k"), seq_spec(block_v, "v"), seq_spec(block_k, "k"),
             whole(boundary.shape),
         ],
         out_specs=(states_spec, whole(boundary.shape)),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.state_warps, num_stages=config.state_stages
-        ),
+        compiler_params=params(config.state_warps, config.state_stages),
         interpret=interpret,
         name=name,
     )(first_seq, last_seq, key_side, value_side, b, boundary)
@@ -219,68 +247,92 @@ def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config
 
 
 # --------------------------------------------------------------------------------------------
+# intra_scores
+# --------------------------------------------------------------------------------------------
+
+
+def diagonal_decays(b_rows, b_cols):
+    """exp(b_i - b_j) for every (row i, column j) of a diagonal sub-block: [S, S, BK], log space,
+    clamped so the entries above the diagonal (which the caller masks) stay finite."""
+    return safe_decay(b_rows[:, None, :] - b_cols[None, :, :])
+
+
+def _intra_scores_kernel(q_ref, k_ref, b_ref, a_ref, *, scale, block_k, dtype):
+    chunk, key_dim = q_ref.shape
+    sub = sub_chunk(chunk)
+    parts = chunk // sub
+    causal = (lax.broadcasted_iota(jnp.int32, (sub, sub), 0)
+              >= lax.broadcasted_iota(jnp.int32, (sub, sub), 1))
+    for i in range(parts):
+        rows_i = pl.ds(i * sub, sub)
+        if i > 0:  # columns of earlier sub-chunks, around r = the first row of this one
+            b_r = row(b_ref, i * sub)
+            q_hat = rows(q_ref, i * sub, sub) * scale * decay(rows(b_ref, i * sub, sub) - b_r)
+            for j in range(i):
+                k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
+                a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
+        for j in range(i + 1, parts):
+            a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
+        # The diagonal sub-block in log space: every (i, j, d) term at once, K a piece at a time
+        # (a [S, S, piece] block), so no step waits on the one before.
+        diagonal = jnp.zeros((sub, sub), F32)
+        for t in range(key_dim // block_k):
+            ks = pl.ds(t * block_k, block_k)
+            q = rows(q_ref, i * sub, sub, ks) * scale
+            k = rows(k_ref, i * sub, sub, ks)
+            b = rows(b_ref, i * sub, sub, ks)
+            diagonal += jnp.sum(q[:, None, :] * k[None, :, :] * diagonal_decays(b, b), axis=2)
+        a_ref[rows_i, rows_i] = jnp.where(causal, diagonal, 0.0)
+
+
+def intra_scores(q, k, b, *, chunk, scale, config, interpret):
+    """A [B', Tp, H, C] float32: scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i in a chunk."""
+    rows_, padded_len, heads, key_dim = q.shape
+    key = chunk_spec(chunk, heads, key_dim)
+    return pl.pallas_call(
+        functools.partial(_intra_scores_kernel, scale=scale,
+                          block_k=min(config.diagonal_block_k, key_dim), dtype=q.dtype),
+        out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[key, key, key],
+        out_specs=chunk_spec(chunk, heads, chunk),
+        compiler_params=params(config.scores_warps, 1),
+        interpret=interpret,
+        name="gla_intra_scores",
+    )(q, k, b)
+
+
+# --------------------------------------------------------------------------------------------
 # chunk_outputs
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_outputs_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, o_ref, *, scale, parts, dtype):
-    """One program: the S output rows of sub-chunk ``block`` of one chunk, one V tile."""
-    sub = o_ref.shape[0]
-    chunk = q_ref.shape[0]
-    base = (pl.program_id(0) % parts) * sub
-    q = row_block(q_ref, base, sub) * scale
-    b = row_block(b_ref, base, sub)
-    out = mm(q * jnp.exp(b), h_ref[...], dtype)  # inter-chunk: [S, BV]
-    # Earlier sub-chunks of this chunk (masked to columns before this block; none for block 0).
-    cols = lax.broadcasted_iota(jnp.int32, (sub, chunk), 1)
-    earlier = off_diagonal_scores(q, b, row(b_ref, base), k_ref[...].astype(F32), b_ref[...],
-                                  dtype)
-    out += mm(jnp.where(cols < base, earlier, 0.0), v_ref[...], dtype)
-    diagonal = diagonal_scores(q, b, k_ref, b_ref, base, sub)
-    out += mm(diagonal, v_ref[pl.ds(base, sub), :], dtype)
+def _chunk_outputs_kernel(q_ref, b_ref, h_ref, a_ref, v_ref, o_ref, *, scale, block_k, dtype):
+    key_dim = q_ref.shape[1]
+    out = mm(a_ref[...], v_ref[...], dtype)  # intra-chunk
+    for t in range(key_dim // block_k):  # inter-chunk, K a tile at a time
+        ks = pl.ds(t * block_k, block_k)
+        q_decayed = q_ref[:, ks].astype(F32) * (scale * decay(b_ref[:, ks]))
+        out += mm(q_decayed, h_ref[ks, :], dtype)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def sub_block_specs(chunk, heads, key_dim, block_v):
-    """Specs for a grid (chunk * parts, row * heads, V tile) of one-sub-chunk programs: whole
-    chunks of inputs, the state of the chunk, and the program's own S rows of the output."""
-    parts = chunk // sub_chunk(chunk)
-
-    def chunk_of(p, bh):
-        return (bh // heads, p // parts, bh % heads)
-
-    key = pl.BlockSpec((SQUEEZED, chunk, SQUEEZED, key_dim),
-                       lambda p, bh, vt: (*chunk_of(p, bh), 0))
-    value = pl.BlockSpec((SQUEEZED, chunk, SQUEEZED, block_v),
-                         lambda p, bh, vt: (*chunk_of(p, bh), vt))
-    state = pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, key_dim, block_v),
-                         lambda p, bh, vt: (bh // heads, p // parts, bh % heads, 0, vt))
-    sub = sub_chunk(chunk)
-    out_value = pl.BlockSpec((SQUEEZED, sub, SQUEEZED, block_v),
-                             lambda p, bh, vt: (bh // heads, p, bh % heads, vt))
-    out_key = pl.BlockSpec((SQUEEZED, sub, SQUEEZED, key_dim),
-                           lambda p, bh, vt: (bh // heads, p, bh % heads, 0))
-    return key, value, state, out_value, out_key
-
-
-def chunk_outputs(q, k, v, b, states, *, chunk, scale, out_dtype, config, interpret):
-    """o [B', Tp, H, V] from the inputs and the states entering each chunk."""
-    rows, padded_len, heads, key_dim = q.shape
+def chunk_outputs(q, b, states, scores, v, *, chunk, scale, out_dtype, config, interpret):
+    """o [B', Tp, H, V] from the states entering each chunk and the intra-chunk scores."""
+    rows_, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     block_v = min(config.output_block_v, value_dim)
-    sub = sub_chunk(chunk)
-    key, value, state, out_value, _ = sub_block_specs(chunk, heads, key_dim, block_v)
-    kernel = functools.partial(_chunk_outputs_kernel, scale=scale, parts=chunk // sub,
-                               dtype=q.dtype)
+    block_k = min(config.output_block_k, key_dim)
+    key = chunk_spec(chunk, heads, key_dim)
+    value = chunk_spec(chunk, heads, block_v, tiled=True)
     return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((rows, padded_len, heads, value_dim), out_dtype),
-        grid=(padded_len // sub, rows * heads, value_dim // block_v),
-        in_specs=[key, key, value, key, state],
-        out_specs=out_value,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.output_warps, num_stages=config.output_stages
-        ),
+        functools.partial(_chunk_outputs_kernel, scale=scale, block_k=block_k, dtype=q.dtype),
+        out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
+        grid=(padded_len // chunk, rows_ * heads, value_dim // block_v),
+        in_specs=[key, key, state_spec(key_dim, block_v, heads, "v"),
+                  chunk_spec(chunk, heads, chunk), value],
+        out_specs=value,
+        compiler_params=params(config.output_warps, config.output_stages),
         interpret=interpret,
         name="gla_chunk_outputs",
-    )(q, k, v, b, states)
+    )(q, b, states, scores, v)

@@ -23,12 +23,21 @@ class GpuConfig:
     state_block_v: int = 64
     state_warps: int = 4
     state_stages: int = 2
-    output_block_v: int = 64  # chunk_outputs / value_grads V tile
+    scores_warps: int = 4  # intra_scores / score_grads (one program per chunk)
+    score_block_v: int = 64  # V piece of score_grads' do @ v^T loop
+    diagonal_block_k: int = 16  # K piece of intra_scores' [16, 16, piece] diagonal blocks
+    output_block_v: int = 64  # chunk_outputs V tile (grid axis)
+    output_block_k: int = 64  # K piece of its (q * exp(b)) @ h loop
     output_warps: int = 4
     output_stages: int = 2
-    grad_block_v: int = 64  # V tile looped over inside query_key_gate_grads
+    value_block_v: int = 64  # value_grads V tile (grid axis)
+    value_block_k: int = 64  # K piece of its k_to_end @ dH loop
+    value_warps: int = 4
+    value_stages: int = 2
+    grad_block_k: int = 32  # query_key_grads K tile (grid axis; also its diagonal block's piece)
+    grad_block_v: int = 64  # V piece of its do @ h^T, v @ dH^T loop
     grad_warps: int = 4
-    grad_stages: int = 2
+    grad_stages: int = 1
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
@@ -46,18 +55,18 @@ TUNED = _load_tuned()
 
 
 def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
-    """Untuned default: tiles that keep a float32 [BK, BV] state and [C, K] accumulators in
-    registers; wider K means more warps for the kernels that hold whole K rows."""
-    wide = key_dim > 128
+    """Untuned default: tiles that keep every float32 accumulator of a program in registers."""
+    del dtype
     return GpuConfig(
         state_block_k=min(key_dim, 64),
         state_block_v=min(value_dim, 64),
-        # Each V tile recomputes the gated scores, so wide V still wants few tiles.
         output_block_v=min(value_dim, 128),
-        output_warps=8 if wide else 4,
+        output_block_k=min(key_dim, 64),
+        value_block_v=min(value_dim, 128),
+        value_block_k=min(key_dim, 64),
+        grad_block_k=min(key_dim, 32),
         grad_block_v=min(value_dim, 64),
-        grad_warps=8,
-        grad_stages=1 if wide else 2,
+        score_block_v=min(value_dim, 64),
     )
 
 
@@ -84,8 +93,11 @@ def _fill_state_grid(config: GpuConfig, key_dim: int, value_dim: int, sequences:
 def config_for(key_dim: int, value_dim: int, dtype, interpret: bool,
                sequences: int = MIN_STATE_PROGRAMS) -> GpuConfig:
     """key_dim, value_dim: the padded (power-of-two) head dims; sequences: rows * heads."""
-    if interpret:
-        return GpuConfig(key_dim, value_dim, 4, 1, value_dim, 4, 1, value_dim, 4, 1)
+    if interpret:  # whole dims: fewer grid steps and loop iterations to interpret
+        stages = ("state", "output", "value", "grad")
+        whole = {f"{stage}_block_{dim}": size for stage in stages
+                 for dim, size in (("k", key_dim), ("v", value_dim))}
+        return GpuConfig(**whole, score_block_v=value_dim, diagonal_block_k=key_dim)
     config = TUNED.get(_key(key_dim, value_dim, dtype)) or heuristic(key_dim, value_dim, dtype)
     return _fill_state_grid(config, key_dim, value_dim, sequences)
 
