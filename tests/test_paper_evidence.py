@@ -207,6 +207,20 @@ def test_gpu_train_commands_parse_and_the_lm_pair_matches_in_size(tmp_path):
     assert abs(counts["gla"] / counts["transformer"] - 1) < 0.02
 
 
+def test_short_conv_goes_to_the_recurrent_mqar_models_only(tmp_path):
+    def first_three(*flags):
+        args = paper_evidence.parse_args(["--experiment=mqar", f"--out={tmp_path}", *flags])
+        return paper_evidence.mqar_jobs(args, steps=10)[:3]
+
+    conv = "--config.model.use_short_conv=True"
+    gla, transformer, no_forget = first_three()
+    assert conv in gla.commands[0] and conv in no_forget.commands[0]
+    assert conv not in transformer.commands[0]
+    assert "--label=GLA + short conv" in gla.commands[1]
+    assert not any(conv in job.commands[0] for job in first_three("--short_conv=false"))
+    assert paper_evidence.mqar_target(False, False) == ("GLA", "T=256, 16 pairs")
+
+
 # --------------------------------------------------------------------------------------------
 # Smoke mode, end to end (tiny models on the CPU)
 # --------------------------------------------------------------------------------------------
@@ -234,6 +248,6 @@ def test_smoke_mqar_one_run(tmp_path):
     assert summary["failed"] == []
     (row,) = summary["rows"]
     assert row["name"] == "gla_T32_p4" and 0.0 <= row["accuracy"] <= 1.0
-    assert "GLA at T=32, 4 pairs" in summary["targets"]
+    assert "GLA + short conv at T=32, 4 pairs" in summary["targets"]
     for name in ("summary.md", "mqar_accuracy.png", "mqar_T32_p4.png"):
         assert (tmp_path / name).is_file(), name
