@@ -142,3 +142,28 @@ def test_gate_gradient_stays_accurate_over_long_bf16_sequences():
     expected = gla_oracle(q, k, v, g, scale=case.key_dim**-0.5, initial_state=h0, do=do,
                           dfinal=dfinal)
     assert _rel_err(dg, expected["dg"]) <= 8e-3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_diagonal_blocks_take_both_paths(dtype):
+    """Mild gates: every diagonal sub-block is factorized around its middle row. Gate resets
+    (log gate -120 inside sub-chunks) exceed FACTORIZE_SPAN there, so those blocks take the
+    log-space path; a factorization would overflow. Both must match the oracle."""
+    from pallas_kernels.gla import gpu_forward
+
+    case = Case("resets", batch=1, seq_len=128, heads=2, key_dim=32, value_dim=32, dtype=dtype)
+    q, k, v, g, h0, do, dfinal = _make_inputs(case, 11)
+    resets = jnp.zeros(g.shape[1], bool).at[jnp.array([5, 37, 70, 100])].set(True)
+    g_reset = jnp.where(resets[None, :, None, None], -120.0, g.astype(jnp.float32)).astype(dtype)
+    assert 120 * 1.44 > gpu_forward.FACTORIZE_SPAN  # the resets do force the log-space path
+    scale = case.key_dim**-0.5
+    opts = api.Options("pallas_gpu", scale, 64, True)
+    for gates in (g, g_reset):
+        o, final = gpu.forward(q, k, v, gates, h0, None, opts)
+        grads = gpu.backward(q, k, v, gates, h0, None, do, dfinal, opts)
+        expected = gla_oracle(q, k, v, gates, scale=scale, initial_state=h0, do=do,
+                              dfinal=dfinal)
+        actual = dict(o=o, final_state=final, **dict(zip(("dq", "dk", "dv", "dg", "dh0"), grads,
+                                                        strict=True)))
+        errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
+        assert all(err <= TOLERANCE[dtype] for err in errors.values()), errors

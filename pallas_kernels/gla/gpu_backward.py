@@ -12,8 +12,8 @@ scores A (``intra_scores``) with the forward's kernels, then:
 * ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head, V tile).
 * ``query_key_grads``: per (chunk, row * head, K tile): the inter-chunk terms ``do @ h^T`` and
   ``v @ dH^T``, then the intra-chunk terms from dA with the forward's secondary-level chunking
-  (off-diagonal sub-blocks as matmuls around a reference row, diagonal sub-blocks in log space),
-  and the gate gradient dg of the chunk.
+  (off-diagonal sub-blocks as matmuls around a reference row, diagonal sub-blocks as in
+  ``intra_scores``), and the gate gradient dg of the chunk.
 
 The gate gradient. With b the chunk-local cumulative sum of g, every use of b is a factor
 exp(+b_i) on a query side or exp(-b_j) on a key side, so dL/db_i = q_i * dq_i - k_i * dk_i
@@ -37,9 +37,11 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gla.gpu_forward import (
     F32,
+    FACTORIZE_SPAN,
     chunk_spec,
     decay,
     diagonal_decays,
+    diagonal_span,
     mm,
     mm_nt,
     mm_tn,
@@ -192,6 +194,25 @@ def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
     return dq, dk, h_dh
 
 
+def _diagonal_grads(da, q, k, b, b_ref, base, sub, dtype):
+    """dq and dk [S, BK] from the diagonal sub-block of dA (zero above the diagonal): dq_i from
+    columns j <= i, dk_j from rows i >= j. Factorized around the middle row where the decay span
+    allows (as in the forward's intra_scores), else in log space with all (i, j, d) at once."""
+
+    def factorized():
+        b_mid = row(b_ref, base + sub // 2)
+        to_mid, from_mid = decay(b - b_mid), decay(b_mid - b)
+        return (mm(da, k * from_mid, dtype) * to_mid,
+                mm_tn(da, q * to_mid, dtype) * from_mid)
+
+    def log_space():
+        weights = da[:, :, None] * diagonal_decays(b, b)  # [S, S, BK]
+        return (jnp.sum(weights * k[None, :, :], axis=1),
+                jnp.sum(weights * q[:, None, :], axis=0))
+
+    return lax.cond(diagonal_span(b_ref, base, sub) <= FACTORIZE_SPAN, factorized, log_space)
+
+
 def _query_key_grads_kernel(
     q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref, dq_ref, dk_ref, dg_ref,
     *, scale, block_v, dtype,
@@ -229,11 +250,9 @@ def _query_key_grads_kernel(
             b_r = row(b_ref, i * sub)
             q_hat = q_rows(i * sub, sub) * decay(rows(b_ref, i * sub, sub) - b_r)
             dk += mm_tn(da_ref[pl.ds(i * sub, sub), own], q_hat, dtype) * safe_decay(b_r - b_p)
-        # Diagonal sub-block in log space, all (i, j, d) at once: dq from columns j <= i, dk
-        # from rows i >= j (dA is zero above the diagonal, which masks both).
-        weights = da_ref[own, own][:, :, None] * diagonal_decays(b_p, b_p)  # [S, S, BK]
-        dq += jnp.sum(weights * k[None, :, :], axis=1)
-        dk += jnp.sum(weights * q[:, None, :], axis=0)
+        d_dq, d_dk = _diagonal_grads(da_ref[own, own], q, k, b_p, b_ref, base, sub, dtype)
+        dq += d_dq
+        dk += d_dk
         dq_ref[own, :] = (dq * scale).astype(dq_ref.dtype)
         dk_ref[own, :] = dk.astype(dk_ref.dtype)
         db = q * dq - k * dk

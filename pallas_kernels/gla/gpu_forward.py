@@ -17,8 +17,11 @@ Four kernels make the forward:
   included), once per chunk and head. Secondary-level chunking (sub-chunks of 16): an
   off-diagonal sub-block (rows of sub-chunk I against columns of sub-chunk J < I) is factorized
   around the first position r of sub-chunk I, so both factors ``exp(b_i - b_r)`` and
-  ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul; only the diagonal sub-blocks are
-  computed in float32 in log space, all (i, j) pairs at once as a [16, 16, K piece] block.
+  ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul. A diagonal sub-block has no such
+  reference row; it is computed in float32 in log space (all (i, j) pairs at once, as a
+  [16, 16, K piece] block) whenever its decay span could make a factorization overflow, and
+  otherwise factorized around its middle row, where both factors are bounded by the span
+  (``FACTORIZE_SPAN``): then it is a tensor-core matmul too.
 * ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head, V tile): two
   tensor-core matmuls, no gate arithmetic beyond one exponential per query element.
 
@@ -251,14 +254,49 @@ def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config
 # --------------------------------------------------------------------------------------------
 
 
+# A diagonal sub-block whose log2 decay span (largest b_first - b_last over K) is at most this is
+# factorized around its middle row: both factors stay within 2 ** +-(span / 2), far from float32
+# and bfloat16 overflow, and the products are as accurate as the unfactorized terms. Wider spans
+# (strong gates, document resets) take the log-space path.
+FACTORIZE_SPAN = 48.0
+
+
+def diagonal_span(b_ref, base, sub):
+    """The largest decay (log2 units) across sub-chunk [base, base + sub), over K: a scalar."""
+    return jnp.max(row(b_ref, base) - row(b_ref, base + sub - 1))
+
+
 def diagonal_decays(b_rows, b_cols):
     """exp(b_i - b_j) for every (row i, column j) of a diagonal sub-block: [S, S, BK], log space,
     clamped so the entries above the diagonal (which the caller masks) stay finite."""
     return safe_decay(b_rows[:, None, :] - b_cols[None, :, :])
 
 
+def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, block_k, dtype):
+    """Unmasked scores [S, S] of the diagonal sub-block starting at ``base``."""
+    key_dim = q_ref.shape[1]
+
+    def factorized():
+        b = rows(b_ref, base, sub)
+        b_mid = row(b_ref, base + sub // 2)
+        q_hat = rows(q_ref, base, sub) * scale * decay(b - b_mid)
+        return mm_nt(q_hat, rows(k_ref, base, sub) * decay(b_mid - b), dtype)
+
+    def log_space():  # every (i, j, d) term at once, K a piece at a time
+        scores = jnp.zeros((sub, sub), F32)
+        for t in range(key_dim // block_k):
+            ks = pl.ds(t * block_k, block_k)
+            q = rows(q_ref, base, sub, ks) * scale
+            k = rows(k_ref, base, sub, ks)
+            b = rows(b_ref, base, sub, ks)
+            scores += jnp.sum(q[:, None, :] * k[None, :, :] * diagonal_decays(b, b), axis=2)
+        return scores
+
+    return lax.cond(diagonal_span(b_ref, base, sub) <= FACTORIZE_SPAN, factorized, log_space)
+
+
 def _intra_scores_kernel(q_ref, k_ref, b_ref, a_ref, *, scale, block_k, dtype):
-    chunk, key_dim = q_ref.shape
+    chunk = q_ref.shape[0]
     sub = sub_chunk(chunk)
     parts = chunk // sub
     causal = (lax.broadcasted_iota(jnp.int32, (sub, sub), 0)
@@ -273,15 +311,8 @@ def _intra_scores_kernel(q_ref, k_ref, b_ref, a_ref, *, scale, block_k, dtype):
                 a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
         for j in range(i + 1, parts):
             a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
-        # The diagonal sub-block in log space: every (i, j, d) term at once, K a piece at a time
-        # (a [S, S, piece] block), so no step waits on the one before.
-        diagonal = jnp.zeros((sub, sub), F32)
-        for t in range(key_dim // block_k):
-            ks = pl.ds(t * block_k, block_k)
-            q = rows(q_ref, i * sub, sub, ks) * scale
-            k = rows(k_ref, i * sub, sub, ks)
-            b = rows(b_ref, i * sub, sub, ks)
-            diagonal += jnp.sum(q[:, None, :] * k[None, :, :] * diagonal_decays(b, b), axis=2)
+        diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale,
+                                    block_k=block_k, dtype=dtype)
         a_ref[rows_i, rows_i] = jnp.where(causal, diagonal, 0.0)
 
 
