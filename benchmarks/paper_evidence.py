@@ -12,29 +12,41 @@ scores them with ``gla_jax.evaluate`` and writes everything under --out.
     OUT/logs/NAME.log.
 --experiment=mqar
     {GLA, Transformer++, GLA without forget gate} x T in {256, 512} x {16, 64} key-value pairs:
-    12 runs of configs/mqar.py (d 128, 2 layers, vocabulary 256) with MQAR_RECIPE below, the
-    target run (GLA at T = 256, 16 pairs) first, --concurrency at a time; each is then scored on
-    512 fresh validation sequences of its own task. Target: GLA >= 90% at (256, 16).
-    Writes OUT/summary.{md,json}, OUT/mqar_accuracy.png (accuracy per task and model),
-    OUT/mqar_T{T}_p{P}.png (training loss per task), OUT/runs/*, OUT/logs/*.
+    12 runs of configs/mqar.py (d 128, 2 layers, vocabulary 256) with MQAR_RECIPE below (batch
+    128 of fresh sequences, lr 3e-3, 200 warm-up steps, cosine, no weight decay, 3,000 steps);
+    the two GLA variants with a short convolution as in Zoology (--short_conv=false: without).
+    The target run (GLA at T = 256, 16 pairs) comes first, --concurrency at a time; each run is
+    then scored on 512 fresh validation sequences of its own task. Target: GLA >= 90% at
+    (256, 16). Writes OUT/summary.{md,json}, OUT/mqar_accuracy.png (accuracy per task and
+    model), OUT/mqar_T{T}_p{P}.png (training loss per task), OUT/runs/*, OUT/logs/*.
 
-The device commands, one call each on one H200 (start-up and installs not counted):
+The device commands, one call each on one H200 (give the call ~480 s: the command ends itself by
+--time_budget, and start-up and installs come on top):
 
     PYTHONUNBUFFERED=1 python benchmarks/paper_evidence.py --experiment=lm --out=$OUT/lm \
         --time_budget=390
     PYTHONUNBUFFERED=1 python benchmarks/paper_evidence.py --experiment=mqar --out=$OUT/mqar \
-        --time_budget=390 --concurrency=12
+        --time_budget=390
 
-Expected on an H200 (estimates from the kernel timings in BENCHMARKS.md; nothing here has run on
-a GPU yet). lm: ~20 s to prepare the corpus and start, 30-90 s to compile each model, then
-~25M tokens each at 200-400K tokens/s while the two share the GPU (60-150 s), then ~60 s of
-evaluation (one compile per length): ~4-5 minutes. mqar: one step of a 2-layer d-128 model on
-128 x 256 tokens is a few ms of GPU work, so 12 runs sharing the GPU make roughly 15-30 steps/s
-each; 3,000 steps (384K fresh sequences per run, ~50K at the target task before recall usually
-appears) fit in ~3-4 minutes after compilation, plus ~20 s of evaluation. GLA at (256, 16) is
-expected to pass 90% well before the end (the Transformer++ too); GLA without forget gate has no
-way to tell positions apart without a short convolution and should stay near the "copy one of the
-row's values" plateau; at 64 pairs all d-128 recurrent states are expected to fall short.
+On a 2-GPU machine add --gpus=2 (runs alternate between the GPUs).
+
+Expected on an H200 (estimates from the kernel timings in BENCHMARKS.md; not yet run on a GPU):
+lm: ~15 s to prepare the corpus and start; compiling the 8 unrolled layers, 30-120 s (GLA, with
+its Pallas kernels, is the slow one); 1,500 steps each at a combined 400-800K tokens/s, 60-120 s;
+evaluation, one compile per length, 60-100 s: ~3.5-5.5 minutes. mqar: the 12 processes compile
+at once in 30-60 s; a 2-layer d-128 step on 128 x 256 tokens is ~5 ms of GPU work for GLA (~8 ms
+at T = 512, less for the Transformer++), ~60-100 ms for a round of all 12, so 3,000 steps take
+~3-5 minutes; evaluation ~20-30 s. If the GPU is slower than that, the budget stops training
+early and the table says where. Results expected: the Transformer++ near 100% at 16 pairs;
+GLA + short conv likely, not surely, above 90% at (256, 16): on the CPU, at T = 64 with 4 pairs
+(vocabulary 64, batch 128, this recipe), it left the chance level (loss 3.47) at ~step 300 and
+reached 79% accuracy at step 1,500 (loss 0.43, still falling); the target task has 4x the
+answer tokens per step and the run twice the steps. Without the forget gate: lower, more so at
+T = 512; at 64 pairs the d-128 recurrent states (2 heads of 32 x 64 per layer) short of the
+Transformer++. The paper's plain GLA (--short_conv=false) learns recall far more slowly (the same
+CPU task: 6.8% after 1,000 steps) and is not expected to reach 90% in this budget. Should the
+target run fall short, it alone has the GPU to itself in a second call:
+--runs=gla_T256_p16 --steps=10000 (a few ms a step).
 
 Time: --time_budget (seconds) bounds the whole command. Training still going when only the
 evaluation reserve is left gets SIGTERM, on which the trainer saves a checkpoint and exits; that
@@ -84,9 +96,10 @@ LM_SMOKE = {
 }
 
 # MQAR as in Zoology and the paper (2 layers, d 128-256, lr 1e-3..3e-3 with warm-up, no weight
-# decay), with fresh sequences every step. Batch 128 rather than 32: at 32 a d-128 GLA stayed on
-# the chance plateau for 421 steps; recall appears after a number of *sequences* seen, and a
-# larger batch gets there in fewer, cheaper-per-token steps.
+# decay), with fresh sequences every step. Batch 128 rather than configs/mqar.py's 32: only the
+# answers carry loss (one token in 4 to 16), and on the CPU (T = 64, 4 pairs, GLA + short conv)
+# batch 128 had left the chance plateau (loss 3.47) for 1.20 by step 800 where batch 32 was
+# still at 3.19; a larger step batch is also cheaper per sequence on a GPU.
 MQAR_RECIPE = {
     "batch_size": 128,
     "learning_rate": 3e-3,
