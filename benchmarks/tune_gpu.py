@@ -32,7 +32,7 @@ FAMILIES = {
                              (128, 64, 8, 2), (32, 32, 4, 3)]
     ],
     "scores": [
-        dict(scores_warps=w, diagonal_block_k=d) for w, d in itertools.product((2, 4, 8), (16, 32))
+        dict(scores_warps=w, score_block_v=bv) for w, bv in itertools.product((2, 4, 8), (64, 128))
     ],
     "output": [
         dict(output_block_v=bv, output_block_k=bk, output_warps=w, output_stages=2,

@@ -20,7 +20,7 @@ from tests.test_gla_ops import TOLERANCE, Case, _make_inputs, _rel_err
 # (loop) per query/key-gradient program, several V pieces in the score-gradient loop.
 SMALL_TILES = tuning.GpuConfig(
     state_block_k=16, state_block_v=16, state_warps=4, state_stages=1,
-    scores_warps=4, score_block_v=16, diagonal_block_k=16,
+    scores_warps=4, score_block_v=16,
     output_block_v=16, output_block_k=16, output_warps=4, output_stages=1,
     value_block_v=16, value_block_k=16, value_warps=4, value_stages=1,
     grad_block_k=16, grad_block_v=16, grad_warps=4, grad_stages=1,

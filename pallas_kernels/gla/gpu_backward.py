@@ -40,7 +40,6 @@ from pallas_kernels.gla.gpu_forward import (
     FACTORIZE_SPAN,
     chunk_spec,
     decay,
-    diagonal_decays,
     diagonal_span,
     mm,
     mm_nt,
@@ -194,21 +193,31 @@ def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
     return dq, dk, h_dh
 
 
-def _diagonal_grads(da, q, k, b, b_ref, base, sub, dtype):
-    """dq and dk [S, BK] from the diagonal sub-block of dA (zero above the diagonal): dq_i from
-    columns j <= i, dk_j from rows i >= j. Factorized around the middle row where the decay span
-    allows (as in the forward's intra_scores), else in log space with all (i, j, d) at once."""
+def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
+    """dq and dk [S, BK] from the diagonal sub-block ``own`` of dA (zero above the diagonal):
+    dq_i from columns j <= i, dk_j from rows i >= j. Factorized around the middle row where the
+    decay span allows (as in the forward's intra_scores), else in log space one column at a time.
+
+    refs: (q_ref, k_ref, b_ref, da_ref); q, k, b: the sub-block's rows (q scaled)."""
+    q_ref, k_ref, b_ref, da_ref = refs
+    base, sub = own.start, own.size
 
     def factorized():
         b_mid = row(b_ref, base + sub // 2)
         to_mid, from_mid = decay(b - b_mid), decay(b_mid - b)
+        da = da_ref[own, own]
         return (mm(da, k * from_mid, dtype) * to_mid,
                 mm_tn(da, q * to_mid, dtype) * from_mid)
 
-    def log_space():
-        weights = da[:, :, None] * diagonal_decays(b, b)  # [S, S, BK]
-        return (jnp.sum(weights * k[None, :, :], axis=1),
-                jnp.sum(weights * q[:, None, :], axis=0))
+    def log_space():  # few live values: see the forward's _diagonal_scores
+        dq, dk = jnp.zeros_like(q), jnp.zeros_like(k)
+        for c in range(sub):
+            pos = base + c
+            d_col = da_ref[own, pl.ds(pos, 1)]  # dA[i, pos] for the rows i: [S, 1]
+            dq += d_col * row(k_ref, pos) * safe_decay(b - row(b_ref, pos))
+            d_row = da_ref[pl.ds(pos, 1), own].T  # dA[pos, j] for the columns j: [S, 1]
+            dk += d_row * (row(q_ref, pos) * scale) * safe_decay(row(b_ref, pos) - b)
+        return dq, dk
 
     return lax.cond(diagonal_span(b_ref, base, sub) <= FACTORIZE_SPAN, factorized, log_space)
 
@@ -250,7 +259,8 @@ def _query_key_grads_kernel(
             b_r = row(b_ref, i * sub)
             q_hat = q_rows(i * sub, sub) * decay(rows(b_ref, i * sub, sub) - b_r)
             dk += mm_tn(da_ref[pl.ds(i * sub, sub), own], q_hat, dtype) * safe_decay(b_r - b_p)
-        d_dq, d_dk = _diagonal_grads(da_ref[own, own], q, k, b_p, b_ref, base, sub, dtype)
+        d_dq, d_dk = _diagonal_grads((q_ref, k_ref, b_ref, da_ref), own, q, k, b_p, scale=scale,
+                                     dtype=dtype)
         dq += d_dq
         dk += d_dk
         dq_ref[own, :] = (dq * scale).astype(dq_ref.dtype)

@@ -18,8 +18,8 @@ Four kernels make the forward:
   off-diagonal sub-block (rows of sub-chunk I against columns of sub-chunk J < I) is factorized
   around the first position r of sub-chunk I, so both factors ``exp(b_i - b_r)`` and
   ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul. A diagonal sub-block has no such
-  reference row; it is computed in float32 in log space (all (i, j) pairs at once, as a
-  [16, 16, K piece] block) whenever its decay span could make a factorization overflow, and
+  reference row; it is computed in float32 in log space (one column at a time) whenever its decay
+  span could make a factorization overflow, and
   otherwise factorized around its middle row, where both factors are bounded by the span
   (``FACTORIZE_SPAN``): then it is a tensor-core matmul too.
 * ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head, V tile): two
@@ -266,36 +266,29 @@ def diagonal_span(b_ref, base, sub):
     return jnp.max(row(b_ref, base) - row(b_ref, base + sub - 1))
 
 
-def diagonal_decays(b_rows, b_cols):
-    """exp(b_i - b_j) for every (row i, column j) of a diagonal sub-block: [S, S, BK], log space,
-    clamped so the entries above the diagonal (which the caller masks) stay finite."""
-    return safe_decay(b_rows[:, None, :] - b_cols[None, :, :])
-
-
-def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, block_k, dtype):
+def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
     """Unmasked scores [S, S] of the diagonal sub-block starting at ``base``."""
-    key_dim = q_ref.shape[1]
+    q = rows(q_ref, base, sub) * scale
+    b = rows(b_ref, base, sub)
 
     def factorized():
-        b = rows(b_ref, base, sub)
         b_mid = row(b_ref, base + sub // 2)
-        q_hat = rows(q_ref, base, sub) * scale * decay(b - b_mid)
-        return mm_nt(q_hat, rows(k_ref, base, sub) * decay(b_mid - b), dtype)
+        return mm_nt(q * decay(b - b_mid), rows(k_ref, base, sub) * decay(b_mid - b), dtype)
 
-    def log_space():  # every (i, j, d) term at once, K a piece at a time
+    def log_space():
+        # One column at a time: slow, but it keeps few values live. Both branches share the
+        # kernel's registers, so a register-hungry fallback would slow the common path too.
+        cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
         scores = jnp.zeros((sub, sub), F32)
-        for t in range(key_dim // block_k):
-            ks = pl.ds(t * block_k, block_k)
-            q = rows(q_ref, base, sub, ks) * scale
-            k = rows(k_ref, base, sub, ks)
-            b = rows(b_ref, base, sub, ks)
-            scores += jnp.sum(q[:, None, :] * k[None, :, :] * diagonal_decays(b, b), axis=2)
+        for c in range(sub):
+            weights = q * row(k_ref, base + c) * safe_decay(b - row(b_ref, base + c))
+            scores = jnp.where(cols == c, jnp.sum(weights, axis=1, keepdims=True), scores)
         return scores
 
     return lax.cond(diagonal_span(b_ref, base, sub) <= FACTORIZE_SPAN, factorized, log_space)
 
 
-def _intra_scores_kernel(q_ref, k_ref, b_ref, a_ref, *, scale, block_k, dtype):
+def _intra_scores_kernel(q_ref, k_ref, b_ref, a_ref, *, scale, dtype):
     chunk = q_ref.shape[0]
     sub = sub_chunk(chunk)
     parts = chunk // sub
@@ -311,8 +304,7 @@ def _intra_scores_kernel(q_ref, k_ref, b_ref, a_ref, *, scale, block_k, dtype):
                 a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
         for j in range(i + 1, parts):
             a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
-        diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale,
-                                    block_k=block_k, dtype=dtype)
+        diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale, dtype=dtype)
         a_ref[rows_i, rows_i] = jnp.where(causal, diagonal, 0.0)
 
 
@@ -321,8 +313,7 @@ def intra_scores(q, k, b, *, chunk, scale, config, interpret):
     rows_, padded_len, heads, key_dim = q.shape
     key = chunk_spec(chunk, heads, key_dim)
     return pl.pallas_call(
-        functools.partial(_intra_scores_kernel, scale=scale,
-                          block_k=min(config.diagonal_block_k, key_dim), dtype=q.dtype),
+        functools.partial(_intra_scores_kernel, scale=scale, dtype=q.dtype),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
         grid=(padded_len // chunk, rows_ * heads),
         in_specs=[key, key, key],

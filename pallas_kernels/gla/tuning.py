@@ -25,7 +25,6 @@ class GpuConfig:
     state_stages: int = 2
     scores_warps: int = 4  # intra_scores / score_grads (one program per chunk)
     score_block_v: int = 64  # V piece of score_grads' do @ v^T loop
-    diagonal_block_k: int = 16  # K piece of intra_scores' [16, 16, piece] diagonal blocks
     output_block_v: int = 64  # chunk_outputs V tile (grid axis)
     output_block_k: int = 64  # K piece of its (q * exp(b)) @ h loop
     output_warps: int = 4
@@ -34,7 +33,7 @@ class GpuConfig:
     value_block_k: int = 64  # K piece of its k_to_end @ dH loop
     value_warps: int = 4
     value_stages: int = 2
-    grad_block_k: int = 32  # query_key_grads K tile (grid axis; also its diagonal block's piece)
+    grad_block_k: int = 32  # query_key_grads K tile (grid axis)
     grad_block_v: int = 64  # V piece of its do @ h^T, v @ dH^T loop
     grad_warps: int = 4
     grad_stages: int = 1
@@ -97,7 +96,7 @@ def config_for(key_dim: int, value_dim: int, dtype, interpret: bool,
         stages = ("state", "output", "value", "grad")
         whole = {f"{stage}_block_{dim}": size for stage in stages
                  for dim, size in (("k", key_dim), ("v", value_dim))}
-        return GpuConfig(**whole, score_block_v=value_dim, diagonal_block_k=key_dim)
+        return GpuConfig(**whole, score_block_v=value_dim)
     config = TUNED.get(_key(key_dim, value_dim, dtype)) or heuristic(key_dim, value_dim, dtype)
     return _fill_state_grid(config, key_dim, value_dim, sequences)
 
