@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
             tie_embeddings=True,
             dtype="bfloat16",
             remat=False,
+            scan_layers=True,  # one block compiled and scanned: the 8 layers compile as one
             backend=None,  # chunk_gla backend; None = chosen by platform
             chunk_size=64,
             packing="gate_reset",
