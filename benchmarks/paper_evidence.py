@@ -30,10 +30,15 @@ The device commands, one call each on one H200 (give the call ~480 s: the comman
 
 On a 2-GPU machine add --gpus=2 (runs alternate between the GPUs).
 
-Expected on an H200 (estimates from the kernel timings in BENCHMARKS.md; not yet run on a GPU):
-lm: ~15 s to prepare the corpus and start; compiling (one scanned block; GLA, with its Pallas
-kernels, is the slower), 20-60 s; 1,500 steps each at a combined 400-800K tokens/s, 60-120 s;
-evaluation, one compile per length, 40-100 s: ~2.5-5 minutes. mqar: the 12 processes compile
+Expected on an H200, scaled from BENCHMARKS.md's H200 measurements of GLA-340M (first step 21.6 s
+with scanned layers; its GLA op ~2.4 ms forward+backward per layer at 16K tokens; 168 ms a step);
+nothing here has run on a GPU yet.
+lm: ~15 s to prepare the corpus and start; first steps (one scanned block to compile) 15-30 s;
+1,500 steps each at ~25 ms (GLA) and ~15 ms (Transformer++) of GPU work, 60-120 s together;
+evaluation, one compile per length, 40-100 s: ~2.5-5 minutes. Results expected: GLA flat or
+falling to 8K as at CPU scale, the Transformer++ rising past ~1.5x its training length; GLA
+within 5% at 512 is open (the CPU-scale pair, 0.6M parameters, 1.2M tokens, was 15% apart).
+mqar: the 12 processes compile
 at once in 30-60 s; a 2-layer d-128 step on 128 x 256 tokens is ~5 ms of GPU work for GLA (~8 ms
 at T = 512, less for the Transformer++), ~60-100 ms for a round of all 12, so 3,000 steps take
 ~3-5 minutes; evaluation ~20-30 s. If the GPU is slower than that, the budget stops training
