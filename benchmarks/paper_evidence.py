@@ -13,7 +13,7 @@ scores them with ``gla_jax.evaluate`` and writes everything under --out.
 --experiment=mqar
     {GLA, Transformer++, GLA without forget gate} x T in {256, 512} x {16, 64} key-value pairs:
     12 runs of configs/mqar.py (d 128, 2 layers, vocabulary 256) with MQAR_RECIPE below (batch
-    128 of fresh sequences, lr 3e-3, 200 warm-up steps, cosine, no weight decay, 3,000 steps);
+    128 of fresh sequences, lr 3e-3, 200 warm-up steps, cosine, no weight decay, bf16, 3,000 steps);
     the two GLA variants with a short convolution as in Zoology (--short_conv=false: without).
     The target run (GLA at T = 256, 16 pairs) comes first, --concurrency at a time; each run is
     then scored on 512 fresh validation sequences of its own task. Target: GLA >= 90% at
@@ -112,6 +112,9 @@ MQAR_RECIPE = {
     "log_every": 50,
     "eval_every": 0,  # accuracy is measured once at the end, by gla_jax.evaluate
     "num_samples": 0,
+    # configs/mqar.py computes in float32 for the CPU; on the GPU float32 would send GLA's
+    # kernels to full-precision (non-tensor-core) matmuls and attention away from cuDNN.
+    "model.dtype": "bfloat16",
 }
 MQAR_TASKS = ((256, 16), (256, 64), (512, 16), (512, 64))  # (seq_len, num_kv_pairs)
 MQAR_SMOKE_TASKS = ((32, 4), (32, 8), (64, 4), (64, 8))
@@ -127,6 +130,7 @@ MQAR_MODELS = {
 MQAR_RECURRENT = ("gla", "gla_no_forget")
 MQAR_TITLE = "MQAR (d 128, 2 layers, vocabulary 256)"
 MQAR_SMOKE = {
+    "model.dtype": "float32",  # CPUs have no fast bfloat16 matmuls
     "batch_size": 8,
     "log_every": 5,
     "model.d_model": 32,
