@@ -209,15 +209,17 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
         return (mm(da, k * from_mid, dtype) * to_mid,
                 mm_tn(da, q * to_mid, dtype) * from_mid)
 
-    def log_space():  # few live values: see the forward's _diagonal_scores
-        dq, dk = jnp.zeros_like(q), jnp.zeros_like(k)
-        for c in range(sub):
-            pos = base + c
-            d_col = da_ref[own, pl.ds(pos, 1)]  # dA[i, pos] for the rows i: [S, 1]
-            dq += d_col * row(k_ref, pos) * safe_decay(b - row(b_ref, pos))
-            d_row = da_ref[pl.ds(pos, 1), own].T  # dA[pos, j] for the columns j: [S, 1]
-            dk += d_row * (row(q_ref, pos) * scale) * safe_decay(row(b_ref, pos) - b)
+    def column(c, grads):
+        dq, dk = grads
+        pos = base + c
+        d_col = da_ref[own, pl.ds(pos, 1)]  # dA[i, pos] for the rows i: [S, 1]
+        dq += d_col * row(k_ref, pos) * safe_decay(b - row(b_ref, pos))
+        d_row = da_ref[pl.ds(pos, 1), own].T  # dA[pos, j] for the columns j: [S, 1]
+        dk += d_row * (row(q_ref, pos) * scale) * safe_decay(row(b_ref, pos) - b)
         return dq, dk
+
+    def log_space():  # a loop with few live values: see the forward's _diagonal_scores
+        return lax.fori_loop(0, sub, column, (jnp.zeros_like(q), jnp.zeros_like(k)))
 
     return lax.cond(diagonal_span(b_ref, base, sub) <= FACTORIZE_SPAN, factorized, log_space)
 

@@ -277,13 +277,15 @@ def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
 
     def log_space():
         # One column at a time: slow, but it keeps few values live. Both branches share the
-        # kernel's registers, so a register-hungry fallback would slow the common path too.
+        # kernel's registers, so a register-hungry fallback would slow the common path too. A
+        # loop rather than unrolled code: it runs rarely, and unrolled it lengthens compiles.
         cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
-        scores = jnp.zeros((sub, sub), F32)
-        for c in range(sub):
+
+        def column(c, scores):
             weights = q * row(k_ref, base + c) * safe_decay(b - row(b_ref, base + c))
-            scores = jnp.where(cols == c, jnp.sum(weights, axis=1, keepdims=True), scores)
-        return scores
+            return jnp.where(cols == c, jnp.sum(weights, axis=1, keepdims=True), scores)
+
+        return lax.fori_loop(0, sub, column, jnp.zeros((sub, sub), F32))
 
     return lax.cond(diagonal_span(b_ref, base, sub) <= FACTORIZE_SPAN, factorized, log_space)
 
