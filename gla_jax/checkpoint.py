@@ -5,6 +5,10 @@ One checkpoint holds two items:
   'data':  the input iterator's state as JSON, so a resumed run sees exactly the batches an
            uninterrupted one would have seen.
 
+Every restore names the shardings it wants (Orbax would otherwise recreate the saved ones, which
+fails on any other device count): the trainer gives its whole state's, and readers of a run
+(evaluation, sampling) read the parameters alone onto the devices they have.
+
 Orbax writes each step into a temporary directory and renames it only once every item is complete,
 so a save cut off mid-write (kill -9, power loss) is never listed as a step and never restored.
 """
@@ -38,8 +42,15 @@ class Checkpointer:
             create=True,
         )
         self.directory = os.path.abspath(directory)
+        # The PyTree handler (rather than the Standard one, which writes the same files) can
+        # restore part of a tree: readers of a run skip the optimizer state.
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -53,23 +64,25 @@ class Checkpointer:
         if not tree_is_finite(state):
             raise FloatingPointError(f"refusing to checkpoint a non-finite state at step {step}")
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)
         )
         return self._manager.save(step, args=args, force=force)
 
     def restore(self, step: int, abstract_state):
         """Restores (state, data_state); ``abstract_state`` gives shapes, dtypes and shardings."""
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            state=_restore_args(abstract_state, partial=False), data=ocp.args.JsonRestore()
         )
         restored = self._manager.restore(step, args=args)
         return restored["state"], restored["data"]
 
-    def restore_state_as_saved(self, step: int):
-        """The 'state' item as it was saved (host arrays, no target): for readers of a run,
-        such as sampling and evaluation, that need only part of it."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore())
-        return self._manager.restore(step, args=args)["state"]
+    def restore_params(self, step: int, sharding: jax.sharding.Sharding):
+        """The 'state' item's ``params`` alone, every array placed with ``sharding`` whatever
+        mesh saved it; the tree keeps the checkpoint's keys (integer keys come back as strings)."""
+        saved_params = self._manager.item_metadata(step)["state"]["params"]
+        target = {"params": _abstract_arrays(saved_params, sharding)}
+        args = ocp.args.Composite(state=_restore_args(target, partial=True))
+        return self._manager.restore(step, args=args)["state"]["params"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -77,6 +90,24 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _abstract_arrays(array_metadata, sharding: jax.sharding.Sharding):
+    """ShapeDtypeStructs of the saved arrays (Orbax metadata), each with ``sharding``."""
+    return jax.tree.map(
+        lambda saved: jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=sharding),
+        array_metadata,
+    )
+
+
+def _restore_args(abstract_tree, *, partial: bool) -> ocp.args.PyTreeRestore:
+    """Restores ``abstract_tree``'s arrays with its shardings; ``partial``: the checkpoint may
+    hold more, which is left unread."""
+    return ocp.args.PyTreeRestore(
+        item=abstract_tree,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree),
+        partial_restore=partial,
+    )
 
 
 def all_finite(tree) -> jax.Array:

@@ -191,7 +191,8 @@ def load_model_from_workdir(workdir: str):
     """(model, config) from WORKDIR/config.json and the latest step in WORKDIR/checkpoints.
 
     The checkpoint's 'state' item holds ``params``: ``nnx.to_pure_dict(nnx.state(model,
-    nnx.Param))`` of the model built from config.model.
+    nnx.Param))`` of the model built from config.model. They are read onto this process's first
+    device whatever mesh saved them: evaluation and sampling run on whatever devices are at hand.
     """
     import ml_collections  # noqa: PLC0415 - only the CLI needs these
 
@@ -209,7 +210,8 @@ def load_model_from_workdir(workdir: str):
     step = checkpointer.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {directory}")
-    params = fill_params(params, checkpointer.restore_state_as_saved(step)["params"])
+    first_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = fill_params(params, checkpointer.restore_params(step, first_device))
     checkpointer.close()
     return nnx.merge(graphdef, params, rest), config
 

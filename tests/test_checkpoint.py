@@ -37,3 +37,22 @@ def test_refuses_non_finite_state(tmp_path):
         ckpt.save(1, _state(float("nan")), {})
     assert ckpt.latest_step() is None
     ckpt.close()
+
+
+def test_restore_params_reads_only_the_parameters_onto_the_given_sharding(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    state = {
+        "params": {"block": {"w": jnp.arange(6.0).reshape(2, 3)}, "b": jnp.ones(3)},
+        "opt_state": {"mu": jnp.full((2, 3), 9.0)},
+        "step": jnp.asarray(4, jnp.int32),
+    }
+    ckpt.save(4, state, {})
+    ckpt.close()
+    reader = Checkpointer(str(tmp_path), async_save=False)  # a fresh process's view of the run
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = reader.restore_params(4, device)
+    reader.close()
+    assert set(params) == {"block", "b"}
+    np.testing.assert_array_equal(params["block"]["w"], np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(params["b"], np.ones(3))
+    assert all(leaf.sharding == device for leaf in jax.tree.leaves(params))
