@@ -17,8 +17,9 @@ from gla_jax.config_check import base_config, check_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small, fast run: tiny model, short rows, every step logged.
+SEQ_LEN = 64
 FAST = [
-    "--config.seq_len=64",
+    f"--config.seq_len={SEQ_LEN}",
     "--config.batch_size=8",
     "--config.log_every=1",
     "--config.eval_every=0",
@@ -60,14 +61,14 @@ def _train(workdir, *extra, devices=1, check=True):
     return result
 
 
-def _losses(workdir) -> dict[int, float]:
-    """Loss per step; a step logged twice (re-run after a resume) keeps its last value."""
+def _losses(workdir, metric: str = "loss") -> dict[int, float]:
+    """``metric`` per step; a step logged twice (re-run after a resume) keeps its last value."""
     losses = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
-            if "loss" in record:
-                losses[record["step"]] = record["loss"]
+            if metric in record:
+                losses[record["step"]] = record[metric]
     return losses
 
 
@@ -201,6 +202,45 @@ def test_scan_layers_run_resumes_onto_another_mesh_and_samples(tmp_path):
     assert all(r["first_step_s"] > 0 for r in first_steps)
     model, _ = load_model_from_workdir(str(tmp_path))
     assert model.cfg.scan_layers and model.blocks.mlp.up_proj.kernel.shape[0] == 2
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_run_saved_on_a_2x2x2_mesh_evaluates_on_one_device(scan_layers, tmp_path):
+    # Runs are evaluated on whatever devices are at hand: the last checkpoint, written by 8
+    # devices, is read by a 1-device process and must score the held-out batches as the trainer
+    # did with the same weights in memory (wrong or shuffled weights would move the loss).
+    _train(
+        tmp_path,
+        "--config.steps=3",
+        "--config.checkpoint_every=3",
+        "--config.eval_every=3",
+        f"--config.model.scan_layers={scan_layers}",
+        "--config.mesh=2,2,2",
+        devices=8,
+    )
+    trainer_eval_loss = _losses(tmp_path, "eval_loss")[3]
+    config = base_config()  # the trainer's evaluation batches, which FAST leaves as they are
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gla_jax.evaluate",
+            f"--workdir={tmp_path}",
+            f"--lengths={SEQ_LEN}",
+            f"--tokens_per_batch={config.eval_batch_size * SEQ_LEN}",
+            f"--max_batches={config.eval_batches}",
+            f"--output_dir={out}",
+        ],
+        cwd=ROOT,
+        env=_env(devices=1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = json.loads((out / "perplexity.json").read_text())
+    assert run["results"][0]["loss"] == pytest.approx(trainer_eval_loss, rel=1e-5)
 
 
 def test_dry_run_prints_parameters_without_training(tmp_path):
