@@ -190,6 +190,29 @@ def gpu_for(index: int, gpus: int) -> int | None:
     return index % gpus if gpus > 0 else None
 
 
+def train_and_evaluate(args, index: int, name: str, config: str, overrides: dict, label: str,
+                       eval_flags: list[str], steps: int) -> Job:
+    """One run: train ``config`` with ``overrides`` into OUT/runs/NAME, then evaluate it into
+    OUT/eval/NAME; the index-th run's GPU and memory share."""
+    workdir = os.path.join(args.out, "runs", name)
+    return Job(
+        name=name,
+        commands=[
+            train_command(config, workdir, overrides) + args.train_flag,
+            evaluate_command(
+                f"--workdir={workdir}",
+                f"--label={label}",
+                f"--output_dir={os.path.join(args.out, 'eval', name)}",
+                *eval_flags,
+            ),
+        ],
+        log_path=os.path.join(args.out, "logs", f"{name}.log"),
+        workdir=workdir,
+        steps=steps,
+        env=child_env(args.memory_fraction, gpu_for(index, args.gpus)),
+    )
+
+
 def lm_jobs(args, steps: int) -> list[Job]:
     overrides = {
         "steps": steps,
@@ -203,26 +226,9 @@ def lm_jobs(args, steps: int) -> list[Job]:
         eval_flags.append("--max_batches=2")
     jobs = []
     for index, (model_type, label) in enumerate(LM_MODELS.items()):
-        workdir = os.path.join(args.out, "runs", model_type)
         run_overrides = {**overrides, "model.type": model_type}
-        jobs.append(
-            Job(
-                name=model_type,
-                commands=[
-                    train_command("configs/lm_small.py", workdir, run_overrides) + args.train_flag,
-                    evaluate_command(
-                        f"--workdir={workdir}",
-                        f"--label={label}",
-                        f"--output_dir={os.path.join(args.out, 'eval', model_type)}",
-                        *eval_flags,
-                    ),
-                ],
-                log_path=os.path.join(args.out, "logs", f"{model_type}.log"),
-                workdir=workdir,
-                steps=steps,
-                env=child_env(args.memory_fraction, gpu_for(index, args.gpus)),
-            )
-        )
+        jobs.append(train_and_evaluate(args, index, model_type, "configs/lm_small.py",
+                                       run_overrides, label, eval_flags, steps))
     return jobs
 
 
@@ -271,30 +277,12 @@ def mqar_jobs(args, steps: int) -> list[Job]:
     jobs = []
     for index, (model, seq_len, pairs) in enumerate(mqar_runs(args.smoke, args.runs)):
         name = mqar_run_name(model, seq_len, pairs)
-        workdir = os.path.join(args.out, "runs", name)
         label, model_overrides = mqar_model(model, args.short_conv)
         overrides = {**common, "seq_len": seq_len, "data.mqar.num_kv_pairs": pairs}
         overrides.update(model_overrides)
         eval_flags = ["--mqar_batches=1", "--mqar_batch_size=16"] if args.smoke else []
-        jobs.append(
-            Job(
-                name=name,
-                commands=[
-                    train_command("configs/mqar.py", workdir, overrides) + args.train_flag,
-                    evaluate_command(
-                        "--mqar",
-                        f"--workdir={workdir}",
-                        f"--label={label}",
-                        f"--output_dir={os.path.join(args.out, 'eval', name)}",
-                        *eval_flags,
-                    ),
-                ],
-                log_path=os.path.join(args.out, "logs", f"{name}.log"),
-                workdir=workdir,
-                steps=steps,
-                env=child_env(args.memory_fraction, gpu_for(index, args.gpus)),
-            )
-        )
+        jobs.append(train_and_evaluate(args, index, name, "configs/mqar.py", overrides, label,
+                                       ["--mqar", *eval_flags], steps))
     return jobs
 
 
