@@ -143,17 +143,18 @@ def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=Fals
     h0 = jnp.zeros((rows, heads, kp, pv.shape[-1]), jnp.float32)
     common = dict(chunk=chunk, config=config, interpret=interpret)
     cumsum = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=interpret))
-    b = cumsum(pg)
+    b, spans = cumsum(pg)
     states = jax.jit(lambda k, v, b, h0, f, e: gpu_forward.chunk_states(
         k, v, b, h0, f, e, state_dtype=pq.dtype, **common)[0])
     hs = states(pk, pv, b, h0, first, last)
-    scores = jax.jit(lambda q, k, b: gpu_forward.intra_scores(q, k, b, scale=scale, **common))
-    a = scores(pq, pk, b)
+    scores = jax.jit(lambda q, k, b, s: gpu_forward.intra_scores(q, k, b, s, scale=scale,
+                                                                  **common))
+    a = scores(pq, pk, b, spans)
     stages = {
         "prepare (XLA: layout)": (jax.jit(prepare), (q, k, v, g, do)),
         "gate_cumsum": (cumsum, (pg,)),
         "chunk_states": (states, (pk, pv, b, h0, first, last)),
-        "intra_scores": (scores, (pq, pk, b)),
+        "intra_scores": (scores, (pq, pk, b, spans)),
         "chunk_outputs": (jax.jit(lambda q, b, h, a, v: gpu_forward.chunk_outputs(
             q, b, h, a, v, scale=scale, out_dtype=q.dtype, **common)), (pq, b, hs, a, pv)),
         "state_grads": (jax.jit(lambda q, do, b, d, f, e: gpu_backward.state_grads(
@@ -163,10 +164,10 @@ def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=Fals
                         (do_rows, pv)),
         "value_grads": (jax.jit(lambda k, b, a, do, dh: gpu_backward.value_grads(
             k, b, a, do, dh, out_dtype=k.dtype, **common)), (pk, b, a, do_rows, hs)),
-        "query_key_grads": (jax.jit(lambda q, k, b, v, do, h, dh, da:
+        "query_key_grads": (jax.jit(lambda q, k, b, s, v, do, h, dh, da:
                                     gpu_backward.query_key_grads(
-                                        q, k, b, v, do, h, dh, da, scale=scale, **common)),
-                            (pq, pk, b, pv, do_rows, hs, hs, a)),
+                                        q, k, b, s, v, do, h, dh, da, scale=scale, **common)),
+                            (pq, pk, b, spans, pv, do_rows, hs, hs, a)),
     }
     reps = dict(reps=2, inner=1) if interpret else {}
     for name, (fn, args) in stages.items():

@@ -54,14 +54,14 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
     h0 = jnp.zeros((p.q.shape[0], p.q.shape[2], p.q.shape[-1], p.v.shape[-1]), jnp.float32)
     state_dtype = p.q.dtype
     common = dict(chunk=chunk, config=config, interpret=False)
-    b = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=False))(p.g)
+    b, spans = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=False))(p.g)
 
     def states(k, v, b, h0, first, last):
         return gpu_forward.chunk_states(k, v, b, h0, first, last, state_dtype=state_dtype,
                                         **common)[0]
 
-    def scores(q, k, b):
-        return gpu_forward.intra_scores(q, k, b, scale=scale, **common)
+    def scores(q, k, b, spans):
+        return gpu_forward.intra_scores(q, k, b, spans, scale=scale, **common)
 
     if family == "state":
         def run(q, k, v, b, do, h0, first, last):
@@ -71,12 +71,12 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
 
         return jax.jit(run), (p.q, p.k, p.v, b, do_rows, h0, p.first_seq, p.last_seq)
     if family == "scores":
-        def run(q, k, b, v, do):
-            return scores(q, k, b), gpu_backward.score_grads(do, v, **common)
+        def run(q, k, b, spans, v, do):
+            return scores(q, k, b, spans), gpu_backward.score_grads(do, v, **common)
 
-        return jax.jit(run), (p.q, p.k, b, p.v, do_rows)
+        return jax.jit(run), (p.q, p.k, b, spans, p.v, do_rows)
     hs = jax.jit(states)(p.k, p.v, b, h0, p.first_seq, p.last_seq)
-    a = jax.jit(scores)(p.q, p.k, b)
+    a = jax.jit(scores)(p.q, p.k, b, spans)
     if family == "output":
         def run(q, k, v, b, do, hs, a):
             o = gpu_forward.chunk_outputs(q, b, hs, a, v, scale=scale, out_dtype=q.dtype,
@@ -86,10 +86,11 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
 
         return jax.jit(run), (p.q, p.k, p.v, b, do_rows, hs, a)
 
-    def run(q, k, v, b, do, hs, a):
-        return gpu_backward.query_key_grads(q, k, b, v, do, hs, hs, a, scale=scale, **common)
+    def run(q, k, v, b, spans, do, hs, a):
+        return gpu_backward.query_key_grads(q, k, b, spans, v, do, hs, hs, a, scale=scale,
+                                            **common)
 
-    return jax.jit(run), (p.q, p.k, p.v, b, do_rows, hs, a)
+    return jax.jit(run), (p.q, p.k, p.v, b, spans, do_rows, hs, a)
 
 
 def fits(fields, key_dim, value_dim):

@@ -120,12 +120,14 @@ def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype):
 ])
 def test_every_kernel_lowers_through_triton(shape):
     module = _export_for_cuda(*shape)
-    # Forward: gate_cumsum, chunk_states, intra_scores, chunk_outputs; backward: the first three
-    # recomputed, then state_grads, score_grads, value_grads, query_key_grads.
-    assert module.count("__gpu$xla.gpu.triton") == 11
-    for name in ("gla_gate_cumsum", "gla_chunk_states", "gla_intra_scores", "gla_chunk_outputs",
-                 "gla_state_grads", "gla_score_grads", "gla_value_grads",
-                 "gla_query_key_grads"):
+    # Forward: gate_cumsum, chunk_states, intra_scores (factorized and exact launches),
+    # chunk_outputs; backward: the first four recomputed, then state_grads, score_grads,
+    # value_grads and query_key_grads (factorized and exact).
+    assert module.count("__gpu$xla.gpu.triton") == 14
+    for name in ("gla_gate_cumsum", "gla_chunk_states", "gla_intra_scores",
+                 "gla_intra_scores_exact", "gla_chunk_outputs", "gla_state_grads",
+                 "gla_score_grads", "gla_value_grads", "gla_query_key_grads",
+                 "gla_query_key_grads_exact"):
         assert name in module
 
 
@@ -144,21 +146,44 @@ def test_gate_gradient_stays_accurate_over_long_bf16_sequences():
     assert _rel_err(dg, expected["dg"]) <= 8e-3
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_diagonal_blocks_take_both_paths(dtype):
-    """Mild gates: every diagonal sub-block is factorized around its middle row. Gate resets
-    (log gate -120 inside sub-chunks) exceed FACTORIZE_SPAN there, so those blocks take the
-    log-space path; a factorization would overflow. Both must match the oracle."""
+def _chunk_spans(g, chunk=64):
     from pallas_kernels.gla import gpu_forward
 
-    case = Case("resets", batch=1, seq_len=128, heads=2, key_dim=32, value_dim=32, dtype=dtype)
+    prepared = gpu.prepare(g, g, g, g, None, chunk)
+    return gpu_forward.gate_cumsum(prepared.g, chunk=chunk, interpret=True)[1]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_every_factorization_path_matches_oracle(dtype):
+    """Three gate regimes, each checked against the oracle, forward and gradients:
+    - mild gates, and gates of -0.9 per step (spans just under FACTORIZE_SPAN, where the gate
+      gradient hangs on cancellation inside the chunk): every chunk is one matmul factorized
+      around its middle row;
+    - strong gates (log gate -2 per step): chunk spans exceed FACTORIZE_SPAN, so the exact
+      kernels run, and their diagonal sub-blocks (spans of 15 steps) are factorized;
+    - resets (log gate -120 inside sub-chunks): exact kernels with log-space diagonal blocks.
+    The mild and reset gates are mixed in one batch, so both launches write parts of one buffer.
+    float16 factorized operands would overflow at these spans: they are float32."""
+    from pallas_kernels.gla import gpu_forward
+
+    case = Case("resets", batch=2, seq_len=128, heads=2, key_dim=32, value_dim=32, dtype=dtype)
     q, k, v, g, h0, do, dfinal = _make_inputs(case, 11)
     resets = jnp.zeros(g.shape[1], bool).at[jnp.array([5, 37, 70, 100])].set(True)
-    g_reset = jnp.where(resets[None, :, None, None], -120.0, g.astype(jnp.float32)).astype(dtype)
-    assert 120 * 1.44 > gpu_forward.FACTORIZE_SPAN  # the resets do force the log-space path
+    in_second_row = (jnp.arange(case.batch) == 1)[:, None, None, None]
+    g_reset = jnp.where(resets[None, :, None, None] & in_second_row, -120.0,
+                        g.astype(jnp.float32)).astype(dtype)
+    g_strong = (jnp.full(g.shape, -2.0) + 0.1 * g.astype(jnp.float32)).astype(dtype)
+    g_near = (jnp.full(g.shape, -0.9) + 0.1 * g.astype(jnp.float32)).astype(dtype)
+    limit = gpu_forward.FACTORIZE_SPAN
+    assert bool(jnp.all(_chunk_spans(g) <= limit)) and bool(jnp.all(_chunk_spans(g_near) <= limit))
+    assert float(jnp.max(_chunk_spans(g_near))) > 0.8 * limit
+    reset_spans = _chunk_spans(g_reset)
+    assert bool(jnp.all(reset_spans[0] <= limit)) and bool(jnp.all(reset_spans[1] > limit))
+    assert bool(jnp.all(_chunk_spans(g_strong) > limit))
+    assert 15 * 2.1 * 1.4427 <= limit < 120 * 1.4427  # strong: factorized diagonals; resets: not
     scale = case.key_dim**-0.5
     opts = api.Options("pallas_gpu", scale, 64, True)
-    for gates in (g, g_reset):
+    for gates in (g, g_near, g_strong, g_reset):
         o, final = gpu.forward(q, k, v, gates, h0, None, opts)
         grads = gpu.backward(q, k, v, gates, h0, None, do, dfinal, opts)
         expected = gla_oracle(q, k, v, gates, scale=scale, initial_state=h0, do=do,

@@ -108,19 +108,20 @@ def _states(p: Prepared, b, initial_state, opts, config):
 
 
 def _recompute(p: Prepared, initial_state, opts, config):
-    """What forward and backward both start from: b, the chunk states and the scores A."""
+    """What forward and backward both start from: b and the chunks' factorization spans, the
+    chunk states and the scores A."""
     chunk, interpret = opts.chunk_size, opts.interpret
-    b = gpu_forward.gate_cumsum(p.g, chunk=chunk, interpret=interpret)
+    b, spans = gpu_forward.gate_cumsum(p.g, chunk=chunk, interpret=interpret)
     states, final = _states(p, b, initial_state, opts, config)
-    scores = gpu_forward.intra_scores(p.q, p.k, b, chunk=chunk, scale=opts.scale, config=config,
-                                      interpret=interpret)
-    return b, states, final, scores
+    scores = gpu_forward.intra_scores(p.q, p.k, b, spans, chunk=chunk, scale=opts.scale,
+                                      config=config, interpret=interpret)
+    return b, spans, states, final, scores
 
 
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    b, states, final, scores = _recompute(p, initial_state, opts, config)
+    b, _, states, final, scores = _recompute(p, initial_state, opts, config)
     o = gpu_forward.chunk_outputs(
         p.q, b, states, scores, p.v, chunk=opts.chunk_size, scale=opts.scale, out_dtype=q.dtype,
         config=config, interpret=opts.interpret,
@@ -133,7 +134,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     config = _config(p, opts, config)
     kp, vp = p.q.shape[-1], p.v.shape[-1]
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
-    b, states, _, scores = _recompute(p, initial_state, opts, config)
+    b, spans, states, _, scores = _recompute(p, initial_state, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), vp)
     dfinal_padded = _pad_state(dfinal.astype(jnp.float32), kp, vp)
     dstates, dh0 = gpu_backward.state_grads(
@@ -147,7 +148,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     dscores = gpu_backward.score_grads(do_rows, p.v, chunk=chunk, config=config,
                                        interpret=interpret)
     dq, dk, dg = gpu_backward.query_key_grads(
-        p.q, p.k, b, p.v, do_rows, states, dstates, dscores, chunk=chunk, scale=scale,
+        p.q, p.k, b, spans, p.v, do_rows, states, dstates, dscores, chunk=chunk, scale=scale,
         config=config, interpret=interpret,
     )
     # An empty sequence's final state is its initial state.

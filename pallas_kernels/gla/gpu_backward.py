@@ -37,10 +37,11 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gla.gpu_forward import (
     F32,
-    FACTORIZE_SPAN,
     chunk_spec,
     decay,
     diagonal_span,
+    factor_dtype,
+    factorizable,
     mm,
     mm_nt,
     mm_tn,
@@ -51,6 +52,7 @@ from pallas_kernels.gla.gpu_forward import (
     split_rows,
     state_scan_call,
     state_spec,
+    span_spec,
     sub_chunk,
 )
 
@@ -194,7 +196,7 @@ def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
 
 
 def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
-    """dq and dk [S, BK] from the diagonal sub-block ``own`` of dA (zero above the diagonal):
+    """dq, dk and dL/db [S, BK] from the diagonal sub-block ``own`` of dA (zero above the diagonal):
     dq_i from columns j <= i, dk_j from rows i >= j. Factorized around the middle row where the
     decay span allows (as in the forward's intra_scores), else in log space one column at a time.
 
@@ -203,11 +205,7 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
     base, sub = own.start, own.size
 
     def factorized():
-        b_mid = row(b_ref, base + sub // 2)
-        to_mid, from_mid = decay(b - b_mid), decay(b_mid - b)
-        da = da_ref[own, own]
-        return (mm(da, k * from_mid, dtype) * to_mid,
-                mm_tn(da, q * to_mid, dtype) * from_mid)
+        return _factorized_grads(da_ref[own, own], q, k, b, row(b_ref, base + sub // 2), dtype)
 
     def column(c, grads):
         dq, dk = grads
@@ -219,63 +217,118 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
         return dq, dk
 
     def log_space():  # a loop with few live values: see the forward's _diagonal_scores
-        return lax.fori_loop(0, sub, column, (jnp.zeros_like(q), jnp.zeros_like(k)))
+        dq, dk = lax.fori_loop(0, sub, column, (jnp.zeros_like(q), jnp.zeros_like(k)))
+        return dq, dk, q * dq - k * dk  # float32 products: the pairs cancel to rounding
 
-    return lax.cond(diagonal_span(b_ref, base, sub) <= FACTORIZE_SPAN, factorized, log_space)
+    return lax.cond(factorizable(diagonal_span(b_ref, base, sub)), factorized, log_space)
 
 
-def _query_key_grads_kernel(
-    q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref, dq_ref, dk_ref, dg_ref,
-    *, scale, block_v, dtype,
-):
+def _factorized_grads(da, q, k, b, b_mid, dtype):
+    """dq, dk and dL/db of a block of dA factorized around b_mid (q scaled).
+
+    dL/db_i sums +t_ij over the block's pairs with i as the query and -t_ji with i as the key, so
+    pairs cancel inside a chunk and dg is what remains across it. Rounding the two factors to the
+    matmul dtype would break that cancellation (q * dq and k * dk would see different roundings
+    of each pair) and strong gates, under which little remains, would amplify it; so dL/db is
+    formed from the rounded factors themselves, the same on both sides of every pair."""
+    operands = factor_dtype(dtype)
+    q_hat = (q * decay(b - b_mid)).astype(operands).astype(F32)
+    k_hat = (k * decay(b_mid - b)).astype(operands).astype(F32)
+    dq_hat, dk_hat = mm(da, k_hat, operands), mm_tn(da, q_hat, operands)
+    return (dq_hat * decay(b - b_mid), dk_hat * decay(b_mid - b),
+            q_hat * dq_hat - k_hat * dk_hat)
+
+
+def _inter_chunk_start(q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
+    """The inter-chunk parts of dq (for the scaled query) and dk [C, BK], and dL/db_last [1, BK]
+    (the chunk's total decay: module docstring)."""
     chunk = q_ref.shape[0]
-    sub = sub_chunk(chunk)
-    parts = chunk // sub
     dq_inter, dk_inter, h_dh = _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype)
     b = b_ref[...]
     b_last = row(b_ref, chunk - 1)
-    dq_inter = dq_inter * decay(b)  # gradient of the scaled query
+    dq_inter = dq_inter * decay(b)
     dk_inter = dk_inter * decay(b_last - b)
-    # dL/db_last: the chunk's total decay (module docstring).
-    carry = decay(b_last) * h_dh + jnp.sum(k_ref[...].astype(F32) * dk_inter, axis=0,
-                                           keepdims=True)
-    dq_parts, dk_parts = split_rows(dq_inter, parts), split_rows(dk_inter, parts)
-    def q_rows(start, size):
-        return rows(q_ref, start, size) * scale
-
-    for p in reversed(range(parts)):  # last sub-chunk first: dg is a reverse cumsum
-        base = p * sub
-        own = pl.ds(base, sub)
-        q, k, b_p = q_rows(base, sub), rows(k_ref, base, sub), rows(b_ref, base, sub)
-        dq, dk = dq_parts[p], dk_parts[p]
-        # Off-diagonal, columns J < P, around r = the first row of P.
-        if p > 0:
-            b_r = row(b_ref, base)
-            acc = jnp.zeros_like(dq)
-            for j in range(p):
-                k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
-                acc += mm(da_ref[own, pl.ds(j * sub, sub)], k_hat, dtype)
-            dq += acc * decay(b_p - b_r)
-        # Off-diagonal, rows of every later sub-chunk I, around r = the first row of I.
-        for i in range(p + 1, parts):
-            b_r = row(b_ref, i * sub)
-            q_hat = q_rows(i * sub, sub) * decay(rows(b_ref, i * sub, sub) - b_r)
-            dk += mm_tn(da_ref[pl.ds(i * sub, sub), own], q_hat, dtype) * safe_decay(b_r - b_p)
-        d_dq, d_dk = _diagonal_grads((q_ref, k_ref, b_ref, da_ref), own, q, k, b_p, scale=scale,
-                                     dtype=dtype)
-        dq += d_dq
-        dk += d_dk
-        dq_ref[own, :] = (dq * scale).astype(dq_ref.dtype)
-        dk_ref[own, :] = dk.astype(dk_ref.dtype)
-        db = q * dq - k * dk
-        total = jnp.sum(db, axis=0, keepdims=True)
-        dg_ref[own, :] = carry + total - jnp.cumsum(db, axis=0) + db
-        carry += total
+    d_last = decay(b_last) * h_dh + jnp.sum(k_ref[...].astype(F32) * dk_inter, axis=0,
+                                            keepdims=True)
+    return dq_inter, dk_inter, d_last
 
 
-def query_key_grads(q, k, b, v, do, states, dstates, dscores, *, chunk, scale, config,
+def _store_grads(rows_, dq, dk, db, carry, dq_ref, dk_ref, dg_ref, scale):
+    """Writes dq, dk and dg for ``rows_`` of the chunk (dq of the scaled query). ``carry``: dL/db
+    summed over the chunk's later rows plus dL/db_last; returns it with these rows' db added."""
+    dq_ref[rows_, :] = (dq * scale).astype(dq_ref.dtype)
+    dk_ref[rows_, :] = dk.astype(dk_ref.dtype)
+    total = jnp.sum(db, axis=0, keepdims=True)
+    dg_ref[rows_, :] = carry + total - jnp.cumsum(db, axis=0) + db
+    return carry + total
+
+
+def _factorized_key_grads_kernel(
+    span_ref, q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref, dq_ref, dk_ref, dg_ref,
+    *, scale, block_v, dtype,
+):
+    """The whole chunk's intra-chunk terms as two matmuls, factorized around its middle row."""
+    @pl.when(factorizable(span_ref[...]))
+    def _():
+        chunk = q_ref.shape[0]
+        dq, dk, d_last = _inter_chunk_start(q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref,
+                                            block_v, dtype)
+        q, k = q_ref[...].astype(F32) * scale, k_ref[...].astype(F32)
+        dq_intra, dk_intra, db_intra = _factorized_grads(da_ref[...], q, k, b_ref[...],
+                                                         row(b_ref, chunk // 2), dtype)
+        _store_grads(pl.ds(0, chunk), dq + dq_intra, dk + dk_intra,
+                     q * dq - k * dk + db_intra, d_last, dq_ref, dk_ref, dg_ref, scale)
+
+
+def _exact_key_grads_kernel(
+    span_ref, q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref, _dq_in, _dk_in, _dg_in,
+    dq_ref, dk_ref, dg_ref, *, scale, block_v, dtype,
+):
+    """Secondary-level chunking, for the chunks the factorized kernel left out."""
+    @pl.when(jnp.logical_not(factorizable(span_ref[...])))
+    def _():
+        chunk = q_ref.shape[0]
+        sub = sub_chunk(chunk)
+        parts = chunk // sub
+        dq_inter, dk_inter, carry = _inter_chunk_start(q_ref, k_ref, b_ref, v_ref, do_ref, h_ref,
+                                                       dh_ref, block_v, dtype)
+        dq_parts, dk_parts = split_rows(dq_inter, parts), split_rows(dk_inter, parts)
+
+        def q_rows(start, size):
+            return rows(q_ref, start, size) * scale
+
+        for p in reversed(range(parts)):  # last sub-chunk first: dg is a reverse cumsum
+            base = p * sub
+            own = pl.ds(base, sub)
+            q, k, b_p = q_rows(base, sub), rows(k_ref, base, sub), rows(b_ref, base, sub)
+            dq, dk = dq_parts[p], dk_parts[p]
+            # Off-diagonal, columns J < P, around r = the first row of P.
+            if p > 0:
+                b_r = row(b_ref, base)
+                acc = jnp.zeros_like(dq)
+                for j in range(p):
+                    k_hat = rows(k_ref, j * sub, sub) * safe_decay(
+                        b_r - rows(b_ref, j * sub, sub))
+                    acc += mm(da_ref[own, pl.ds(j * sub, sub)], k_hat, dtype)
+                dq += acc * decay(b_p - b_r)
+            # Off-diagonal, rows of every later sub-chunk I, around r = the first row of I.
+            for i in range(p + 1, parts):
+                b_r = row(b_ref, i * sub)
+                q_hat = q_rows(i * sub, sub) * decay(rows(b_ref, i * sub, sub) - b_r)
+                dk += (mm_tn(da_ref[pl.ds(i * sub, sub), own], q_hat, dtype)
+                       * safe_decay(b_r - b_p))
+            d_dq, d_dk, d_db = _diagonal_grads((q_ref, k_ref, b_ref, da_ref), own, q, k, b_p,
+                                               scale=scale, dtype=dtype)
+            carry = _store_grads(own, dq + d_dq, dk + d_dk, q * dq - k * dk + d_db, carry,
+                                 dq_ref, dk_ref, dg_ref, scale)
+
+
+def query_key_grads(q, k, b, spans, v, do, states, dstates, dscores, *, chunk, scale, config,
                     interpret):
-    """dq, dk [B', Tp, H, K] in q's dtype and dg [B', Tp, H, K] float32."""
+    """dq, dk [B', Tp, H, K] in q's dtype and dg [B', Tp, H, K] float32.
+
+    Like the forward's intra_scores: a factorized launch, then an exact launch for the chunks
+    whose span rules the factorization out, writing into the same buffers."""
     rows_, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     block_k = min(config.grad_block_k, key_dim)
@@ -283,14 +336,27 @@ def query_key_grads(q, k, b, v, do, states, dstates, dscores, *, chunk, scale, c
     value = chunk_spec(chunk, heads, value_dim)
     state = state_spec(block_k, value_dim, heads, "k")
     out = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    return pl.pallas_call(
-        functools.partial(_query_key_grads_kernel, scale=scale,
-                          block_v=min(config.grad_block_v, value_dim), dtype=q.dtype),
+    launch = functools.partial(
+        pl.pallas_call,
         out_shape=(out, out, jax.ShapeDtypeStruct(q.shape, F32)),
         grid=(padded_len // chunk, rows_ * heads, key_dim // block_k),
-        in_specs=[key, key, key, value, value, state, state, chunk_spec(chunk, heads, chunk)],
         out_specs=(key, key, key),
         compiler_params=params(config.grad_warps, config.grad_stages),
         interpret=interpret,
+    )
+    kernel_options = dict(scale=scale, block_v=min(config.grad_block_v, value_dim),
+                          dtype=q.dtype)
+    in_specs = [span_spec(heads), key, key, key, value, value, state, state,
+                chunk_spec(chunk, heads, chunk)]
+    inputs = (spans, q, k, b, v, do, states, dstates, dscores)
+    factorized = launch(
+        functools.partial(_factorized_key_grads_kernel, **kernel_options),
+        in_specs=in_specs,
         name="gla_query_key_grads",
-    )(q, k, b, v, do, states, dstates, dscores)
+    )(*inputs)
+    return launch(
+        functools.partial(_exact_key_grads_kernel, **kernel_options),
+        in_specs=in_specs + [key, key, key],
+        input_output_aliases={9: 0, 10: 1, 11: 2},
+        name="gla_query_key_grads_exact",
+    )(*inputs, *factorized)

@@ -129,6 +129,16 @@ def state_spec(key_block, value_block, heads, tile_axis=None):
     return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, key_block, value_block), index)
 
 
+def span_spec(heads):
+    """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...)."""
+    return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED), lambda c, bh, *_: (bh // heads, c, bh % heads))
+
+
+def causal_mask(size):
+    return (lax.broadcasted_iota(jnp.int32, (size, size), 0)
+            >= lax.broadcasted_iota(jnp.int32, (size, size), 1))
+
+
 def params(warps, stages):
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
@@ -138,20 +148,28 @@ def params(warps, stages):
 # --------------------------------------------------------------------------------------------
 
 
-def _gate_cumsum_kernel(g_ref, b_ref):
-    b_ref[...] = jnp.cumsum(g_ref[...].astype(F32) * LOG2E, axis=0)
+def _gate_cumsum_kernel(g_ref, b_ref, span_ref):
+    b = jnp.cumsum(g_ref[...].astype(F32) * LOG2E, axis=0)
+    b_ref[...] = b
+    # The chunk's factorization span: the largest |b_i - b_mid| over positions and K. (The middle
+    # row is picked out with a mask: Triton has no general value slicing.)
+    at_mid = lax.broadcasted_iota(jnp.int32, b.shape, 0) == b.shape[0] // 2
+    b_mid = jnp.sum(jnp.where(at_mid, b, 0.0), axis=0, keepdims=True)
+    span_ref[...] = jnp.max(jnp.abs(b - b_mid))
 
 
 def gate_cumsum(g, *, chunk, interpret):
-    """b [B', Tp, H, K] float32: chunk-local inclusive cumsum of the log gates, log2 units."""
+    """b [B', Tp, H, K] float32: chunk-local inclusive cumsum of the log gates, log2 units; and
+    spans [B', NC, H] float32: each chunk's largest |b_i - b_mid| (see ``factorizable``)."""
     rows_, padded_len, heads, key_dim = g.shape
     spec = chunk_spec(chunk, heads, key_dim)
     return pl.pallas_call(
         _gate_cumsum_kernel,
-        out_shape=jax.ShapeDtypeStruct(g.shape, F32),
+        out_shape=(jax.ShapeDtypeStruct(g.shape, F32),
+                   jax.ShapeDtypeStruct((rows_, padded_len // chunk, heads), F32)),
         grid=(padded_len // chunk, rows_ * heads),
         in_specs=[spec],
-        out_specs=spec,
+        out_specs=(spec, span_spec(heads)),
         compiler_params=params(4, 1),
         interpret=interpret,
         name="gla_gate_cumsum",
@@ -254,11 +272,24 @@ def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config
 # --------------------------------------------------------------------------------------------
 
 
-# A diagonal sub-block whose log2 decay span (largest b_first - b_last over K) is at most this is
-# factorized around its middle row: both factors stay within 2 ** +-(span / 2), far from float32
-# and bfloat16 overflow, and the products are as accurate as the unfactorized terms. Wider spans
-# (strong gates, document resets) take the log-space path.
+# The largest log2 decay a factorization may put into one factor. A block of scores is factorized
+# around a reference row m as (q_i * 2 ** (b_i - b_m)) . (k_j * 2 ** (b_m - b_j)); while every
+# |b - b_m| is at most this, the factors stay within 2 ** +-48, far from bfloat16 and float32
+# overflow and underflow, and each product is as accurate as the unfactorized term. Wider spans
+# (strong gates, document resets) take the exact path.
 FACTORIZE_SPAN = 48.0
+
+
+def factorizable(span):
+    """Whether a chunk of this span takes the factorized path. NaN spans take the exact path: the
+    two paths test this same predicate, so exactly one of them writes every chunk."""
+    return span <= FACTORIZE_SPAN
+
+
+def factor_dtype(dtype):
+    """Operand dtype of a factorized matmul. float16 ends at 2 ** 16, short of the factors' range,
+    so float16 callers get float32 operands."""
+    return F32 if jnp.dtype(dtype) == jnp.float16 else dtype
 
 
 def diagonal_span(b_ref, base, sub):
@@ -273,7 +304,8 @@ def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
 
     def factorized():
         b_mid = row(b_ref, base + sub // 2)
-        return mm_nt(q * decay(b - b_mid), rows(k_ref, base, sub) * decay(b_mid - b), dtype)
+        return mm_nt(q * decay(b - b_mid), rows(k_ref, base, sub) * decay(b_mid - b),
+                     factor_dtype(dtype))
 
     def log_space():
         # One column at a time: slow, but it keeps few values live. Both branches share the
@@ -287,43 +319,73 @@ def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
 
         return lax.fori_loop(0, sub, column, jnp.zeros((sub, sub), F32))
 
-    return lax.cond(diagonal_span(b_ref, base, sub) <= FACTORIZE_SPAN, factorized, log_space)
+    return lax.cond(factorizable(diagonal_span(b_ref, base, sub)), factorized, log_space)
 
 
-def _intra_scores_kernel(q_ref, k_ref, b_ref, a_ref, *, scale, dtype):
-    chunk = q_ref.shape[0]
-    sub = sub_chunk(chunk)
-    parts = chunk // sub
-    causal = (lax.broadcasted_iota(jnp.int32, (sub, sub), 0)
-              >= lax.broadcasted_iota(jnp.int32, (sub, sub), 1))
-    for i in range(parts):
-        rows_i = pl.ds(i * sub, sub)
-        if i > 0:  # columns of earlier sub-chunks, around r = the first row of this one
-            b_r = row(b_ref, i * sub)
-            q_hat = rows(q_ref, i * sub, sub) * scale * decay(rows(b_ref, i * sub, sub) - b_r)
-            for j in range(i):
-                k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
-                a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
-        for j in range(i + 1, parts):
-            a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
-        diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale, dtype=dtype)
-        a_ref[rows_i, rows_i] = jnp.where(causal, diagonal, 0.0)
+def _factorized_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, dtype):
+    """The whole chunk as one matmul, factorized around its middle row."""
+    @pl.when(factorizable(span_ref[...]))
+    def _():
+        chunk = q_ref.shape[0]
+        b = b_ref[...]
+        b_mid = row(b_ref, chunk // 2)
+        q = q_ref[...].astype(F32) * scale * decay(b - b_mid)
+        k = k_ref[...].astype(F32) * decay(b_mid - b)
+        a_ref[...] = jnp.where(causal_mask(chunk), mm_nt(q, k, factor_dtype(dtype)), 0.0)
 
 
-def intra_scores(q, k, b, *, chunk, scale, config, interpret):
-    """A [B', Tp, H, C] float32: scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i in a chunk."""
+def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, _factorized_ref, a_ref, *, scale, dtype):
+    """Secondary-level chunking, for the chunks the factorized kernel left out."""
+    @pl.when(jnp.logical_not(factorizable(span_ref[...])))
+    def _():
+        chunk = q_ref.shape[0]
+        sub = sub_chunk(chunk)
+        parts = chunk // sub
+        causal = causal_mask(sub)
+        for i in range(parts):
+            rows_i = pl.ds(i * sub, sub)
+            if i > 0:  # columns of earlier sub-chunks, around r = the first row of this one
+                b_r = row(b_ref, i * sub)
+                q_hat = rows(q_ref, i * sub, sub) * scale * decay(rows(b_ref, i * sub, sub) - b_r)
+                for j in range(i):
+                    k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
+                    a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
+            for j in range(i + 1, parts):
+                a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
+            diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale,
+                                        dtype=dtype)
+            a_ref[rows_i, rows_i] = jnp.where(causal, diagonal, 0.0)
+
+
+def intra_scores(q, k, b, spans, *, chunk, scale, config, interpret):
+    """A [B', Tp, H, C] float32: scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i in a chunk.
+
+    Two launches over every chunk: the factorized kernel writes the chunks whose span allows it,
+    then the exact kernel writes the rest into the same buffer. Each program of either kernel that
+    is not its chunk's exits at once, and neither kernel carries the other's registers."""
     rows_, padded_len, heads, key_dim = q.shape
     key = chunk_spec(chunk, heads, key_dim)
-    return pl.pallas_call(
-        functools.partial(_intra_scores_kernel, scale=scale, dtype=q.dtype),
+    scores = chunk_spec(chunk, heads, chunk)
+    launch = functools.partial(
+        pl.pallas_call,
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
         grid=(padded_len // chunk, rows_ * heads),
-        in_specs=[key, key, key],
-        out_specs=chunk_spec(chunk, heads, chunk),
+        out_specs=scores,
         compiler_params=params(config.scores_warps, 1),
         interpret=interpret,
+    )
+    kernel_options = dict(scale=scale, dtype=q.dtype)
+    factorized = launch(
+        functools.partial(_factorized_scores_kernel, **kernel_options),
+        in_specs=[span_spec(heads), key, key, key],
         name="gla_intra_scores",
-    )(q, k, b)
+    )(spans, q, k, b)
+    return launch(
+        functools.partial(_exact_scores_kernel, **kernel_options),
+        in_specs=[span_spec(heads), key, key, key, scores],
+        input_output_aliases={4: 0},
+        name="gla_intra_scores_exact",
+    )(spans, q, k, b, factorized)
 
 
 # --------------------------------------------------------------------------------------------
