@@ -11,9 +11,10 @@ scores A (``intra_scores``) with the forward's kernels, then:
 * ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, float32.
 * ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head, V tile).
 * ``query_key_grads``: per (chunk, row * head, K tile): the inter-chunk terms ``do @ h^T`` and
-  ``v @ dH^T``, then the intra-chunk terms from dA with the forward's secondary-level chunking
-  (off-diagonal sub-blocks as matmuls around a reference row, diagonal sub-blocks as in
-  ``intra_scores``), and the gate gradient dg of the chunk.
+  ``v @ dH^T``, then the intra-chunk terms from dA, and the gate gradient dg of the chunk. Like
+  intra_scores, two launches: one factorized matmul pair per chunk where the span allows, else the
+  forward's secondary-level chunking (off-diagonal sub-blocks as matmuls around a reference row,
+  diagonal sub-blocks factorized or in log space).
 
 The gate gradient. With b the chunk-local cumulative sum of g, every use of b is a factor
 exp(+b_i) on a query side or exp(-b_j) on a key side, so dL/db_i = q_i * dq_i - k_i * dk_i

@@ -33,7 +33,7 @@ class GpuConfig:
     value_block_k: int = 64  # K piece of its k_to_end @ dH loop
     value_warps: int = 4
     value_stages: int = 2
-    grad_block_k: int = 32  # query_key_grads K tile (grid axis)
+    grad_block_k: int = 64  # query_key_grads K tile (grid axis)
     grad_block_v: int = 64  # V piece of its do @ h^T, v @ dH^T loop
     grad_warps: int = 4
     grad_stages: int = 1
@@ -63,7 +63,7 @@ def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
         output_block_k=min(key_dim, 64),
         value_block_v=min(value_dim, 128),
         value_block_k=min(key_dim, 64),
-        grad_block_k=min(key_dim, 32),
+        grad_block_k=min(key_dim, 64),
         grad_block_v=min(value_dim, 64),
         score_block_v=min(value_dim, 64),
     )
