@@ -30,9 +30,17 @@ The device commands, one call each on one H200 (give the call ~480 s: the comman
 
 On a 2-GPU machine add --gpus=2 (runs alternate between the GPUs).
 
-Expected on an H200, scaled from BENCHMARKS.md's H200 measurements of GLA-340M (first step 21.6 s
-with scanned layers; its GLA op ~2.4 ms forward+backward per layer at 16K tokens; 168 ms a step);
-nothing here has run on a GPU yet.
+Seen on two H200s (mqar, --gpus=2, --time_budget=230, all 12 runs at once): the GLA runs took
+42-45 s to their first step; the three T = 256, 64-pair runs then trained alone-fast (GLA 1.4M,
+Transformer++ 7.3M tokens/s: ~23 and ~4.5 ms a step) and finished 3,000 steps, while the other
+nine crawled (GLA 24K, Transformer++ 50-150K tokens/s) and were stopped at 0-350 steps. Why the
+sharing was that uneven is not known; until it is, run few at a time and the target task first,
+e.g. --runs=gla_T256_p16,transformer_T256_p16,gla_no_forget_T256_p16 --concurrency=2, which at
+those speeds needs ~3 minutes of training.
+
+Expected on an H200 before any GPU run, scaled from BENCHMARKS.md's H200 measurements of
+GLA-340M (first step 21.6 s with scanned layers; its GLA op ~2.4 ms forward+backward per layer at
+16K tokens; 168 ms a step):
 lm: ~15 s to prepare the corpus and start; first steps (one scanned block to compile) 15-30 s;
 1,500 steps each at ~25 ms (GLA) and ~15 ms (Transformer++) of GPU work, 60-120 s together;
 evaluation, one compile per length, 40-100 s: ~2.5-5 minutes. Results expected: GLA flat or
