@@ -50,10 +50,10 @@ from pallas_kernels.gla.gpu_forward import (
     row,
     rows,
     safe_decay,
+    span_spec,
     split_rows,
     state_scan_call,
     state_spec,
-    span_spec,
     sub_chunk,
 )
 

@@ -136,7 +136,8 @@ def state_spec(key_block, value_block, heads, tile_axis=None):
 
 def span_spec(heads):
     """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...)."""
-    return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED), lambda c, bh, *_: (bh // heads, c, bh % heads))
+    return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED),
+                        lambda c, bh, *_: (bh // heads, c, bh % heads))
 
 
 def causal_mask(size):
