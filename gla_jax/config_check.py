@@ -39,6 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.process_id = 0
     c.compilation_cache_dir = ""  # persistent XLA compilation cache; "" = off
     c.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
+    # Profiling: trace steps [profile_start_step, + profile_steps) into WORKDIR/profile (0 = off;
+    # those steps run slower while traced);
+    # `python -m gla_jax.profile_summary WORKDIR/profile` tabulates where the device time went.
+    c.profile_start_step = 0
+    c.profile_steps = 3
     # Logging, evaluation, checkpoints, samples.
     c.log_every = 10
     c.eval_every = 100
@@ -105,6 +110,16 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
         _require(
             isinstance(value, int) and value >= 1, field, f"must be an integer >= 1, got {value!r}"
         )
+    _require(
+        isinstance(config.profile_start_step, int) and config.profile_start_step >= 0,
+        "profile_start_step",
+        f"must be an integer >= 0 (0: no profile), got {config.profile_start_step!r}",
+    )
+    _require(
+        isinstance(config.profile_steps, int) and config.profile_steps >= 1,
+        "profile_steps",
+        f"must be an integer >= 1, got {config.profile_steps!r}",
+    )
     _require(config.learning_rate > 0, "learning_rate", f"must be > 0, got {config.learning_rate}")
     _require(config.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {config.warmup_steps}")
     _require(0 <= config.end_lr_ratio <= 1, "end_lr_ratio", "must be in [0, 1]")

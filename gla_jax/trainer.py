@@ -379,6 +379,34 @@ def evaluate_loss(run: Run, evaluate, params, config) -> float:
     return total / max(count, 1.0)
 
 
+class StepProfiler:
+    """Traces steps [start, start + count) with jax.profiler into ``trace_dir`` (start 0: off).
+
+    The trace stops after the last traced step's results are ready, so it holds whole steps."""
+
+    def __init__(self, start: int, count: int, trace_dir: str):
+        self.start, self.end, self.trace_dir = start, start + count, trace_dir
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        if self.start and step == self.start:
+            os.makedirs(self.trace_dir, exist_ok=True)
+            jax.profiler.start_trace(self.trace_dir)
+            self.active = True
+
+    def after_step(self, step: int, state) -> None:
+        if self.active and step == self.end - 1:
+            jax.block_until_ready(state)
+            self.close()
+            _say(f"profiled steps {self.start}-{step} into {self.trace_dir} "
+                 f"(python -m gla_jax.profile_summary {self.trace_dir})")
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+
+
 def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = False) -> dict:
     """Trains (or, with dry_run, only describes) the model; returns the last logged metrics."""
     multihost.maybe_initialize_distributed(config)
@@ -431,12 +459,16 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
     skipped_before = int(state["nonfinite"]["skipped"])
     window_start, window_steps = time.time(), 0
     step = start_step
+    profiler = StepProfiler(config.profile_start_step, config.profile_steps,
+                            os.path.join(workdir, "profile"))
     try:
         while step < config.steps:
             batch = _global_batch(next(train_iter), mesh)
+            profiler.before_step(step + 1)
             step_start = time.time()
             state, metrics = train(state, batch)
             step += 1
+            profiler.after_step(step, state)
             window_steps += 1
             # The host reads the step's results only when it logs, so steps stay queued on the
             # devices; a non-finite step was already left unapplied inside the step itself.
@@ -477,6 +509,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
                 _say(f"SIGTERM: checkpoint saved at step {step}; exiting")
                 break
     finally:
+        profiler.close()
         checkpointer.close()
         progress.close()
         writer.close()
