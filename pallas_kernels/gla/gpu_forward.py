@@ -298,6 +298,12 @@ def factor_dtype(dtype):
     return F32 if jnp.dtype(dtype) == jnp.float16 else dtype
 
 
+def factorized_scores(q, k, b, b_mid, dtype):
+    """Unmasked scores sum_d q_id k_jd 2 ** (b_id - b_jd) of a block as one matmul around the
+    reference row b_mid (the caller has checked the span: ``factorizable``)."""
+    return mm_nt(q * decay(b - b_mid), k * decay(b_mid - b), factor_dtype(dtype))
+
+
 def diagonal_span(b_ref, base, sub):
     """The largest decay (log2 units) across sub-chunk [base, base + sub), over K: a scalar."""
     return jnp.max(row(b_ref, base) - row(b_ref, base + sub - 1))
@@ -309,9 +315,7 @@ def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
     b = rows(b_ref, base, sub)
 
     def factorized():
-        b_mid = row(b_ref, base + sub // 2)
-        return mm_nt(q * decay(b - b_mid), rows(k_ref, base, sub) * decay(b_mid - b),
-                     factor_dtype(dtype))
+        return factorized_scores(q, rows(k_ref, base, sub), b, row(b_ref, base + sub // 2), dtype)
 
     def log_space():
         # One column at a time: slow, but it keeps few values live. Both branches share the
@@ -333,11 +337,9 @@ def _factorized_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, dt
     @pl.when(factorizable(span_ref[...]))
     def _():
         chunk = q_ref.shape[0]
-        b = b_ref[...]
-        b_mid = row(b_ref, chunk // 2)
-        q = q_ref[...].astype(F32) * scale * decay(b - b_mid)
-        k = k_ref[...].astype(F32) * decay(b_mid - b)
-        a_ref[...] = jnp.where(causal_mask(chunk), mm_nt(q, k, factor_dtype(dtype)), 0.0)
+        scores = factorized_scores(q_ref[...].astype(F32) * scale, k_ref[...].astype(F32),
+                                   b_ref[...], row(b_ref, chunk // 2), dtype)
+        a_ref[...] = jnp.where(causal_mask(chunk), scores, 0.0)
 
 
 def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, _factorized_ref, a_ref, *, scale, dtype):
