@@ -40,7 +40,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Global rows per step (see --toke
 _SEQ = flags.DEFINE_integer("seq_len", 2048, "Tokens per row (see --seq_lens).")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", [], "Several sequence lengths; overrides --seq_len.")
 _TOKENS = flags.DEFINE_integer(
-    "tokens_per_batch", 0, "If set, rows per step = this / sequence length (overrides --batch_size)."
+    "tokens_per_batch",
+    0,
+    "If set, rows per step = this / sequence length (overrides --batch_size).",
 )
 _STEPS = flags.DEFINE_integer("steps", 200, "Steps per run.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 20, "Steps per timing window.")

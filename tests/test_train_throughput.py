@@ -11,9 +11,20 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "train_throughput.py")
 
 def run(tmp_path, *flags):
     return subprocess.run(
-        [sys.executable, SCRIPT, f"--out={tmp_path}", "--configs=tiny", "--steps=4",
-         "--log_every=2", *flags],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
+        [
+            sys.executable,
+            SCRIPT,
+            f"--out={tmp_path}",
+            "--configs=tiny",
+            "--steps=4",
+            "--log_every=2",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
     )
 
 
