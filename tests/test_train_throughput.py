@@ -1,4 +1,4 @@
-"""benchmarks/train_throughput.py: one process per run, a row per (config, length), failures kept."""
+"""benchmarks/train_throughput.py: a process and a row per (config, length); failures kept."""
 
 import json
 import os
