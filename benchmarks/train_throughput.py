@@ -197,6 +197,12 @@ def run_child(name: str, seq_len: int, batch_size: int) -> dict:
     return row
 
 
+HEADER = (
+    f"{'config':<20} {'T':>6} {'B':>4} {'dev':>3} {'1st step s':>10} {'tokens/s':>12} "
+    f"{'MFU':>6} {'peak GiB':>9} {'loss':>15}"
+)
+
+
 def format_row(r: dict) -> str:
     head = f"{r['config']:<20} {r['seq_len']:>6} {r['batch_size']:>4}"
     if "error" in r:
@@ -252,15 +258,18 @@ def main(argv):
         load_config(name)  # a misspelt config fails before any run
     shapes = run_shapes()
     os.makedirs(_OUT.value, exist_ok=True)
-    rows = [run_child(name, *shape) for name in _CONFIGS.value for shape in shapes]
-    print(
-        f"{'config':<20} {'T':>6} {'B':>4} {'dev':>3} {'1st step s':>10} {'tokens/s':>12} "
-        f"{'MFU':>6} {'peak GiB':>9} {'loss':>15}"
-    )
+    rows = []
+    # Length by length, so a sweep stopped early still has every config at the shorter lengths;
+    # the JSON is rewritten after each run for the same reason.
+    for shape in shapes:
+        for name in _CONFIGS.value:
+            rows.append(run_child(name, *shape))
+            print(format_row(rows[-1]), flush=True)
+            with open(os.path.join(_OUT.value, "throughput.json"), "w") as f:
+                json.dump(rows, f, indent=2)
+    print(f"\n{HEADER}")
     for r in rows:
         print(format_row(r))
-    with open(os.path.join(_OUT.value, "throughput.json"), "w") as f:
-        json.dump(rows, f, indent=2)
     plot(rows, os.path.join(_OUT.value, "throughput.png"))
     print(f"wrote {_OUT.value}/throughput.json and throughput.png", flush=True)
     if any("error" in r for r in rows):
