@@ -154,6 +154,31 @@ def test_remat_and_bfloat16_compute():
     assert _rel(out, forward(model, tokens)) <= 5e-2
 
 
+def _scatter_adds(jaxpr):
+    """Every scatter-add equation of a jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scatter-add":
+            found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found.extend(_scatter_adds(sub))
+    return found
+
+
+@pytest.mark.parametrize("name", ["gla", "attention"])
+def test_embedding_gradient_accumulates_in_float32(name):
+    """A bfloat16 model's embedding gradient is a float32 scatter-add: in bfloat16 GPUs add with
+    compare-and-swap loops, which serialize on frequent ids (a whole step's time on an H200)."""
+    model = build_model(MODELS[name](dtype="bfloat16"), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = _tokens((2, 20))
+    loss = lambda s: nnx.merge(graphdef, s)(tokens).sum()
+    scatters = _scatter_adds(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    assert scatters, "the embedding gradient should be a scatter-add"
+    assert {eqn.invars[0].aval.dtype for eqn in scatters} == {jnp.dtype(jnp.float32)}
+    assert forward(model, tokens).dtype == jnp.float32
+
+
 def _load_config(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
