@@ -26,6 +26,7 @@ import ast
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -256,6 +257,9 @@ def main(argv):
         return
     for name in _CONFIGS.value:
         load_config(name)  # a misspelt config fails before any run
+    # A stop from outside (timeout, SIGTERM) unwinds through subprocess.run, which then kills the
+    # running child: left alive, it would keep its GPU memory and starve whatever comes next.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     shapes = run_shapes()
     os.makedirs(_OUT.value, exist_ok=True)
     rows = []

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "train_throughput.py")
@@ -57,3 +59,37 @@ def test_failed_run_is_a_row_with_its_error(tmp_path):
     rows = json.loads((tmp_path / "throughput.json").read_text())
     assert len(rows) == 1 and rows[0]["error"].startswith("exit 1")
     assert "learning_rate" in (tmp_path / "tiny_T32_B2.log").read_text()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_sigterm_stops_the_running_child_too(tmp_path):
+    """A driver stopped from outside must not leave its run behind holding the device."""
+    parent = subprocess.Popen(
+        [sys.executable, SCRIPT, f"--out={tmp_path}", "--configs=tiny", "--steps=100000"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = f"--result={tmp_path}"
+    deadline = time.time() + 120
+    while not [p for p in _processes_mentioning(marker) if p != parent.pid]:
+        assert time.time() < deadline and parent.poll() is None, "the run never started"
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 143
+    deadline = time.time() + 30
+    while _processes_mentioning(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(marker) == []
