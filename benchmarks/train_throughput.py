@@ -17,7 +17,8 @@ The paper's Figure 6 view (a fixed number of tokens per batch, longer and fewer 
 
 Prints a table and writes throughput.json and throughput.png (tokens/s and peak memory per
 sequence length) to --out. A run that fails (out of memory, say) is a row with its error; the
-command then exits 1 after the others.
+command then exits 1 after the others. A sweep spread over several calls is put together, and
+its plot drawn, with --from_json=a/throughput.json,b/throughput.json (runs nothing).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ _OUT = flags.DEFINE_string("out", "/tmp/throughput", "Folder for the runs, the J
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra config overrides, key=python_literal.")
 _TIMEOUT = flags.DEFINE_integer("run_timeout", 900, "Seconds one run may take before it is killed.")
 _KEEP = flags.DEFINE_bool("keep_checkpoints", False, "Keep each run's final checkpoint.")
+_FROM_JSON = flags.DEFINE_list(
+    "from_json", [], "Run nothing: merge these throughput.json files (sweeps cut across calls)."
+)
 _RESULT = flags.DEFINE_string("result", "", "Internal: measure one run here, write its row here.")
 
 
@@ -216,26 +220,33 @@ def format_row(r: dict) -> str:
     )
 
 
+def line_label(row: dict) -> str:
+    devices = row.get("devices") or 1
+    return row["config"] + (f" ({devices} devices)" if devices > 1 else "")
+
+
 def plot(rows: list[dict], path: str) -> None:
-    """Tokens/s and peak memory against sequence length, one line per config."""
+    """Tokens/s and peak memory against sequence length, one line per config (and device count)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    done = [r for r in rows if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in dict.fromkeys(r["config"] for r in rows):
-        done = [r for r in rows if r["config"] == name and "error" not in r]
-        seq_lens = [r["seq_len"] for r in done]
-        axes[0].plot(seq_lens, [r["tokens_per_s"] for r in done], "o-", label=name)
-        axes[1].plot(seq_lens, [r["peak_memory_gib"] for r in done], "o-", label=name)
+    for label in dict.fromkeys(line_label(r) for r in done):
+        line = sorted((r for r in done if line_label(r) == label), key=lambda r: r["seq_len"])
+        seq_lens = [r["seq_len"] for r in line]
+        axes[0].plot(seq_lens, [r["tokens_per_s"] for r in line], "o-", label=label)
+        axes[1].plot(seq_lens, [r["peak_memory_gib"] for r in line], "o-", label=label)
     for ax, label in zip(axes, ("tokens / s", "peak memory (GiB per device)"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    batch = f"{_TOKENS.value} tokens per batch" if _TOKENS.value else f"batch {_BATCH.value}"
+    axes[0].legend(fontsize=8)
+    tokens = {r["seq_len"] * r["batch_size"] for r in rows}
+    batch = f"{tokens.pop():,} tokens per batch" if len(tokens) == 1 else "several batch sizes"
     fig.suptitle(f"training throughput, {batch}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -255,6 +266,11 @@ def main(argv):
         with open(_RESULT.value, "w") as f:
             json.dump(row, f, indent=2)
         return
+    if _FROM_JSON.value:
+        rows = merged_rows(_FROM_JSON.value)
+        os.makedirs(_OUT.value, exist_ok=True)
+        write_table(rows)
+        return
     for name in _CONFIGS.value:
         load_config(name)  # a misspelt config fails before any run
     # A stop from outside (timeout, SIGTERM) unwinds through subprocess.run, which then kills the
@@ -271,13 +287,40 @@ def main(argv):
             print(format_row(rows[-1]), flush=True)
             with open(os.path.join(_OUT.value, "throughput.json"), "w") as f:
                 json.dump(rows, f, indent=2)
+    write_table(rows)
+    if any("error" in r for r in rows):
+        sys.exit(1)
+
+
+def merged_rows(paths: list[str]) -> list[dict]:
+    """Rows of several throughput.json files, a later file's row replacing an earlier one of
+    the same (config, length, batch, devices) and failed rows dropped where one succeeded."""
+    by_key = {}
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f):
+                key = (row["config"], row["seq_len"], row["batch_size"], row.get("devices"))
+                same_run = [k for k in by_key if k[:3] == key[:3]]
+                if "error" in row:
+                    if any("error" not in by_key[k] for k in same_run):
+                        continue
+                else:  # a failed row has no device count: drop it when a success comes
+                    for k in same_run:
+                        if "error" in by_key[k]:
+                            del by_key[k]
+                by_key[key] = row
+    return sorted(by_key.values(), key=lambda r: (r["config"], r["seq_len"]))
+
+
+def write_table(rows: list[dict]) -> None:
+    """Print the table; write throughput.json and throughput.png to --out."""
     print(f"\n{HEADER}")
     for r in rows:
         print(format_row(r))
+    with open(os.path.join(_OUT.value, "throughput.json"), "w") as f:
+        json.dump(rows, f, indent=2)
     plot(rows, os.path.join(_OUT.value, "throughput.png"))
     print(f"wrote {_OUT.value}/throughput.json and throughput.png", flush=True)
-    if any("error" in r for r in rows):
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,34 @@ def test_sigterm_stops_the_running_child_too(tmp_path):
     while _processes_mentioning(marker) and time.time() < deadline:
         time.sleep(0.2)
     assert _processes_mentioning(marker) == []
+
+
+def test_from_json_merges_sweeps_and_keeps_successes(tmp_path):
+    """Rows of several calls in one table; a later success replaces a failed row."""
+    row = dict(devices=1, first_step_s=1.0, tokens_per_s=10.0, mfu=None, peak_memory_gib=1.0)
+    row.update(first_loss=5.0, last_loss=4.0, batch_size=2)
+    first = [
+        {**row, "config": "a", "seq_len": 64},
+        {"config": "b", "seq_len": 64, "batch_size": 2, "error": "out of memory"},
+    ]
+    second = [{**row, "config": "b", "seq_len": 64, "tokens_per_s": 20.0}]
+    (tmp_path / "1.json").write_text(json.dumps(first))
+    (tmp_path / "2.json").write_text(json.dumps(second))
+    out = tmp_path / "merged"
+    done = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            f"--from_json={tmp_path}/1.json,{tmp_path}/2.json",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "throughput.json").read_text())
+    assert [(r["config"], r["tokens_per_s"]) for r in rows] == [("a", 10.0), ("b", 20.0)]
+    assert (out / "throughput.png").stat().st_size > 0
