@@ -20,46 +20,23 @@ scores them with ``gla_jax.evaluate`` and writes everything under --out.
     (256, 16). Writes OUT/summary.{md,json}, OUT/mqar_accuracy.png (accuracy per task and
     model), OUT/mqar_T{T}_p{P}.png (training loss per task), OUT/runs/*, OUT/logs/*.
 
-The device commands, one call each on one H200 (give the call ~480 s: the command ends itself by
---time_budget, and start-up and installs come on top):
+The device commands as run on an H200 (BENCHMARKS.md "Paper evidence (H200)" has the results):
 
     PYTHONUNBUFFERED=1 python benchmarks/paper_evidence.py --experiment=lm --out=$OUT/lm \
-        --time_budget=390
+        --time_budget=500
     PYTHONUNBUFFERED=1 python benchmarks/paper_evidence.py --experiment=mqar --out=$OUT/mqar \
-        --time_budget=390
+        --runs=gla_T256_p16,transformer_T256_p16,gla_no_forget_T256_p16,gla_T256_p64,\
+transformer_T256_p64,gla_no_forget_T256_p64 --concurrency=6 --steps=6000 --time_budget=250
 
-On a 2-GPU machine add --gpus=2 (runs alternate between the GPUs).
+On a 2-GPU machine either add --gpus=2 (runs alternate between the GPUs) or run one command per
+GPU with CUDA_VISIBLE_DEVICES. Measured: lm ~4.5 minutes (1,500 steps each, side by side, then
+~30 s of evaluation); mqar six runs of 6,000 steps at T = 256 on one GPU in ~2 minutes, ~40 s
+of it compiling (T = 512: 5,000 steps in ~2.5 minutes).
 
-Seen on two H200s (mqar, --gpus=2, --time_budget=230, all 12 runs at once): the GLA runs took
-42-45 s to their first step; the three T = 256, 64-pair runs then trained alone-fast (GLA 1.4M,
-Transformer++ 7.3M tokens/s: ~23 and ~4.5 ms a step) and finished 3,000 steps, while the other
-nine crawled (GLA 24K, Transformer++ 50-150K tokens/s) and were stopped at 0-350 steps. Why the
-sharing was that uneven is not known; until it is, run few at a time and the target task first,
-e.g. --runs=gla_T256_p16,transformer_T256_p16,gla_no_forget_T256_p16 --concurrency=2, which at
-those speeds needs ~3 minutes of training.
-
-Expected on an H200 before any GPU run, scaled from BENCHMARKS.md's H200 measurements of
-GLA-340M (first step 21.6 s with scanned layers; its GLA op ~2.4 ms forward+backward per layer at
-16K tokens; 168 ms a step):
-lm: ~15 s to prepare the corpus and start; first steps (one scanned block to compile) 15-30 s;
-1,500 steps each at ~25 ms (GLA) and ~15 ms (Transformer++) of GPU work, 60-120 s together;
-evaluation, one compile per length, 40-100 s: ~2.5-5 minutes. Results expected: GLA flat or
-falling to 8K as at CPU scale, the Transformer++ rising past ~1.5x its training length; GLA
-within 5% at 512 is open (the CPU-scale pair, 0.6M parameters, 1.2M tokens, was 15% apart).
-mqar: the 12 processes compile
-at once in 30-60 s; a 2-layer d-128 step on 128 x 256 tokens is ~5 ms of GPU work for GLA (~8 ms
-at T = 512, less for the Transformer++), ~60-100 ms for a round of all 12, so 3,000 steps take
-~3-5 minutes; evaluation ~20-30 s. If the GPU is slower than that, the budget stops training
-early and the table says where. Results expected: the Transformer++ near 100% at 16 pairs;
-GLA + short conv likely, not surely, above 90% at (256, 16): on the CPU, at T = 64 with 4 pairs
-(vocabulary 64, batch 128, this recipe), it left the chance level (loss 3.47) at ~step 300 and
-reached 79% accuracy at step 1,500 (loss 0.43, still falling); the target task has 4x the
-answer tokens per step and the run twice the steps. Without the forget gate: lower, more so at
-T = 512; at 64 pairs the d-128 recurrent states (2 heads of 32 x 64 per layer) short of the
-Transformer++. The paper's plain GLA (--short_conv=false) learns recall far more slowly (the same
-CPU task: 6.8% after 1,000 steps) and is not expected to reach 90% in this budget. Should the
-target run fall short, it alone has the GPU to itself in a second call:
---runs=gla_T256_p16 --steps=10000 (a few ms a step).
+Before commit b7d1c2a the embedding gradient was a bfloat16 scatter-add, which a GPU serializes
+on repeated ids; MQAR sequences are mostly the filler id, so its steps took ~140 ms (the runs
+with 64 pairs, fewer fillers, less) and concurrent runs starved. That is what an earlier
+12-run attempt showed; it is gone.
 
 Time: --time_budget (seconds) bounds the whole command. Training still going when only the
 evaluation reserve is left gets SIGTERM, on which the trainer saves a checkpoint and exits; that
@@ -198,8 +175,16 @@ def gpu_for(index: int, gpus: int) -> int | None:
     return index % gpus if gpus > 0 else None
 
 
-def train_and_evaluate(args, index: int, name: str, config: str, overrides: dict, label: str,
-                       eval_flags: list[str], steps: int) -> Job:
+def train_and_evaluate(
+    args,
+    index: int,
+    name: str,
+    config: str,
+    overrides: dict,
+    label: str,
+    eval_flags: list[str],
+    steps: int,
+) -> Job:
     """One run: train ``config`` with ``overrides`` into OUT/runs/NAME, then evaluate it into
     OUT/eval/NAME; the index-th run's GPU and memory share."""
     workdir = os.path.join(args.out, "runs", name)
@@ -235,8 +220,18 @@ def lm_jobs(args, steps: int) -> list[Job]:
     jobs = []
     for index, (model_type, label) in enumerate(LM_MODELS.items()):
         run_overrides = {**overrides, "model.type": model_type}
-        jobs.append(train_and_evaluate(args, index, model_type, "configs/lm_small.py",
-                                       run_overrides, label, eval_flags, steps))
+        jobs.append(
+            train_and_evaluate(
+                args,
+                index,
+                model_type,
+                "configs/lm_small.py",
+                run_overrides,
+                label,
+                eval_flags,
+                steps,
+            )
+        )
     return jobs
 
 
@@ -289,8 +284,18 @@ def mqar_jobs(args, steps: int) -> list[Job]:
         overrides = {**common, "seq_len": seq_len, "data.mqar.num_kv_pairs": pairs}
         overrides.update(model_overrides)
         eval_flags = ["--mqar_batches=1", "--mqar_batch_size=16"] if args.smoke else []
-        jobs.append(train_and_evaluate(args, index, name, "configs/mqar.py", overrides, label,
-                                       ["--mqar", *eval_flags], steps))
+        jobs.append(
+            train_and_evaluate(
+                args,
+                index,
+                name,
+                "configs/mqar.py",
+                overrides,
+                label,
+                ["--mqar", *eval_flags],
+                steps,
+            )
+        )
     return jobs
 
 
@@ -369,7 +374,7 @@ def parse_args(argv):
         help=f"Training steps per run (default {DEFAULT_STEPS}; smoke {SMOKE_STEPS}).",
     )
     parser.add_argument(
-        "--concurrency", type=int, default=12, help="Runs at once (lm has 2, mqar 12)."
+        "--concurrency", type=int, default=6, help="Runs at once (lm has 2, mqar 12)."
     )
     parser.add_argument(
         "--time_budget",
