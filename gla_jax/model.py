@@ -87,6 +87,7 @@ class GLAConfig:
     expand_v: float = 1.0
     gate_low_rank_dim: int = 16
     gate_logit_normalizer: float = 16.0
+    gate_bias_init: float = 0.0  # the forget gate's initial bias (0: the paper's GLA)
     use_output_gate: bool = True
     use_forget_gate: bool = True  # False: plain linear attention (ablation)
     head_norm: str = "rmsnorm"  # 'rmsnorm' | 'layernorm' (as the paper wrote)
@@ -167,6 +168,7 @@ class Block(nnx.Module):
                 expand_v=cfg.expand_v,
                 gate_low_rank_dim=cfg.gate_low_rank_dim,
                 gate_logit_normalizer=cfg.gate_logit_normalizer,
+                gate_bias_init=cfg.gate_bias_init,
                 use_output_gate=cfg.use_output_gate,
                 use_forget_gate=cfg.use_forget_gate,
                 head_norm=cfg.head_norm,

@@ -137,3 +137,16 @@ def test_gated_linear_attention_inside_linen_through_the_bridge():
     )
     gate_grad = nn.meta.unbox(grads)["gla"]["gk_up"]["bias"]
     assert np.all(np.isfinite(gate_grad)) and np.any(gate_grad != 0)
+
+
+@pytest.mark.parametrize("bias", [0.0, 4.0])
+def test_gate_bias_init_sets_the_initial_decay(bias):
+    """With zero gate weights the log decay is exactly logsigmoid(bias) / normalizer."""
+    layer = GatedLinearAttention(
+        32, num_heads=2, gate_bias_init=bias, dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+    np.testing.assert_array_equal(np.asarray(layer.gk_up.bias[...]), np.full(16, bias))
+    layer.gk_up.kernel[...] = jnp.zeros_like(layer.gk_up.kernel[...])
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    expected = np.log(1 / (1 + np.exp(-bias))) / 16
+    np.testing.assert_allclose(np.asarray(layer._log_gate(x)), expected, rtol=1e-6)
