@@ -216,9 +216,21 @@ def test_short_conv_goes_to_the_recurrent_mqar_models_only(tmp_path):
     gla, transformer, no_forget = first_three()
     assert conv in gla.commands[0] and conv in no_forget.commands[0]
     assert conv not in transformer.commands[0]
-    assert "--label=GLA + short conv" in gla.commands[1]
+    assert "--label=GLA (gate bias 4) + short conv" in gla.commands[1]
     assert not any(conv in job.commands[0] for job in first_three("--short_conv=false"))
-    assert paper_evidence.mqar_target(False, False) == ("GLA", "T=256, 16 pairs")
+    assert paper_evidence.mqar_target(False, False) == ("GLA (gate bias 4)", "T=256, 16 pairs")
+
+
+def test_mqar_settings_per_model_come_after_the_shared_recipe(tmp_path):
+    """GLA's own lr and gate bias override the recipe (train.py takes the last of a flag)."""
+    args = paper_evidence.parse_args(["--experiment=mqar", f"--out={tmp_path}"])
+    gla, transformer, no_forget = paper_evidence.mqar_jobs(args, steps=10)[:3]
+    lrs = [f for f in gla.commands[0] if f.startswith("--config.learning_rate=")]
+    assert lrs[-1] == "--config.learning_rate=0.001"
+    assert "--config.model.gate_bias_init=4.0" in gla.commands[0]
+    for job in (transformer, no_forget):
+        assert "--config.learning_rate=0.003" in job.commands[0]
+        assert not any("gate_bias_init" in f for f in job.commands[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,6 +260,6 @@ def test_smoke_mqar_one_run(tmp_path):
     assert summary["failed"] == []
     (row,) = summary["rows"]
     assert row["name"] == "gla_T32_p4" and 0.0 <= row["accuracy"] <= 1.0
-    assert "GLA + short conv at T=32, 4 pairs" in summary["targets"]
+    assert "GLA (gate bias 4) + short conv at T=32, 4 pairs" in summary["targets"]
     for name in ("summary.md", "mqar_accuracy.png", "mqar_T32_p4.png"):
         assert (tmp_path / name).is_file(), name
