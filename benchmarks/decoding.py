@@ -17,7 +17,6 @@ writes decoding.json and decoding.png to --out.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -28,18 +27,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import configs  # noqa: E402 - needs ROOT on the path
+
 SMOKE_MODEL = dict(vocab_size=128, d_model=64, n_layers=2, n_heads=2, dtype="float32")
-
-
-def load_model_config(name: str):
-    """config.model of configs/<name>.py."""
-    path = os.path.join(ROOT, "configs", f"{name}.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config {path}")
-    spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config().model
 
 
 def model_configs(args) -> dict:
@@ -51,16 +41,16 @@ def model_configs(args) -> dict:
             "gla": GLAConfig(**SMOKE_MODEL),
             "transformer": GLAConfig(mixer="attention", **SMOKE_MODEL),
         }
-    configs = {}
+    by_name = {}
     for name in args.models.split(","):
         # 'tiny:transformer' is configs/tiny.py's model with its mixer swapped for attention.
         file_name, _, model_type = name.partition(":")
-        fields = load_model_config(file_name).to_dict()
+        fields = configs.load(file_name).model.to_dict()
         fields["type"] = model_type or fields.get("type", "gla")
         if args.dtype:
             fields["dtype"] = args.dtype
-        configs[name] = config_from_dict(fields)
-    return configs
+        by_name[name] = config_from_dict(fields)
+    return by_name
 
 
 def tree_bytes(tree) -> int:

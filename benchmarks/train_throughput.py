@@ -37,6 +37,8 @@ from absl import app, flags, logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import configs  # noqa: E402 - needs ROOT on the path
+
 _CONFIGS = flags.DEFINE_list("configs", ["gla_340m", "transformer_340m"], "configs/*.py names.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Global rows per step (see --tokens_per_batch).")
 _SEQ = flags.DEFINE_integer("seq_len", 2048, "Tokens per row (see --seq_lens).")
@@ -60,15 +62,10 @@ _RESULT = flags.DEFINE_string("result", "", "Internal: measure one run here, wri
 
 
 def load_config(name: str):
-    import importlib.util  # noqa: PLC0415
-
-    path = os.path.join(ROOT, "configs", f"{name}.py")
-    if not os.path.isfile(path):
-        raise app.UsageError(f"--configs: no config file {path}")
-    spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    try:
+        return configs.load(name)
+    except FileNotFoundError as err:
+        raise app.UsageError(f"--configs: {err}") from None
 
 
 def run_shapes() -> list[tuple[int, int]]:

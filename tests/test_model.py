@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import configs
 from gla_jax import GLALM, GLAConfig, TransformerConfig, build_model
 from gla_jax.model import config_from_dict, count_params
 
@@ -179,13 +179,6 @@ def test_embedding_gradient_accumulates_in_float32(name):
     assert forward(model, tokens).dtype == jnp.float32
 
 
-def _load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 @pytest.mark.parametrize(
     "name, target",
     [
@@ -196,7 +189,7 @@ def _load_config(name):
     ],
 )
 def test_paper_config_parameter_counts(name, target):
-    config = _load_config(name)
+    config = configs.load(name)
     assert config.seq_len == 2048
     model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
     assert abs(count_params(model) - target) / target <= 0.02, count_params(model)
@@ -206,7 +199,7 @@ def test_paper_config_parameter_counts(name, target):
 
 
 def test_tiny_config_builds_and_runs():
-    config = _load_config("tiny")
+    config = configs.load("tiny")
     model = build_model(config.model, nnx.Rngs(0))
     assert count_params(model) < 2e6
     assert forward(model, jnp.zeros((1, 8), jnp.int32)).shape == (1, 8, config.model.vocab_size)
