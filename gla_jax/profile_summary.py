@@ -25,8 +25,10 @@ from absl import app, flags
 KINDS = (
     ("GLA kernel", re.compile(r"gla_", re.I)),
     ("attention", re.compile(r"cudnn|fmha|flash|attention|sdpa", re.I)),
-    ("collective", re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|nccl|collective",
-                              re.I)),
+    (
+        "collective",
+        re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|nccl|collective", re.I),
+    ),
     ("matmul", re.compile(r"gemm|cublas|nvjet|xmma|cutlass|matmul|dot|convolution", re.I)),
     ("copy / transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
     ("fusion", re.compile(r"fusion", re.I)),
@@ -121,23 +123,39 @@ def by_kind(ops: list[OpTotal]) -> dict[str, float]:
 def table(ops: list[OpTotal], steps: int, top: int) -> str:
     total = sum(op.total_ns for op in ops) or 1.0
     per_step = 1e6 * steps
-    lines = [f"device time per step: {total / per_step:.3f} ms over {steps} traced step(s)", "",
-             "| kind | ms / step | share |", "|---|---|---|"]
-    lines += [f"| {kind} | {ns / per_step:.3f} | {ns / total:.1%} |"
-              for kind, ns in by_kind(ops).items()]
+    lines = [
+        f"device time per step: {total / per_step:.3f} ms over {steps} traced step(s)",
+        "",
+        "| kind | ms / step | share |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {kind} | {ns / per_step:.3f} | {ns / total:.1%} |" for kind, ns in by_kind(ops).items()
+    ]
     lines += ["", "| op | kind | calls / step | ms / step | share |", "|---|---|---|---|---|"]
-    lines += [f"| {op.name[:60]} | {op.kind} | {op.calls / steps:g} | "
-              f"{op.total_ns / per_step:.3f} | {op.total_ns / total:.1%} |" for op in ops[:top]]
+    lines += [
+        f"| {op.name[:60]} | {op.kind} | {op.calls / steps:g} | "
+        f"{op.total_ns / per_step:.3f} | {op.total_ns / total:.1%} |"
+        for op in ops[:top]
+    ]
     return "\n".join(lines)
 
 
 def write(ops: list[OpTotal], steps: int, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "profile_summary.json"), "w") as f:
-        json.dump(dict(steps=steps, by_kind_ms_per_step={k: v / 1e6 / steps
-                                                         for k, v in by_kind(ops).items()},
-                       ops=[dict(dataclasses.asdict(op), ms_per_step=op.total_ns / 1e6 / steps)
-                            for op in ops]), f, indent=1)
+        json.dump(
+            dict(
+                steps=steps,
+                by_kind_ms_per_step={k: v / 1e6 / steps for k, v in by_kind(ops).items()},
+                ops=[
+                    dict(dataclasses.asdict(op), ms_per_step=op.total_ns / 1e6 / steps)
+                    for op in ops
+                ],
+            ),
+            f,
+            indent=1,
+        )
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")

@@ -398,8 +398,10 @@ class StepProfiler:
         if self.active and step == self.end - 1:
             jax.block_until_ready(state)
             self.close()
-            _say(f"profiled steps {self.start}-{step} into {self.trace_dir} "
-                 f"(python -m gla_jax.profile_summary {self.trace_dir})")
+            _say(
+                f"profiled steps {self.start}-{step} into {self.trace_dir} "
+                f"(python -m gla_jax.profile_summary {self.trace_dir})"
+            )
 
     def close(self) -> None:
         if self.active:
@@ -459,8 +461,9 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
     skipped_before = int(state["nonfinite"]["skipped"])
     window_start, window_steps = time.time(), 0
     step = start_step
-    profiler = StepProfiler(config.profile_start_step, config.profile_steps,
-                            os.path.join(workdir, "profile"))
+    profiler = StepProfiler(
+        config.profile_start_step, config.profile_steps, os.path.join(workdir, "profile")
+    )
     try:
         while step < config.steps:
             batch = _global_batch(next(train_iter), mesh)

@@ -13,13 +13,15 @@ from tests.test_trainer import _train
 
 def test_profiled_run_is_tabulated_per_step(tmp_path):
     workdir = tmp_path / "run"
-    result = _train(workdir, "--config.steps=5", "--config.profile_start_step=3",
-                    "--config.profile_steps=2")
+    result = _train(
+        workdir, "--config.steps=5", "--config.profile_start_step=3", "--config.profile_steps=2"
+    )
     assert "profiled steps 3-4" in result.stdout + result.stderr
     trace_dir = str(workdir / "profile")
     assert profile_summary.traced_steps(trace_dir) == 2
-    ops = profile_summary.summarize(profile_summary.device_events(
-        profile_summary.newest_trace(trace_dir)))
+    ops = profile_summary.summarize(
+        profile_summary.device_events(profile_summary.newest_trace(trace_dir))
+    )
     # Two traced steps of one compiled step function: the step's ops ran twice each.
     calls = [op.calls for op in ops if op.total_ns > 0]
     assert calls and max(calls) >= 2 and sum(calls) % 2 == 0
@@ -37,14 +39,17 @@ def test_missing_trace_names_the_option(tmp_path):
         profile_summary.newest_trace(str(tmp_path))
 
 
-@pytest.mark.parametrize("name, kind", [
-    ("gla_query_key_grads", "GLA kernel"),
-    ("cudnn_fmha_fwd", "attention"),
-    ("nvjet_hsh_128x256", "matmul"),
-    ("all-reduce.3", "collective"),
-    ("loop_multiply_fusion", "fusion"),
-    ("copy.557", "copy / transpose"),
-])
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("gla_query_key_grads", "GLA kernel"),
+        ("cudnn_fmha_fwd", "attention"),
+        ("nvjet_hsh_128x256", "matmul"),
+        ("all-reduce.3", "collective"),
+        ("loop_multiply_fusion", "fusion"),
+        ("copy.557", "copy / transpose"),
+    ],
+)
 def test_kinds(name, kind):
     assert profile_summary.kind_of(name) == kind
 
