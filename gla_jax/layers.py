@@ -28,8 +28,10 @@ def param_init(std: float, names: tuple[str, ...]):
     return nnx.with_partitioning(nnx.initializers.normal(std), names, eager_sharding=False)
 
 
-def dense(d_in, d_out, names, *, std, dtype, rngs, use_bias=False):
-    bias_init = nnx.with_partitioning(nnx.initializers.zeros, names[-1:], eager_sharding=False)
+def dense(d_in, d_out, names, *, std, dtype, rngs, use_bias=False, bias_value=0.0):
+    bias_init = nnx.with_partitioning(
+        nnx.initializers.constant(bias_value), names[-1:], eager_sharding=False
+    )
     return nnx.Linear(
         d_in,
         d_out,
@@ -272,15 +274,20 @@ class GatedLinearAttention(nnx.Module):
         self.gk_down = (
             dense(d_model, gate_low_rank_dim, ("embed", "gate_rank"), **proj) if gate else None
         )
+        # The initial decay per step is sigmoid(gate_bias_init) ** (1 / normalizer): 0.958 at 0
+        # (the paper's GLA), whose state keeps ~2e-4 of a key 200 tokens back.
         self.gk_up = (
-            dense(gate_low_rank_dim, key_dim, ("gate_rank", "heads"), use_bias=True, **proj)
+            dense(
+                gate_low_rank_dim,
+                key_dim,
+                ("gate_rank", "heads"),
+                use_bias=True,
+                bias_value=gate_bias_init,
+                **proj,
+            )
             if gate
             else None
         )
-        if gate and gate_bias_init:
-            # The initial decay per step is sigmoid(gate_bias_init) ** (1 / normalizer): 0.958
-            # at 0 (the paper's GLA), whose state keeps ~2e-4 of a key 200 tokens back.
-            self.gk_up.bias[...] = jnp.full((key_dim,), gate_bias_init, jnp.float32)
         self.g_proj = (
             dense(d_model, value_dim, ("embed", "heads"), **proj) if use_output_gate else None
         )
