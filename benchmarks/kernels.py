@@ -142,32 +142,32 @@ def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=Fals
     config = tuning.config_for(kp, pv.shape[-1], pq.dtype, interpret, rows * heads)
     h0 = jnp.zeros((rows, heads, kp, pv.shape[-1]), jnp.float32)
     common = dict(chunk=chunk, config=config, interpret=interpret)
-    cumsum = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=interpret))
-    b, spans = cumsum(pg)
-    states = jax.jit(lambda k, v, b, h0, f, e: gpu_forward.chunk_states(
-        k, v, b, h0, f, e, state_dtype=pq.dtype, **common)[0])
-    hs = states(pk, pv, b, h0, first, last)
-    scores = jax.jit(lambda q, k, b, s: gpu_forward.intra_scores(q, k, b, s, scale=scale,
-                                                                  **common))
-    a = scores(pq, pk, b, spans)
+    states = jax.jit(lambda k, v, g, h0, f, e: gpu_forward.chunk_states(
+        k, v, g, h0, f, e, state_dtype=pq.dtype, **common))
+    hs, _, b, spans = states(pk, pv, pg, h0, first, last)
+    exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale,
+                                                                 **common))
+    a = exact(pq, pk, b, spans)
+    dscores = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))
+    da = dscores(do_rows, pv)
     stages = {
         "prepare (XLA: layout)": (jax.jit(prepare), (q, k, v, g, do)),
-        "gate_cumsum": (cumsum, (pg,)),
-        "chunk_states": (states, (pk, pv, b, h0, first, last)),
-        "intra_scores": (scores, (pq, pk, b, spans)),
-        "chunk_outputs": (jax.jit(lambda q, b, h, a, v: gpu_forward.chunk_outputs(
-            q, b, h, a, v, scale=scale, out_dtype=q.dtype, **common)), (pq, b, hs, a, pv)),
+        "chunk_states (and b)": (states, (pk, pv, pg, h0, first, last)),
+        "exact_scores": (exact, (pq, pk, b, spans)),
+        "chunk_outputs": (jax.jit(lambda q, k, b, s, h, a, v: gpu_forward.chunk_outputs(
+            q, k, b, s, h, a, v, scale=scale, out_dtype=q.dtype, **common)),
+            (pq, pk, b, spans, hs, a, pv)),
         "state_grads": (jax.jit(lambda q, do, b, d, f, e: gpu_backward.state_grads(
             q, do, b, d, f, e, scale=scale, state_dtype=q.dtype, **common)),
             (pq, do_rows, b, h0, first, last)),
-        "score_grads": (jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common)),
-                        (do_rows, pv)),
-        "value_grads": (jax.jit(lambda k, b, a, do, dh: gpu_backward.value_grads(
-            k, b, a, do, dh, out_dtype=k.dtype, **common)), (pk, b, a, do_rows, hs)),
+        "score_grads": (dscores, (do_rows, pv)),
+        "value_grads": (jax.jit(lambda q, k, b, s, a, do, dh: gpu_backward.value_grads(
+            q, k, b, s, a, do, dh, scale=scale, out_dtype=k.dtype, **common)),
+            (pq, pk, b, spans, a, do_rows, hs)),
         "query_key_grads": (jax.jit(lambda q, k, b, s, v, do, h, dh, da:
                                     gpu_backward.query_key_grads(
                                         q, k, b, s, v, do, h, dh, da, scale=scale, **common)),
-                            (pq, pk, b, spans, pv, do_rows, hs, hs, a)),
+                            (pq, pk, b, spans, pv, do_rows, hs, hs, da)),
     }
     reps = dict(reps=2, inner=1) if interpret else {}
     for name, (fn, args) in stages.items():

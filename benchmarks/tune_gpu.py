@@ -2,8 +2,10 @@
 
 Each kernel family is timed on its own, with the others at the heuristic settings:
   state  (chunk_states + state_grads):     state_block_k, state_block_v, state_warps, state_stages
-  scores (intra_scores + score_grads):     scores_warps, score_block_v
-  output (chunk_outputs + value_grads):    output_/value_ block_v, block_k, warps, stages
+  scores (exact_scores under gates strong enough to take it, + score_grads):
+                                           scores_warps, score_block_v
+  output (chunk_outputs + value_grads, with their in-place scores):
+                                           output_/value_ block_v, block_k, warps, stages
   grad   (query_key_grads):                grad_block_k, grad_block_v, grad_warps, grad_stages
 The best candidate of each family goes into the table, keyed by padded (K, V, dtype).
 
@@ -54,43 +56,46 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
     h0 = jnp.zeros((p.q.shape[0], p.q.shape[2], p.q.shape[-1], p.v.shape[-1]), jnp.float32)
     state_dtype = p.q.dtype
     common = dict(chunk=chunk, config=config, interpret=False)
-    b, spans = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=False))(p.g)
+    def states(k, v, g, h0, first, last):
+        return gpu_forward.chunk_states(k, v, g, h0, first, last, state_dtype=state_dtype,
+                                        **common)
 
-    def states(k, v, b, h0, first, last):
-        return gpu_forward.chunk_states(k, v, b, h0, first, last, state_dtype=state_dtype,
-                                        **common)[0]
+    hs, _, b, spans = jax.jit(states)(p.k, p.v, p.g, h0, p.first_seq, p.last_seq)
 
     def scores(q, k, b, spans):
-        return gpu_forward.intra_scores(q, k, b, spans, scale=scale, **common)
+        return gpu_forward.exact_scores(q, k, b, spans, scale=scale, **common)
 
     if family == "state":
-        def run(q, k, v, b, do, h0, first, last):
+        def run(q, k, v, g, b, do, h0, first, last):
             grads = gpu_backward.state_grads(q, do, b, h0, first, last, scale=scale,
                                              state_dtype=state_dtype, **common)
-            return states(k, v, b, h0, first, last), grads
+            return states(k, v, g, h0, first, last), grads
 
-        return jax.jit(run), (p.q, p.k, p.v, b, do_rows, h0, p.first_seq, p.last_seq)
+        return jax.jit(run), (p.q, p.k, p.v, p.g, b, do_rows, h0, p.first_seq, p.last_seq)
     if family == "scores":
         def run(q, k, b, spans, v, do):
+            # Spans of +inf send every chunk down the exact path these kernels serve.
+            spans = jnp.full_like(spans, jnp.inf)
             return scores(q, k, b, spans), gpu_backward.score_grads(do, v, **common)
 
         return jax.jit(run), (p.q, p.k, b, spans, p.v, do_rows)
-    hs = jax.jit(states)(p.k, p.v, b, h0, p.first_seq, p.last_seq)
     a = jax.jit(scores)(p.q, p.k, b, spans)
     if family == "output":
-        def run(q, k, v, b, do, hs, a):
-            o = gpu_forward.chunk_outputs(q, b, hs, a, v, scale=scale, out_dtype=q.dtype,
-                                          **common)
-            dv = gpu_backward.value_grads(k, b, a, do, hs, out_dtype=k.dtype, **common)
+        def run(q, k, v, b, spans, do, hs, a):
+            o = gpu_forward.chunk_outputs(q, k, b, spans, hs, a, v, scale=scale,
+                                          out_dtype=q.dtype, **common)
+            dv = gpu_backward.value_grads(q, k, b, spans, a, do, hs, scale=scale,
+                                          out_dtype=k.dtype, **common)
             return o, dv
 
-        return jax.jit(run), (p.q, p.k, p.v, b, do_rows, hs, a)
+        return jax.jit(run), (p.q, p.k, p.v, b, spans, do_rows, hs, a)
+    da = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))(do_rows, p.v)
 
-    def run(q, k, v, b, spans, do, hs, a):
-        return gpu_backward.query_key_grads(q, k, b, spans, v, do, hs, hs, a, scale=scale,
+    def run(q, k, v, b, spans, do, hs, da):
+        return gpu_backward.query_key_grads(q, k, b, spans, v, do, hs, hs, da, scale=scale,
                                             **common)
 
-    return jax.jit(run), (p.q, p.k, p.v, b, spans, do_rows, hs, a)
+    return jax.jit(run), (p.q, p.k, p.v, b, spans, do_rows, hs, da)
 
 
 def fits(fields, key_dim, value_dim):

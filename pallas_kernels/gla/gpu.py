@@ -1,7 +1,7 @@
 """The 'pallas_gpu' backend: chunkwise GLA in Pallas kernels lowered through Triton.
 
 This file prepares the kernels' inputs and assembles their outputs; the kernels are in
-gpu_forward.py (gate_cumsum, chunk_states, intra_scores, chunk_outputs) and gpu_backward.py
+gpu_forward.py (chunk_states, exact_scores, chunk_outputs) and gpu_backward.py
 (state_grads, score_grads, value_grads, query_key_grads); block sizes come from tuning.py.
 
 Inputs go to the time-major rows layout [B', Tp, H, D]: the chunk layout's head-major form
@@ -96,35 +96,29 @@ def _config(p: Prepared, opts, config):
     return tuning.config_for(kp, p.v.shape[-1], p.q.dtype, opts.interpret, rows * heads)
 
 
-def _states(p: Prepared, b, initial_state, opts, config):
+def _recompute(p: Prepared, initial_state, opts, config):
+    """What forward and backward both start from: b and the chunks' factorization spans, the
+    chunk states and the scores A of the chunks that take the exact path."""
+    chunk, interpret = opts.chunk_size, opts.interpret
     h0 = _pad_state(initial_state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
-    states, final = gpu_forward.chunk_states(
-        p.k, p.v, b, h0, p.first_seq, p.last_seq, chunk=opts.chunk_size,
-        state_dtype=_state_dtype(p.q.dtype), config=config, interpret=opts.interpret,
+    states, final, b, spans = gpu_forward.chunk_states(
+        p.k, p.v, p.g, h0, p.first_seq, p.last_seq, chunk=chunk,
+        state_dtype=_state_dtype(p.q.dtype), config=config, interpret=interpret,
     )
     empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
     final = jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
-    return states, final
-
-
-def _recompute(p: Prepared, initial_state, opts, config):
-    """What forward and backward both start from: b and the chunks' factorization spans, the
-    chunk states and the scores A."""
-    chunk, interpret = opts.chunk_size, opts.interpret
-    b, spans = gpu_forward.gate_cumsum(p.g, chunk=chunk, interpret=interpret)
-    states, final = _states(p, b, initial_state, opts, config)
-    scores = gpu_forward.intra_scores(p.q, p.k, b, spans, chunk=chunk, scale=opts.scale,
-                                      config=config, interpret=interpret)
-    return b, spans, states, final, scores
+    exact = gpu_forward.exact_scores(p.q, p.k, b, spans, chunk=chunk, scale=opts.scale,
+                                     config=config, interpret=interpret)
+    return b, spans, states, final, exact
 
 
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    b, _, states, final, scores = _recompute(p, initial_state, opts, config)
+    b, spans, states, final, exact = _recompute(p, initial_state, opts, config)
     o = gpu_forward.chunk_outputs(
-        p.q, b, states, scores, p.v, chunk=opts.chunk_size, scale=opts.scale, out_dtype=q.dtype,
-        config=config, interpret=opts.interpret,
+        p.q, p.k, b, spans, states, exact, p.v, chunk=opts.chunk_size, scale=opts.scale,
+        out_dtype=q.dtype, config=config, interpret=opts.interpret,
     )
     return _from_rows(p.layout, o, p.value_dim), final
 
@@ -134,7 +128,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     config = _config(p, opts, config)
     kp, vp = p.q.shape[-1], p.v.shape[-1]
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
-    b, spans, states, _, scores = _recompute(p, initial_state, opts, config)
+    b, spans, states, _, exact = _recompute(p, initial_state, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), vp)
     dfinal_padded = _pad_state(dfinal.astype(jnp.float32), kp, vp)
     dstates, dh0 = gpu_backward.state_grads(
@@ -142,8 +136,8 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         state_dtype=_state_dtype(p.q.dtype), config=config, interpret=interpret,
     )
     dv = gpu_backward.value_grads(
-        p.k, b, scores, do_rows, dstates, chunk=chunk, out_dtype=p.v.dtype, config=config,
-        interpret=interpret,
+        p.q, p.k, b, spans, exact, do_rows, dstates, chunk=chunk, scale=scale,
+        out_dtype=p.v.dtype, config=config, interpret=interpret,
     )
     dscores = gpu_backward.score_grads(do_rows, p.v, chunk=chunk, config=config,
                                        interpret=interpret)

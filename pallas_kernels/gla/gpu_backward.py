@@ -1,7 +1,7 @@
 """Backward Pallas kernels for chunkwise GLA, lowered through Triton.
 
-The backward recomputes b (``gate_cumsum``), the chunk states (``chunk_states``) and the intra-chunk
-scores A (``intra_scores``) with the forward's kernels, then:
+The backward recomputes b and the chunk states (``chunk_states``) and the exact chunks' scores A
+(``exact_scores``) with the forward's kernels, then:
 
 * ``state_grads``: per (row, head, K tile, V tile), a reverse walk over the chunks computes dH_c,
   the gradient of the state *leaving* chunk c: ``dfinal[seq]`` where chunk c is a sequence's last
@@ -9,12 +9,13 @@ scores A (``intra_scores``) with the forward's kernels, then:
   ``exp(b_last) * dH + (q * scale * exp(b))^T @ do``. At a sequence's first chunk that entering
   gradient is the gradient of its initial state.
 * ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, float32.
-* ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head, V tile).
+* ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head), A
+  formed in place once per chunk as in the forward's chunk_outputs (``chunk_scores``).
 * ``query_key_grads``: per (chunk, row * head, K tile): the inter-chunk terms ``do @ h^T`` and
   ``v @ dH^T``, then the intra-chunk terms from dA, and the gate gradient dg of the chunk. Like
-  intra_scores, two launches: one factorized matmul pair per chunk where the span allows, else the
-  forward's secondary-level chunking (off-diagonal sub-blocks as matmuls around a reference row,
-  diagonal sub-blocks factorized or in log space).
+  the forward's scores, two launches: one factorized matmul pair per chunk where the span allows,
+  else the forward's secondary-level chunking (off-diagonal sub-blocks as matmuls around a
+  reference row, diagonal sub-blocks factorized or in log space).
 
 The gate gradient. With b the chunk-local cumulative sum of g, every use of b is a factor
 exp(+b_i) on a query side or exp(-b_j) on a key side, so dL/db_i = q_i * dq_i - k_i * dk_i
@@ -38,6 +39,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gla.gpu_forward import (
     F32,
+    chunk_scores,
     chunk_spec,
     decay,
     diagonal_span,
@@ -144,35 +146,43 @@ def score_grads(do, v, *, chunk, config, interpret):
 # --------------------------------------------------------------------------------------------
 
 
-def _value_grads_kernel(k_ref, b_ref, a_ref, do_ref, dh_ref, dv_ref, *, block_k, dtype):
+def _value_grads_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, do_ref, dh_ref, dv_ref, *, scale,
+                        block_v, block_k, dtype):
     chunk, key_dim = k_ref.shape
-    dv = mm_tn(a_ref[...], do_ref[...], dtype)  # intra-chunk: A^T @ do
-    for t in range(key_dim // block_k):  # through the state leaving the chunk
-        ks = pl.ds(t * block_k, block_k)
-        b_last = row(b_ref, chunk - 1, ks)
-        k_to_end = k_ref[:, ks].astype(F32) * decay(b_last - b_ref[:, ks])
-        dv += mm(k_to_end, dh_ref[ks, :], dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    scores = chunk_scores(span_ref[...], q_ref, k_ref, b_ref, a_ref, scale=scale,
+                          block_k=block_k, dtype=dtype)
+    for u in range(do_ref.shape[1] // block_v):  # V tiles, all sharing the scores
+        vs = pl.ds(u * block_v, block_v)
+        dv = mm_tn(scores, do_ref[:, vs], dtype)  # intra-chunk: A^T @ do
+        for t in range(key_dim // block_k):  # through the state leaving the chunk
+            ks = pl.ds(t * block_k, block_k)
+            b_last = row(b_ref, chunk - 1, ks)
+            k_to_end = k_ref[:, ks].astype(F32) * decay(b_last - b_ref[:, ks])
+            dv += mm(k_to_end, dh_ref[ks, vs], dtype)
+        dv_ref[:, vs] = dv.astype(dv_ref.dtype)
 
 
-def value_grads(k, b, scores, do, dstates, *, chunk, out_dtype, config, interpret):
+def value_grads(q, k, b, spans, exact, do, dstates, *, chunk, scale, out_dtype, config,
+                interpret):
+    """dv [B', Tp, H, V] per (chunk, row * head), V a tile at a time; A as in chunk_outputs
+    (formed in place once per chunk, or read from ``exact``)."""
     rows_, padded_len, heads, key_dim = k.shape
     value_dim = do.shape[-1]
-    block_v = min(config.value_block_v, value_dim)
     key = chunk_spec(chunk, heads, key_dim)
-    value = chunk_spec(chunk, heads, block_v, tiled=True)
+    value = chunk_spec(chunk, heads, value_dim)
     return pl.pallas_call(
-        functools.partial(_value_grads_kernel, block_k=min(config.value_block_k, key_dim),
-                          dtype=k.dtype),
+        functools.partial(_value_grads_kernel, scale=scale,
+                          block_v=min(config.value_block_v, value_dim),
+                          block_k=min(config.value_block_k, key_dim), dtype=k.dtype),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
-        grid=(padded_len // chunk, rows_ * heads, value_dim // block_v),
-        in_specs=[key, key, chunk_spec(chunk, heads, chunk), value,
-                  state_spec(key_dim, block_v, heads, "v")],
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[span_spec(heads), key, key, key, chunk_spec(chunk, heads, chunk), value,
+                  state_spec(key_dim, value_dim, heads)],
         out_specs=value,
         compiler_params=params(config.value_warps, config.value_stages),
         interpret=interpret,
         name="gla_value_grads",
-    )(k, b, scores, do, dstates)
+    )(spans, q, k, b, exact, do, dstates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +209,7 @@ def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
 def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
     """dq, dk and dL/db [S, BK] from the diagonal sub-block ``own`` of dA (zero above the diagonal):
     dq_i from columns j <= i, dk_j from rows i >= j. Factorized around the middle row where the
-    decay span allows (as in the forward's intra_scores), else in log space one column at a time.
+    decay span allows (as in the forward's exact_scores), else in log space one column at a time.
 
     refs: (q_ref, k_ref, b_ref, da_ref); q, k, b: the sub-block's rows (q scaled)."""
     q_ref, k_ref, b_ref, da_ref = refs
@@ -328,7 +338,7 @@ def query_key_grads(q, k, b, spans, v, do, states, dstates, dscores, *, chunk, s
                     interpret):
     """dq, dk [B', Tp, H, K] in q's dtype and dg [B', Tp, H, K] float32.
 
-    Like the forward's intra_scores: a factorized launch, then an exact launch for the chunks
+    Like the forward's scores: a factorized launch, then an exact launch for the chunks
     whose span rules the factorization out, writing into the same buffers."""
     rows_, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]

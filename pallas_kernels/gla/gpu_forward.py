@@ -5,30 +5,34 @@ layout; for equal-length rows whose T is a multiple of the chunk size it is the 
 itself, so no transpose or copy is made). One program owns one chunk of one (row, head), or a tile
 of it, so every chunk is read from HBM once per kernel and the chunk axis is parallel.
 
-Four kernels make the forward:
+Three kernels make the forward:
 
-* ``gate_cumsum``: b, the chunk-local inclusive cumulative sum of the log gates, in float32 and in
-  log2 units (``b = log2(e) * cumsum(g)``), so that every decay is one ``exp2``: the hardware's
-  fast exponential, where ``exp`` would be a multi-instruction library routine. It also stores
-  each chunk's span, the largest ``|b_i - b_mid|`` over its positions and K.
 * ``chunk_states``: one program per (row, head, K tile, V tile) walks the chunks in order and
   stores the state entering every chunk (``[B', NC, H, K, V]``), resetting to a sequence's initial
   state at the chunk where it starts and writing each sequence's final state at its last chunk.
-* ``intra_scores``: the gated causal scores of each chunk, ``A [B', Tp, H, C]`` (float32, scale
-  included), once per chunk and head, in two launches over every chunk:
-  - factorized: a chunk whose span is at most ``FACTORIZE_SPAN`` is one tensor-core matmul,
-    ``(q * exp(b - b_mid)) @ (k * exp(b_mid - b))^T``, both factors within 2 ** +-48;
-  - exact, for the other chunks (strong gates, resets), with secondary-level chunking (sub-chunks
-    of 16): an off-diagonal sub-block (rows of sub-chunk I against columns of sub-chunk J < I)
-    is factorized around the first position r of sub-chunk I, so both factors
-    ``exp(b_i - b_r)`` and ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul. A
-    diagonal sub-block has no such reference row; it is factorized around its middle row when
-    its own span allows, else computed in float32 in log space, one column at a time.
-  Separate launches, not a branch inside one kernel: a kernel's registers are allocated for its
-  widest branch, and the exact path's would slow the common one (measured: the combined kernel
-  took 1.63 ms where the whole-chunk matmul takes 0.27 ms, T = 2K, 16 x 128, H200).
-* ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head, V tile): two
-  tensor-core matmuls, no gate arithmetic beyond one exponential per query element.
+  It reads the log gates and forms b, the chunk-local inclusive cumulative sum, in float32 and in
+  log2 units (``b = log2(e) * cumsum(g)``), so that every decay is one ``exp2``: the hardware's
+  fast exponential, where ``exp`` would be a multi-instruction library routine. The programs of
+  the first V tile store b for the later kernels, and each chunk's span, the largest
+  ``|b_i - b_mid|`` over its positions and K (a separate cumsum kernel cost as much as writing b
+  and reading it back, ~0.14 ms at T = 2K, 16 x 128).
+* ``exact_scores``: the gated causal scores ``A [B', Tp, H, C]`` (float32, scale included) of the
+  chunks whose span exceeds ``FACTORIZE_SPAN`` (strong gates, resets), with secondary-level
+  chunking (sub-chunks of 16): an off-diagonal sub-block (rows of sub-chunk I against columns of
+  sub-chunk J < I) is factorized around the first position r of sub-chunk I, so both factors
+  ``exp(b_i - b_r)`` and ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul. A diagonal
+  sub-block has no such reference row; it is factorized around its middle row when its own span
+  allows, else computed in float32 in log space, one column at a time. It skips the other chunks,
+  each program walking a few (``EXACT_CHUNKS_PER_PROGRAM``).
+* ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head), V a tile
+  at a time. For a chunk whose span is at most ``FACTORIZE_SPAN`` (every chunk under ordinary
+  gates) A is computed in place as one tensor-core matmul,
+  ``(q * exp(b - b_mid)) @ (k * exp(b_mid - b))^T``, both factors within 2 ** +-48, and never
+  stored (``chunk_scores``); for the others it is read from ``exact_scores``; either way once per
+  chunk, shared by the V tiles. A separate launch for the exact path rather than a branch that
+  computes it: a kernel's registers are allocated for its widest branch, and the exact path's
+  would slow the common one (measured: one kernel with both took 1.63 ms where the whole-chunk
+  matmul takes 0.27 ms, T = 2K, 16 x 128, H200).
 
 Every exponent that could be positive for a masked entry is clamped at 0 first, so nothing
 overflows.
@@ -134,9 +138,10 @@ def state_spec(key_block, value_block, heads, tile_axis=None):
     return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, key_block, value_block), index)
 
 
-def span_spec(heads):
-    """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...)."""
-    return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED),
+def span_spec(heads, group=None):
+    """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...); with
+    ``group``, the [group] spans of a grid (chunk group, row * head)."""
+    return pl.BlockSpec((SQUEEZED, group or SQUEEZED, SQUEEZED),
                         lambda c, bh, *_: (bh // heads, c, bh % heads))
 
 
@@ -150,45 +155,23 @@ def params(warps, stages):
 
 
 # --------------------------------------------------------------------------------------------
-# gate_cumsum
+# chunk_states (with the gate cumsum)
 # --------------------------------------------------------------------------------------------
 
 
-def _gate_cumsum_kernel(g_ref, b_ref, span_ref):
-    b = jnp.cumsum(g_ref[...].astype(F32) * LOG2E, axis=0)
-    b_ref[...] = b
-    # The chunk's factorization span: the largest |b_i - b_mid| over positions and K. (The middle
-    # row is picked out with a mask: Triton has no general value slicing.)
-    at_mid = lax.broadcasted_iota(jnp.int32, b.shape, 0) == b.shape[0] // 2
-    b_mid = jnp.sum(jnp.where(at_mid, b, 0.0), axis=0, keepdims=True)
-    span_ref[...] = jnp.max(jnp.abs(b - b_mid))
+def _gate_cumsum(g):
+    """b [C, BK]: the chunk-local inclusive cumsum of log gates [C, BK], in log2 units."""
+    return jnp.cumsum(g.astype(F32) * LOG2E, axis=0)
 
 
-def gate_cumsum(g, *, chunk, interpret):
-    """b [B', Tp, H, K] float32: chunk-local inclusive cumsum of the log gates, log2 units; and
-    spans [B', NC, H] float32: each chunk's largest |b_i - b_mid| (see ``factorizable``)."""
-    rows_, padded_len, heads, key_dim = g.shape
-    spec = chunk_spec(chunk, heads, key_dim)
-    return pl.pallas_call(
-        _gate_cumsum_kernel,
-        out_shape=(jax.ShapeDtypeStruct(g.shape, F32),
-                   jax.ShapeDtypeStruct((rows_, padded_len // chunk, heads), F32)),
-        grid=(padded_len // chunk, rows_ * heads),
-        in_specs=[spec],
-        out_specs=(spec, span_spec(heads)),
-        compiler_params=params(4, 1),
-        interpret=interpret,
-        name="gla_gate_cumsum",
-    )(g)
-
-
-# --------------------------------------------------------------------------------------------
-# chunk_states
-# --------------------------------------------------------------------------------------------
+def _pick_row(x, index):
+    """Row ``index`` of a [C, D] value as [1, D] (a mask: Triton has no general value slicing)."""
+    at = lax.broadcasted_iota(jnp.int32, x.shape, 0) == index
+    return jnp.sum(jnp.where(at, x, 0.0), axis=0, keepdims=True)
 
 
 def _chunk_states_kernel(
-    first_ref, last_ref, k_ref, v_ref, b_ref, h0_ref, states_ref, final_ref,
+    first_ref, last_ref, k_ref, v_ref, g_ref, h0_ref, states_ref, final_ref, b_ref, span_ref,
     *, chunk, num_chunks, heads, block_k, block_v, dtype,
 ):
     bh, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -203,8 +186,15 @@ def _chunk_states_kernel(
         )
         states_ref[c] = state.astype(states_ref.dtype)
         start = c * chunk
-        b_last = row(b_ref, start + chunk - 1)  # [1, BK]
-        k_to_end = rows(k_ref, start, chunk) * decay(b_last - rows(b_ref, start, chunk))
+        b = _gate_cumsum(g_ref[pl.ds(start, chunk), :])
+        b_last = _pick_row(b, chunk - 1)  # [1, BK]
+
+        @pl.when(vt == 0)  # one program per K tile stores b and its part of the span
+        def _():
+            b_ref[pl.ds(start, chunk), :] = b
+            span_ref[c] = jnp.max(jnp.abs(b - _pick_row(b, chunk // 2)))
+
+        k_to_end = rows(k_ref, start, chunk) * decay(b_last - b)
         state = state * decay(b_last).T + mm_tn(k_to_end, v_ref[pl.ds(start, chunk), :], dtype)
         seq_end = last_ref[batch_row, c]
 
@@ -218,14 +208,16 @@ def _chunk_states_kernel(
 
 
 def state_scan_call(
-    kernel_body, key_side, value_side, b, boundary, first_seq, last_seq, *, chunk, state_dtype,
-    config, interpret, name, **kernel_options,
+    kernel_body, key_side, value_side, gates, boundary, first_seq, last_seq, *, chunk,
+    state_dtype, config, interpret, name, gate_outputs=False, **kernel_options,
 ):
     """Launches a walk over the chunks of every (row, head, K tile, V tile), in one program each.
 
     The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
     dfinal -> state gradients, dh0) share this launch: [B', Tp, H, K]- and [B', Tp, H, V]-shaped
-    inputs, the gates, one [N, H, K, V] boundary input and output, [B', NC, H, K, V] per chunk.
+    inputs, the gates (log gates or b), one [N, H, K, V] boundary input and output,
+    [B', NC, H, K, V] per chunk; with gate_outputs also b [B', Tp, H, K] and the spans of each
+    chunk's K tiles [B', NC, H, K tiles].
     """
     rows_, padded_len, heads, key_dim = key_side.shape
     value_dim = value_side.shape[-1]
@@ -246,35 +238,48 @@ def state_scan_call(
         (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
         lambda bh, kt, vt: (bh // heads, 0, bh % heads, kt, vt),
     )
+    out_shape = [
+        jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
+        jax.ShapeDtypeStruct(boundary.shape, F32),
+    ]
+    out_specs = [states_spec, whole(boundary.shape)]
+    if gate_outputs:
+        out_shape += [jax.ShapeDtypeStruct(gates.shape, F32),
+                      jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim // block_k), F32)]
+        out_specs += [seq_spec(block_k, "k"),
+                      pl.BlockSpec((SQUEEZED, num_chunks, SQUEEZED, SQUEEZED),
+                                   lambda bh, kt, vt: (bh // heads, 0, bh % heads, kt))]
     return pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
-            jax.ShapeDtypeStruct(boundary.shape, F32),
-        ),
+        out_shape=tuple(out_shape),
         grid=(rows_ * heads, key_dim // block_k, value_dim // block_v),
         in_specs=[
             whole(first_seq.shape), whole(last_seq.shape),
             seq_spec(block_k, "k"), seq_spec(block_v, "v"), seq_spec(block_k, "k"),
             whole(boundary.shape),
         ],
-        out_specs=(states_spec, whole(boundary.shape)),
+        out_specs=tuple(out_specs),
         compiler_params=params(config.state_warps, config.state_stages),
         interpret=interpret,
         name=name,
-    )(first_seq, last_seq, key_side, value_side, b, boundary)
+    )(first_seq, last_seq, key_side, value_side, gates, boundary)
 
 
-def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
-    """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32."""
-    return state_scan_call(
-        _chunk_states_kernel, k, v, b, h0, first_seq, last_seq, chunk=chunk,
+def chunk_states(k, v, g, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
+    """From the log gates g: the states entering every chunk [B', NC, H, K, V], final states
+    [N, H, K, V] float32, b [B', Tp, H, K] float32 (the chunk-local inclusive cumsum of g in log2
+    units, which every later kernel reads) and spans [B', NC, H] float32 (each chunk's largest
+    |b_i - b_mid| over positions and K: ``factorizable``)."""
+    states, final, b, spans = state_scan_call(
+        _chunk_states_kernel, k, v, g, h0, first_seq, last_seq, chunk=chunk,
         state_dtype=state_dtype, config=config, interpret=interpret, name="gla_chunk_states",
+        gate_outputs=True,
     )
+    return states, final, b, jnp.max(spans, axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
-# intra_scores
+# Intra-chunk scores: exact_scores, chunk_scores
 # --------------------------------------------------------------------------------------------
 
 
@@ -332,68 +337,88 @@ def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
     return lax.cond(factorizable(diagonal_span(b_ref, base, sub)), factorized, log_space)
 
 
-def _factorized_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, dtype):
-    """The whole chunk as one matmul, factorized around its middle row."""
-    @pl.when(factorizable(span_ref[...]))
-    def _():
-        chunk = q_ref.shape[0]
-        scores = factorized_scores(q_ref[...].astype(F32) * scale, k_ref[...].astype(F32),
-                                   b_ref[...], row(b_ref, chunk // 2), dtype)
-        a_ref[...] = jnp.where(causal_mask(chunk), scores, 0.0)
+# Chunks per exact_scores program. Its programs are register-heavy, so few fit on a multiprocessor
+# at once, and one program per chunk made the launch cost ~0.07 ms even when every program exits
+# at once (T = 2K, 16 x 128, H200); a program walks this many chunks instead.
+EXACT_CHUNKS_PER_PROGRAM = 8
 
 
-def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, _factorized_ref, a_ref, *, scale, dtype):
-    """Secondary-level chunking, for the chunks the factorized kernel left out."""
-    @pl.when(jnp.logical_not(factorizable(span_ref[...])))
-    def _():
-        chunk = q_ref.shape[0]
-        sub = sub_chunk(chunk)
-        parts = chunk // sub
-        causal = causal_mask(sub)
-        for i in range(parts):
-            rows_i = pl.ds(i * sub, sub)
-            if i > 0:  # columns of earlier sub-chunks, around r = the first row of this one
-                b_r = row(b_ref, i * sub)
-                q_hat = rows(q_ref, i * sub, sub) * scale * decay(rows(b_ref, i * sub, sub) - b_r)
-                for j in range(i):
-                    k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
-                    a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
-            for j in range(i + 1, parts):
-                a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
-            diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale,
-                                        dtype=dtype)
-            a_ref[rows_i, rows_i] = jnp.where(causal, diagonal, 0.0)
+def chunks_per_program(num_chunks: int) -> int:
+    """The largest power of two <= EXACT_CHUNKS_PER_PROGRAM that divides num_chunks."""
+    return math.gcd(num_chunks, EXACT_CHUNKS_PER_PROGRAM)
 
 
-def intra_scores(q, k, b, spans, *, chunk, scale, config, interpret):
-    """A [B', Tp, H, C] float32: scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i in a chunk.
+def _exact_chunk_scores(q_ref, k_ref, b_ref, a_ref, start, chunk, *, scale, dtype):
+    """Writes the scores of the chunk at rows [start, start + chunk) with secondary-level
+    chunking."""
+    sub = sub_chunk(chunk)
+    parts = chunk // sub
+    causal = causal_mask(sub)
+    for i in range(parts):
+        base_i = start + i * sub
+        rows_i = pl.ds(base_i, sub)
+        if i > 0:  # columns of earlier sub-chunks, around r = the first row of this one
+            b_r = row(b_ref, base_i)
+            q_hat = rows(q_ref, base_i, sub) * scale * decay(rows(b_ref, base_i, sub) - b_r)
+            for j in range(i):
+                base_j = start + j * sub
+                k_hat = rows(k_ref, base_j, sub) * safe_decay(b_r - rows(b_ref, base_j, sub))
+                a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
+        for j in range(i + 1, parts):
+            a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
+        diagonal = _diagonal_scores(q_ref, k_ref, b_ref, base_i, sub, scale=scale, dtype=dtype)
+        a_ref[rows_i, pl.ds(i * sub, sub)] = jnp.where(causal, diagonal, 0.0)
 
-    Two launches over every chunk: the factorized kernel writes the chunks whose span allows it,
-    then the exact kernel writes the rest into the same buffer. Each program of either kernel that
-    is not its chunk's exits at once, and neither kernel carries the other's registers."""
+
+def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, chunk, scale, dtype):
+    """Secondary-level chunking, for the chunks whose span rules the factorization out."""
+    def one_chunk(g, carry):
+        @pl.when(jnp.logical_not(factorizable(span_ref[g])))
+        def _():
+            _exact_chunk_scores(q_ref, k_ref, b_ref, a_ref, g * chunk, chunk, scale=scale,
+                                dtype=dtype)
+
+        return carry
+
+    lax.fori_loop(0, span_ref.shape[0], one_chunk, 0)
+
+
+def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
+    """A [B', Tp, H, C] float32, scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i, written for
+    the chunks that are not ``factorizable`` only: the kernels that use A compute it themselves
+    for the others (``chunk_scores``), and those rows of this buffer are left unwritten."""
     rows_, padded_len, heads, key_dim = q.shape
-    key = chunk_spec(chunk, heads, key_dim)
-    scores = chunk_spec(chunk, heads, chunk)
-    launch = functools.partial(
-        pl.pallas_call,
+    group = chunks_per_program(padded_len // chunk)
+    rows_per_program = group * chunk
+    key = chunk_spec(rows_per_program, heads, key_dim)
+    return pl.pallas_call(
+        functools.partial(_exact_scores_kernel, chunk=chunk, scale=scale, dtype=q.dtype),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
-        grid=(padded_len // chunk, rows_ * heads),
-        out_specs=scores,
+        grid=(padded_len // rows_per_program, rows_ * heads),
+        in_specs=[span_spec(heads, group), key, key, key],
+        out_specs=chunk_spec(rows_per_program, heads, chunk),
         compiler_params=params(config.scores_warps, 1),
         interpret=interpret,
-    )
-    kernel_options = dict(scale=scale, dtype=q.dtype)
-    factorized = launch(
-        functools.partial(_factorized_scores_kernel, **kernel_options),
-        in_specs=[span_spec(heads), key, key, key],
-        name="gla_intra_scores",
+        name="gla_exact_scores",
     )(spans, q, k, b)
-    return launch(
-        functools.partial(_exact_scores_kernel, **kernel_options),
-        in_specs=[span_spec(heads), key, key, key, scores],
-        input_output_aliases={4: 0},
-        name="gla_intra_scores_exact",
-    )(spans, q, k, b, factorized)
+
+
+def chunk_scores(span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype):
+    """The chunk's causal scores A [C, C] (zero above the diagonal) inside a kernel: where ``span``
+    allows, one matmul factorized around the middle row, K a piece at a time; else the rows
+    ``exact_scores`` wrote. The load branch is light, so the common path keeps its registers."""
+    chunk, key_dim = q_ref.shape
+
+    def factorized():
+        scores = jnp.zeros((chunk, chunk), F32)
+        for t in range(key_dim // block_k):
+            ks = pl.ds(t * block_k, block_k)
+            scores += factorized_scores(q_ref[:, ks].astype(F32) * scale,
+                                        k_ref[:, ks].astype(F32), b_ref[:, ks],
+                                        row(b_ref, chunk // 2, ks), dtype)
+        return jnp.where(causal_mask(chunk), scores, 0.0)
+
+    return lax.cond(factorizable(span), factorized, lambda: exact_ref[...])
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,32 +426,42 @@ def intra_scores(q, k, b, spans, *, chunk, scale, config, interpret):
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_outputs_kernel(q_ref, b_ref, h_ref, a_ref, v_ref, o_ref, *, scale, block_k, dtype):
+def _chunk_outputs_kernel(span_ref, q_ref, k_ref, b_ref, h_ref, a_ref, v_ref, o_ref, *, scale,
+                          block_v, block_k, dtype):
     key_dim = q_ref.shape[1]
-    out = mm(a_ref[...], v_ref[...], dtype)  # intra-chunk
-    for t in range(key_dim // block_k):  # inter-chunk, K a tile at a time
-        ks = pl.ds(t * block_k, block_k)
-        q_decayed = q_ref[:, ks].astype(F32) * (scale * decay(b_ref[:, ks]))
-        out += mm(q_decayed, h_ref[ks, :], dtype)
-    o_ref[...] = out.astype(o_ref.dtype)
+    scores = chunk_scores(span_ref[...], q_ref, k_ref, b_ref, a_ref, scale=scale,
+                          block_k=block_k, dtype=dtype)
+    for u in range(v_ref.shape[1] // block_v):  # V tiles, all sharing the scores
+        vs = pl.ds(u * block_v, block_v)
+        out = mm(scores, v_ref[:, vs], dtype)  # intra-chunk
+        for t in range(key_dim // block_k):  # inter-chunk, K a piece at a time
+            ks = pl.ds(t * block_k, block_k)
+            q_decayed = q_ref[:, ks].astype(F32) * (scale * decay(b_ref[:, ks]))
+            out += mm(q_decayed, h_ref[ks, vs], dtype)
+        o_ref[:, vs] = out.astype(o_ref.dtype)
 
 
-def chunk_outputs(q, b, states, scores, v, *, chunk, scale, out_dtype, config, interpret):
-    """o [B', Tp, H, V] from the states entering each chunk and the intra-chunk scores."""
+def chunk_outputs(q, k, b, spans, states, exact, v, *, chunk, scale, out_dtype, config,
+                  interpret):
+    """o [B', Tp, H, V] per (chunk, row * head), V a tile at a time, from the states entering each
+    chunk and the intra-chunk scores (``exact``: ``exact_scores``' output, read only for the
+    chunks that are not factorizable)."""
     rows_, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    block_v = min(config.output_block_v, value_dim)
-    block_k = min(config.output_block_k, key_dim)
     key = chunk_spec(chunk, heads, key_dim)
-    value = chunk_spec(chunk, heads, block_v, tiled=True)
+    value = chunk_spec(chunk, heads, value_dim)
+    kernel = functools.partial(
+        _chunk_outputs_kernel, scale=scale, block_v=min(config.output_block_v, value_dim),
+        block_k=min(config.output_block_k, key_dim), dtype=q.dtype,
+    )
     return pl.pallas_call(
-        functools.partial(_chunk_outputs_kernel, scale=scale, block_k=block_k, dtype=q.dtype),
+        kernel,
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
-        grid=(padded_len // chunk, rows_ * heads, value_dim // block_v),
-        in_specs=[key, key, state_spec(key_dim, block_v, heads, "v"),
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[span_spec(heads), key, key, key, state_spec(key_dim, value_dim, heads),
                   chunk_spec(chunk, heads, chunk), value],
         out_specs=value,
         compiler_params=params(config.output_warps, config.output_stages),
         interpret=interpret,
         name="gla_chunk_outputs",
-    )(q, b, states, scores, v)
+    )(spans, q, k, b, states, exact, v)

@@ -23,13 +23,13 @@ class GpuConfig:
     state_block_v: int = 64
     state_warps: int = 4
     state_stages: int = 2
-    scores_warps: int = 4  # intra_scores / score_grads (one program per chunk)
+    scores_warps: int = 4  # exact_scores / score_grads (one program per chunk)
     score_block_v: int = 64  # V piece of score_grads' do @ v^T loop
-    output_block_v: int = 64  # chunk_outputs V tile (grid axis)
+    output_block_v: int = 64  # chunk_outputs V tile (a loop: the tiles share the scores)
     output_block_k: int = 64  # K piece of its (q * exp(b)) @ h loop
     output_warps: int = 4
     output_stages: int = 2
-    value_block_v: int = 64  # value_grads V tile (grid axis)
+    value_block_v: int = 64  # value_grads V tile (a loop, as in chunk_outputs)
     value_block_k: int = 64  # K piece of its k_to_end @ dH loop
     value_warps: int = 4
     value_stages: int = 2
@@ -103,3 +103,4 @@ def config_for(key_dim: int, value_dim: int, dtype, interpret: bool,
 
 def table_key(key_dim: int, value_dim: int, dtype) -> str:
     return _key(key_dim, value_dim, dtype)
+
