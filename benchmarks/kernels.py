@@ -142,9 +142,11 @@ def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=Fals
     config = tuning.config_for(kp, pv.shape[-1], pq.dtype, interpret, rows * heads)
     h0 = jnp.zeros((rows, heads, kp, pv.shape[-1]), jnp.float32)
     common = dict(chunk=chunk, config=config, interpret=interpret)
-    states = jax.jit(lambda k, v, g, h0, f, e: gpu_forward.chunk_states(
-        k, v, g, h0, f, e, state_dtype=pq.dtype, **common))
-    hs, _, b, spans = states(pk, pv, pg, h0, first, last)
+    cumsum = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=interpret))
+    b, spans = cumsum(pg)
+    states = jax.jit(lambda k, v, b, h0, f, e: gpu_forward.chunk_states(
+        k, v, b, h0, f, e, state_dtype=pq.dtype, **common)[0])
+    hs = states(pk, pv, b, h0, first, last)
     exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale,
                                                                  **common))
     a = exact(pq, pk, b, spans)
@@ -152,7 +154,8 @@ def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=Fals
     da = dscores(do_rows, pv)
     stages = {
         "prepare (XLA: layout)": (jax.jit(prepare), (q, k, v, g, do)),
-        "chunk_states (and b)": (states, (pk, pv, pg, h0, first, last)),
+        "gate_cumsum": (cumsum, (pg,)),
+        "chunk_states": (states, (pk, pv, b, h0, first, last)),
         "exact_scores": (exact, (pq, pk, b, spans)),
         "chunk_outputs": (jax.jit(lambda q, k, b, s, h, a, v: gpu_forward.chunk_outputs(
             q, k, b, s, h, a, v, scale=scale, out_dtype=q.dtype, **common)),

@@ -56,22 +56,22 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
     h0 = jnp.zeros((p.q.shape[0], p.q.shape[2], p.q.shape[-1], p.v.shape[-1]), jnp.float32)
     state_dtype = p.q.dtype
     common = dict(chunk=chunk, config=config, interpret=False)
-    def states(k, v, g, h0, first, last):
-        return gpu_forward.chunk_states(k, v, g, h0, first, last, state_dtype=state_dtype,
-                                        **common)
+    b, spans = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=False))(p.g)
 
-    hs, _, b, spans = jax.jit(states)(p.k, p.v, p.g, h0, p.first_seq, p.last_seq)
+    def states(k, v, b, h0, first, last):
+        return gpu_forward.chunk_states(k, v, b, h0, first, last, state_dtype=state_dtype,
+                                        **common)[0]
 
     def scores(q, k, b, spans):
         return gpu_forward.exact_scores(q, k, b, spans, scale=scale, **common)
 
     if family == "state":
-        def run(q, k, v, g, b, do, h0, first, last):
+        def run(q, k, v, b, do, h0, first, last):
             grads = gpu_backward.state_grads(q, do, b, h0, first, last, scale=scale,
                                              state_dtype=state_dtype, **common)
-            return states(k, v, g, h0, first, last), grads
+            return states(k, v, b, h0, first, last), grads
 
-        return jax.jit(run), (p.q, p.k, p.v, p.g, b, do_rows, h0, p.first_seq, p.last_seq)
+        return jax.jit(run), (p.q, p.k, p.v, b, do_rows, h0, p.first_seq, p.last_seq)
     if family == "scores":
         def run(q, k, b, spans, v, do):
             # Spans of +inf send every chunk down the exact path these kernels serve.
@@ -80,6 +80,7 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
 
         return jax.jit(run), (p.q, p.k, b, spans, p.v, do_rows)
     a = jax.jit(scores)(p.q, p.k, b, spans)
+    hs = jax.jit(states)(p.k, p.v, b, h0, p.first_seq, p.last_seq)
     if family == "output":
         def run(q, k, v, b, spans, do, hs, a):
             o = gpu_forward.chunk_outputs(q, k, b, spans, hs, a, v, scale=scale,

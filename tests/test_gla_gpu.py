@@ -120,10 +120,11 @@ def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype):
 ])
 def test_every_kernel_lowers_through_triton(shape):
     module = _export_for_cuda(*shape)
-    # Forward: chunk_states, exact_scores, chunk_outputs; backward: the first two recomputed, then
-    # state_grads, score_grads, value_grads and query_key_grads (factorized and exact).
-    assert module.count("__gpu$xla.gpu.triton") == 10
-    for name in ("gla_chunk_states", "gla_exact_scores", "gla_chunk_outputs",
+    # Forward: gate_cumsum, chunk_states, exact_scores, chunk_outputs; backward: the first three
+    # recomputed, then state_grads, score_grads, value_grads and query_key_grads (factorized and
+    # exact).
+    assert module.count("__gpu$xla.gpu.triton") == 12
+    for name in ("gla_gate_cumsum", "gla_chunk_states", "gla_exact_scores", "gla_chunk_outputs",
                  "gla_state_grads", "gla_score_grads", "gla_value_grads", "gla_query_key_grads",
                  "gla_query_key_grads_exact"):
         assert name in module
@@ -145,11 +146,10 @@ def test_gate_gradient_stays_accurate_over_long_bf16_sequences():
 
 
 def _chunk_spans(g, chunk=64):
-    p = gpu.prepare(g, g, g, g, None, chunk)
-    opts = api.Options("pallas_gpu", 1.0, chunk, True)
-    config = tuning.config_for(p.q.shape[-1], p.v.shape[-1], p.q.dtype, interpret=True)
-    h0 = jnp.zeros((g.shape[0], g.shape[2], g.shape[-1], g.shape[-1]))
-    return gpu._recompute(p, h0, opts, config)[1]
+    from pallas_kernels.gla import gpu_forward
+
+    prepared = gpu.prepare(g, g, g, g, None, chunk)
+    return gpu_forward.gate_cumsum(prepared.g, chunk=chunk, interpret=True)[1]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])

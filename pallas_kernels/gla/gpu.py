@@ -1,7 +1,7 @@
 """The 'pallas_gpu' backend: chunkwise GLA in Pallas kernels lowered through Triton.
 
 This file prepares the kernels' inputs and assembles their outputs; the kernels are in
-gpu_forward.py (chunk_states, exact_scores, chunk_outputs) and gpu_backward.py
+gpu_forward.py (gate_cumsum, chunk_states, exact_scores, chunk_outputs) and gpu_backward.py
 (state_grads, score_grads, value_grads, query_key_grads); block sizes come from tuning.py.
 
 Inputs go to the time-major rows layout [B', Tp, H, D]: the chunk layout's head-major form
@@ -96,17 +96,23 @@ def _config(p: Prepared, opts, config):
     return tuning.config_for(kp, p.v.shape[-1], p.q.dtype, opts.interpret, rows * heads)
 
 
+def _states(p: Prepared, b, initial_state, opts, config):
+    h0 = _pad_state(initial_state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
+    states, final = gpu_forward.chunk_states(
+        p.k, p.v, b, h0, p.first_seq, p.last_seq, chunk=opts.chunk_size,
+        state_dtype=_state_dtype(p.q.dtype), config=config, interpret=opts.interpret,
+    )
+    empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
+    final = jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
+    return states, final
+
+
 def _recompute(p: Prepared, initial_state, opts, config):
     """What forward and backward both start from: b and the chunks' factorization spans, the
     chunk states and the scores A of the chunks that take the exact path."""
     chunk, interpret = opts.chunk_size, opts.interpret
-    h0 = _pad_state(initial_state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
-    states, final, b, spans = gpu_forward.chunk_states(
-        p.k, p.v, p.g, h0, p.first_seq, p.last_seq, chunk=chunk,
-        state_dtype=_state_dtype(p.q.dtype), config=config, interpret=interpret,
-    )
-    empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
-    final = jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
+    b, spans = gpu_forward.gate_cumsum(p.g, chunk=chunk, interpret=interpret)
+    states, final = _states(p, b, initial_state, opts, config)
     exact = gpu_forward.exact_scores(p.q, p.k, b, spans, chunk=chunk, scale=opts.scale,
                                      config=config, interpret=interpret)
     return b, spans, states, final, exact

@@ -1,7 +1,7 @@
 """Backward Pallas kernels for chunkwise GLA, lowered through Triton.
 
-The backward recomputes b and the chunk states (``chunk_states``) and the exact chunks' scores A
-(``exact_scores``) with the forward's kernels, then:
+The backward recomputes b (``gate_cumsum``), the chunk states (``chunk_states``) and the exact
+chunks' scores A (``exact_scores``) with the forward's kernels, then:
 
 * ``state_grads``: per (row, head, K tile, V tile), a reverse walk over the chunks computes dH_c,
   the gradient of the state *leaving* chunk c: ``dfinal[seq]`` where chunk c is a sequence's last

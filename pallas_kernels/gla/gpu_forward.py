@@ -5,17 +5,15 @@ layout; for equal-length rows whose T is a multiple of the chunk size it is the 
 itself, so no transpose or copy is made). One program owns one chunk of one (row, head), or a tile
 of it, so every chunk is read from HBM once per kernel and the chunk axis is parallel.
 
-Three kernels make the forward:
+Four kernels make the forward:
 
+* ``gate_cumsum``: b, the chunk-local inclusive cumulative sum of the log gates, in float32 and in
+  log2 units (``b = log2(e) * cumsum(g)``), so that every decay is one ``exp2``: the hardware's
+  fast exponential, where ``exp`` would be a multi-instruction library routine. It also stores
+  each chunk's span, the largest ``|b_i - b_mid|`` over its positions and K.
 * ``chunk_states``: one program per (row, head, K tile, V tile) walks the chunks in order and
   stores the state entering every chunk (``[B', NC, H, K, V]``), resetting to a sequence's initial
   state at the chunk where it starts and writing each sequence's final state at its last chunk.
-  It reads the log gates and forms b, the chunk-local inclusive cumulative sum, in float32 and in
-  log2 units (``b = log2(e) * cumsum(g)``), so that every decay is one ``exp2``: the hardware's
-  fast exponential, where ``exp`` would be a multi-instruction library routine. The programs of
-  the first V tile store b for the later kernels, and each chunk's span, the largest
-  ``|b_i - b_mid|`` over its positions and K (a separate cumsum kernel cost as much as writing b
-  and reading it back, ~0.14 ms at T = 2K, 16 x 128).
 * ``exact_scores``: the gated causal scores ``A [B', Tp, H, C]`` (float32, scale included) of the
   chunks whose span exceeds ``FACTORIZE_SPAN`` (strong gates, resets), with secondary-level
   chunking (sub-chunks of 16): an off-diagonal sub-block (rows of sub-chunk I against columns of
@@ -155,23 +153,45 @@ def params(warps, stages):
 
 
 # --------------------------------------------------------------------------------------------
-# chunk_states (with the gate cumsum)
+# gate_cumsum
 # --------------------------------------------------------------------------------------------
 
 
-def _gate_cumsum(g):
-    """b [C, BK]: the chunk-local inclusive cumsum of log gates [C, BK], in log2 units."""
-    return jnp.cumsum(g.astype(F32) * LOG2E, axis=0)
+def _gate_cumsum_kernel(g_ref, b_ref, span_ref):
+    b = jnp.cumsum(g_ref[...].astype(F32) * LOG2E, axis=0)
+    b_ref[...] = b
+    # The chunk's factorization span: the largest |b_i - b_mid| over positions and K. (The middle
+    # row is picked out with a mask: Triton has no general value slicing.)
+    at_mid = lax.broadcasted_iota(jnp.int32, b.shape, 0) == b.shape[0] // 2
+    b_mid = jnp.sum(jnp.where(at_mid, b, 0.0), axis=0, keepdims=True)
+    span_ref[...] = jnp.max(jnp.abs(b - b_mid))
 
 
-def _pick_row(x, index):
-    """Row ``index`` of a [C, D] value as [1, D] (a mask: Triton has no general value slicing)."""
-    at = lax.broadcasted_iota(jnp.int32, x.shape, 0) == index
-    return jnp.sum(jnp.where(at, x, 0.0), axis=0, keepdims=True)
+def gate_cumsum(g, *, chunk, interpret):
+    """b [B', Tp, H, K] float32: chunk-local inclusive cumsum of the log gates, log2 units; and
+    spans [B', NC, H] float32: each chunk's largest |b_i - b_mid| (see ``factorizable``)."""
+    rows_, padded_len, heads, key_dim = g.shape
+    spec = chunk_spec(chunk, heads, key_dim)
+    return pl.pallas_call(
+        _gate_cumsum_kernel,
+        out_shape=(jax.ShapeDtypeStruct(g.shape, F32),
+                   jax.ShapeDtypeStruct((rows_, padded_len // chunk, heads), F32)),
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[spec],
+        out_specs=(spec, span_spec(heads)),
+        compiler_params=params(4, 1),
+        interpret=interpret,
+        name="gla_gate_cumsum",
+    )(g)
+
+
+# --------------------------------------------------------------------------------------------
+# chunk_states
+# --------------------------------------------------------------------------------------------
 
 
 def _chunk_states_kernel(
-    first_ref, last_ref, k_ref, v_ref, g_ref, h0_ref, states_ref, final_ref, b_ref, span_ref,
+    first_ref, last_ref, k_ref, v_ref, b_ref, h0_ref, states_ref, final_ref,
     *, chunk, num_chunks, heads, block_k, block_v, dtype,
 ):
     bh, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -186,15 +206,8 @@ def _chunk_states_kernel(
         )
         states_ref[c] = state.astype(states_ref.dtype)
         start = c * chunk
-        b = _gate_cumsum(g_ref[pl.ds(start, chunk), :])
-        b_last = _pick_row(b, chunk - 1)  # [1, BK]
-
-        @pl.when(vt == 0)  # one program per K tile stores b and its part of the span
-        def _():
-            b_ref[pl.ds(start, chunk), :] = b
-            span_ref[c] = jnp.max(jnp.abs(b - _pick_row(b, chunk // 2)))
-
-        k_to_end = rows(k_ref, start, chunk) * decay(b_last - b)
+        b_last = row(b_ref, start + chunk - 1)  # [1, BK]
+        k_to_end = rows(k_ref, start, chunk) * decay(b_last - rows(b_ref, start, chunk))
         state = state * decay(b_last).T + mm_tn(k_to_end, v_ref[pl.ds(start, chunk), :], dtype)
         seq_end = last_ref[batch_row, c]
 
@@ -208,16 +221,14 @@ def _chunk_states_kernel(
 
 
 def state_scan_call(
-    kernel_body, key_side, value_side, gates, boundary, first_seq, last_seq, *, chunk,
-    state_dtype, config, interpret, name, gate_outputs=False, **kernel_options,
+    kernel_body, key_side, value_side, b, boundary, first_seq, last_seq, *, chunk, state_dtype,
+    config, interpret, name, **kernel_options,
 ):
     """Launches a walk over the chunks of every (row, head, K tile, V tile), in one program each.
 
     The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
     dfinal -> state gradients, dh0) share this launch: [B', Tp, H, K]- and [B', Tp, H, V]-shaped
-    inputs, the gates (log gates or b), one [N, H, K, V] boundary input and output,
-    [B', NC, H, K, V] per chunk; with gate_outputs also b [B', Tp, H, K] and the spans of each
-    chunk's K tiles [B', NC, H, K tiles].
+    inputs, the gates, one [N, H, K, V] boundary input and output, [B', NC, H, K, V] per chunk.
     """
     rows_, padded_len, heads, key_dim = key_side.shape
     value_dim = value_side.shape[-1]
@@ -238,44 +249,31 @@ def state_scan_call(
         (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
         lambda bh, kt, vt: (bh // heads, 0, bh % heads, kt, vt),
     )
-    out_shape = [
-        jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
-        jax.ShapeDtypeStruct(boundary.shape, F32),
-    ]
-    out_specs = [states_spec, whole(boundary.shape)]
-    if gate_outputs:
-        out_shape += [jax.ShapeDtypeStruct(gates.shape, F32),
-                      jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim // block_k), F32)]
-        out_specs += [seq_spec(block_k, "k"),
-                      pl.BlockSpec((SQUEEZED, num_chunks, SQUEEZED, SQUEEZED),
-                                   lambda bh, kt, vt: (bh // heads, 0, bh % heads, kt))]
     return pl.pallas_call(
         kernel,
-        out_shape=tuple(out_shape),
+        out_shape=(
+            jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
+            jax.ShapeDtypeStruct(boundary.shape, F32),
+        ),
         grid=(rows_ * heads, key_dim // block_k, value_dim // block_v),
         in_specs=[
             whole(first_seq.shape), whole(last_seq.shape),
             seq_spec(block_k, "k"), seq_spec(block_v, "v"), seq_spec(block_k, "k"),
             whole(boundary.shape),
         ],
-        out_specs=tuple(out_specs),
+        out_specs=(states_spec, whole(boundary.shape)),
         compiler_params=params(config.state_warps, config.state_stages),
         interpret=interpret,
         name=name,
-    )(first_seq, last_seq, key_side, value_side, gates, boundary)
+    )(first_seq, last_seq, key_side, value_side, b, boundary)
 
 
-def chunk_states(k, v, g, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
-    """From the log gates g: the states entering every chunk [B', NC, H, K, V], final states
-    [N, H, K, V] float32, b [B', Tp, H, K] float32 (the chunk-local inclusive cumsum of g in log2
-    units, which every later kernel reads) and spans [B', NC, H] float32 (each chunk's largest
-    |b_i - b_mid| over positions and K: ``factorizable``)."""
-    states, final, b, spans = state_scan_call(
-        _chunk_states_kernel, k, v, g, h0, first_seq, last_seq, chunk=chunk,
+def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
+    """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32."""
+    return state_scan_call(
+        _chunk_states_kernel, k, v, b, h0, first_seq, last_seq, chunk=chunk,
         state_dtype=state_dtype, config=config, interpret=interpret, name="gla_chunk_states",
-        gate_outputs=True,
     )
-    return states, final, b, jnp.max(spans, axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,9 +335,10 @@ def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
     return lax.cond(factorizable(diagonal_span(b_ref, base, sub)), factorized, log_space)
 
 
-# Chunks per exact_scores program. Its programs are register-heavy, so few fit on a multiprocessor
-# at once, and one program per chunk made the launch cost ~0.07 ms even when every program exits
-# at once (T = 2K, 16 x 128, H200); a program walks this many chunks instead.
+# Chunks per exact_scores program: a program walks this many. With one program per chunk the
+# launch cost 0.068 ms when every program exits at once (T = 2K, 16 x 128, H200), taken to be
+# its register-heavy programs fitting few per multiprocessor; walking 8 measured 0.061 ms, so most
+# of that cost is elsewhere (not found).
 EXACT_CHUNKS_PER_PROGRAM = 8
 
 
