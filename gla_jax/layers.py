@@ -59,9 +59,14 @@ class RMSNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
+        # Rematerialized: the backward recomputes the float32 values from x instead of keeping
+        # two float32 copies of the input per norm (stacked over the layers under scan_layers).
+        return jax.checkpoint(self._normalize)(x, self.scale[...])
+
+    def _normalize(self, x, scale):
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...]).astype(self.dtype)
+        return (x * scale).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -93,7 +98,13 @@ class SwiGLU(nnx.Module):
         )
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Rematerialized: the backward keeps the two projections and redoes silu and the product,
+        # which stored were three more [B, T, hidden] tensors per layer.
+        return self.down_proj(jax.checkpoint(_swish_product)(self.gate_proj(x), self.up_proj(x)))
+
+
+def _swish_product(gate, up):
+    return jax.nn.silu(gate) * up
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,30 +320,42 @@ class GatedLinearAttention(nnx.Module):
     def _projections(self, x):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def _log_gate(self, x):
+    def _log_gate(self, x, reset_at=None):
+        """float32 log gates [..., K]; reset_at: segment ids whose document starts get
+        RESET_LOG_GATE. Rematerialized from x: the low-rank matmuls, the log-sigmoid and the
+        reset are cheap to redo, and stored they were four [B, T, K] tensors per layer."""
+        return jax.checkpoint(self._log_gate_from)(x, reset_at)
+
+    def _log_gate_from(self, x, reset_at):
         if self.gk_up is None:  # no forget gate: decay exactly 1 (documents still reset)
-            return jnp.zeros(x.shape[:-1] + (self.key_dim,), jnp.float32)
-        logits = self.gk_up(self.gk_down(x)).astype(jnp.float32)
-        return jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer
+            g = jnp.zeros(x.shape[:-1] + (self.key_dim,), jnp.float32)
+        else:
+            logits = self.gk_up(self.gk_down(x)).astype(jnp.float32)
+            g = jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer
+        return g if reset_at is None else reset_gates_at_starts(g, reset_at)
 
     def _heads(self, x, head_dim):
         return x.reshape(x.shape[:-1] + (self.num_heads, head_dim))
 
     def _output(self, o, x):
         """Per-head norm, output gate swish(x W_r), output projection. o: [..., H, V]."""
+        gate = self.g_proj(x) if self.g_proj is not None else None
+        # Rematerialized: the backward keeps o and the gate's projection (in the model dtype) and
+        # redoes the float32 norm and swish, which stored were five float32 [B, T, V] tensors.
+        return self.o_proj(jax.checkpoint(self._norm_and_gate)(o, gate))
+
+    def _norm_and_gate(self, o, gate):
         o = self.g_norm(o).reshape(o.shape[:-2] + (self.value_dim,))
-        if self.g_proj is not None:
-            o = o * jax.nn.silu(self.g_proj(x).astype(jnp.float32))
-        return self.o_proj(o.astype(self.dtype))
+        if gate is not None:
+            o = o * jax.nn.silu(gate.astype(jnp.float32))
+        return o.astype(self.dtype)
 
     def _mix(self, x, q, k, v, cu_seqlens=None, want_state=False, reset_at=None):
         """chunk_gla over [B, T, *] (or packed: then the batch is flattened into one row).
 
         reset_at: segment ids whose document starts restart the state (gate_reset packing).
         """
-        g = self._log_gate(x)
-        if reset_at is not None:
-            g = reset_gates_at_starts(g, reset_at)
+        g = self._log_gate(x, reset_at)
         q, k, g = (self._heads(t, self.head_k) for t in (q, k, g))
         v = self._heads(v, self.head_v)
         shape = v.shape

@@ -150,3 +150,54 @@ def test_gate_bias_init_sets_the_initial_decay(bias):
     x = jax.random.normal(jax.random.key(1), (2, 5, 32))
     expected = np.log(1 / (1 + np.exp(-bias))) / 16
     np.testing.assert_allclose(np.asarray(layer._log_gate(x)), expected, rtol=1e-6)
+
+
+def _per_token_residuals(module, x, *args):
+    """The [B, T, ...] arrays the backward of module(x, *args) keeps (jax.vjp's residuals)."""
+    graphdef, state = nnx.split(module)
+    _, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x, *args), state, x)
+    return [leaf for leaf in jax.tree_util.tree_leaves(vjp)
+            if getattr(leaf, "ndim", 0) >= 3 and leaf.shape[:2] == x.shape[:2]]
+
+
+def test_gla_block_backward_keeps_only_the_log_gates_in_float32():
+    """The float32 values of the gates, norms, output gate and swish are recomputed in the
+    backward, not stored: under scan_layers every stored tensor is stacked over the layers (the
+    340M block kept 191.7 MiB per 2,048 tokens before, 69.5 after). What stays float32 is the
+    op's log-gate input, which its backward needs."""
+    from gla_jax.model import Block, GLAConfig
+
+    cfg = GLAConfig(vocab_size=32, d_model=64, n_layers=1, n_heads=2, dtype="bfloat16",
+                    backend="xla")
+    x = jax.random.normal(jax.random.key(0), (2, 32, 64), jnp.bfloat16)
+    segment_ids = jnp.ones((2, 32), jnp.int32)
+    kept = _per_token_residuals(Block(cfg, rngs=nnx.Rngs(0)), x, segment_ids)
+    float32 = [leaf.shape for leaf in kept if leaf.dtype == jnp.float32]
+    assert float32 == [(2, 32, 2, 16)], float32  # g, split into heads
+    assert all(leaf.dtype in (jnp.bfloat16, jnp.float32) for leaf in kept)
+
+
+def test_rematerialized_pieces_keep_the_parameter_gradients():
+    """The rematerialized functions read parameters (the gate projections, the norms' scales)
+    from the modules: their gradients must still flow. Reverse mode against finite differences,
+    for the parameters and the input."""
+    from jax.test_util import check_grads
+
+    from gla_jax.model import Block, GLAConfig
+
+    cfg = GLAConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=2, dtype="float32",
+                    backend="xla")
+    graphdef, state = nnx.split(Block(cfg, rngs=nnx.Rngs(3)))
+    x = jax.random.normal(jax.random.key(4), (1, 8, 32))
+
+    def loss(state, x):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)))
+
+    check_grads(loss, (state, x), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+    grads = jax.grad(loss)(state, x)
+    for path in (("attn", "gk_up", "kernel"), ("attn", "g_norm", "scale"),
+                 ("mlp_norm", "scale")):
+        leaf = grads
+        for key in path:
+            leaf = leaf[key]
+        assert float(jnp.abs(leaf[...]).max()) > 0, path
