@@ -192,29 +192,3 @@ def test_every_factorization_path_matches_oracle(dtype):
         errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
         assert all(err <= TOLERANCE[dtype] for err in errors.values()), errors
 
-
-def test_exact_chunks_at_every_place_in_a_program_group():
-    """exact_scores walks EXACT_CHUNKS_PER_PROGRAM chunks per program: resets in chunks 1, 4 and
-    7 of an 8-chunk group (the others factorized) must land in the right rows of A."""
-    from pallas_kernels.gla import gpu_forward
-
-    chunk = 16
-    seq_len = gpu_forward.EXACT_CHUNKS_PER_PROGRAM * chunk
-    assert gpu_forward.chunks_per_program(seq_len // chunk) == 8
-    case = Case("grouped", batch=1, seq_len=seq_len, heads=1, key_dim=16, value_dim=16,
-                chunk_size=chunk)
-    q, k, v, g, h0, do, dfinal = _make_inputs(case, 12)
-    resets = jnp.zeros(seq_len, bool).at[jnp.array([1, 4, 7]) * chunk + 5].set(True)
-    g = jnp.where(resets[None, :, None, None], -120.0, g)
-    spans = _chunk_spans(g, chunk)[0, :, 0]
-    assert [bool(s > gpu_forward.FACTORIZE_SPAN) for s in spans] == [
-        i in (1, 4, 7) for i in range(8)]
-    scale = case.key_dim**-0.5
-    opts = api.Options("pallas_gpu", scale, chunk, True)
-    o, final = gpu.forward(q, k, v, g, h0, None, opts)
-    grads = gpu.backward(q, k, v, g, h0, None, do, dfinal, opts)
-    expected = gla_oracle(q, k, v, g, scale=scale, initial_state=h0, do=do, dfinal=dfinal)
-    actual = dict(o=o, final_state=final, **dict(zip(("dq", "dk", "dv", "dg", "dh0"), grads,
-                                                    strict=True)))
-    errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
-    assert all(err <= TOLERANCE[case.dtype] for err in errors.values()), errors

@@ -20,8 +20,8 @@ Four kernels make the forward:
   sub-chunk J < I) is factorized around the first position r of sub-chunk I, so both factors
   ``exp(b_i - b_r)`` and ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul. A diagonal
   sub-block has no such reference row; it is factorized around its middle row when its own span
-  allows, else computed in float32 in log space, one column at a time. It skips the other chunks,
-  each program walking a few (``EXACT_CHUNKS_PER_PROGRAM``).
+  allows, else computed in float32 in log space, one column at a time. Its programs for the other
+  chunks exit at once.
 * ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head), V a tile
   at a time. For a chunk whose span is at most ``FACTORIZE_SPAN`` (every chunk under ordinary
   gates) A is computed in place as one tensor-core matmul,
@@ -136,10 +136,9 @@ def state_spec(key_block, value_block, heads, tile_axis=None):
     return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, key_block, value_block), index)
 
 
-def span_spec(heads, group=None):
-    """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...); with
-    ``group``, the [group] spans of a grid (chunk group, row * head)."""
-    return pl.BlockSpec((SQUEEZED, group or SQUEEZED, SQUEEZED),
+def span_spec(heads):
+    """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...)."""
+    return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED),
                         lambda c, bh, *_: (bh // heads, c, bh % heads))
 
 
@@ -335,67 +334,43 @@ def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
     return lax.cond(factorizable(diagonal_span(b_ref, base, sub)), factorized, log_space)
 
 
-# Chunks per exact_scores program: a program walks this many. With one program per chunk the
-# launch cost 0.068 ms when every program exits at once (T = 2K, 16 x 128, H200), taken to be
-# its register-heavy programs fitting few per multiprocessor; walking 8 measured 0.061 ms, so most
-# of that cost is elsewhere (not found).
-EXACT_CHUNKS_PER_PROGRAM = 8
-
-
-def chunks_per_program(num_chunks: int) -> int:
-    """The largest power of two <= EXACT_CHUNKS_PER_PROGRAM that divides num_chunks."""
-    return math.gcd(num_chunks, EXACT_CHUNKS_PER_PROGRAM)
-
-
-def _exact_chunk_scores(q_ref, k_ref, b_ref, a_ref, start, chunk, *, scale, dtype):
-    """Writes the scores of the chunk at rows [start, start + chunk) with secondary-level
-    chunking."""
-    sub = sub_chunk(chunk)
-    parts = chunk // sub
-    causal = causal_mask(sub)
-    for i in range(parts):
-        base_i = start + i * sub
-        rows_i = pl.ds(base_i, sub)
-        if i > 0:  # columns of earlier sub-chunks, around r = the first row of this one
-            b_r = row(b_ref, base_i)
-            q_hat = rows(q_ref, base_i, sub) * scale * decay(rows(b_ref, base_i, sub) - b_r)
-            for j in range(i):
-                base_j = start + j * sub
-                k_hat = rows(k_ref, base_j, sub) * safe_decay(b_r - rows(b_ref, base_j, sub))
-                a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
-        for j in range(i + 1, parts):
-            a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
-        diagonal = _diagonal_scores(q_ref, k_ref, b_ref, base_i, sub, scale=scale, dtype=dtype)
-        a_ref[rows_i, pl.ds(i * sub, sub)] = jnp.where(causal, diagonal, 0.0)
-
-
-def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, chunk, scale, dtype):
+def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, dtype):
     """Secondary-level chunking, for the chunks whose span rules the factorization out."""
-    def one_chunk(g, carry):
-        @pl.when(jnp.logical_not(factorizable(span_ref[g])))
-        def _():
-            _exact_chunk_scores(q_ref, k_ref, b_ref, a_ref, g * chunk, chunk, scale=scale,
-                                dtype=dtype)
-
-        return carry
-
-    lax.fori_loop(0, span_ref.shape[0], one_chunk, 0)
+    @pl.when(jnp.logical_not(factorizable(span_ref[...])))
+    def _():
+        chunk = q_ref.shape[0]
+        sub = sub_chunk(chunk)
+        parts = chunk // sub
+        causal = causal_mask(sub)
+        for i in range(parts):
+            rows_i = pl.ds(i * sub, sub)
+            if i > 0:  # columns of earlier sub-chunks, around r = the first row of this one
+                b_r = row(b_ref, i * sub)
+                q_hat = rows(q_ref, i * sub, sub) * scale * decay(rows(b_ref, i * sub, sub) - b_r)
+                for j in range(i):
+                    k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
+                    a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
+            for j in range(i + 1, parts):
+                a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
+            diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale,
+                                        dtype=dtype)
+            a_ref[rows_i, rows_i] = jnp.where(causal, diagonal, 0.0)
 
 
 def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     """A [B', Tp, H, C] float32, scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i, written for
     the chunks that are not ``factorizable`` only: the kernels that use A compute it themselves
-    for the others (``chunk_scores``), and those rows of this buffer are left unwritten."""
+    for the others (``chunk_scores``), and those rows of this buffer are left unwritten. Its
+    programs for the other chunks exit at once; the launch still costs ~0.06 ms at T = 2K,
+    16 x 128 on an H200 (walking 8 chunks per program instead measured the same)."""
     rows_, padded_len, heads, key_dim = q.shape
-    group = chunks_per_program(padded_len // chunk)
-    rows_per_program = group * chunk
-    key = chunk_spec(rows_per_program, heads, key_dim)
+    key = chunk_spec(chunk, heads, key_dim)
     return pl.pallas_call(
-        functools.partial(_exact_scores_kernel, chunk=chunk, scale=scale, dtype=q.dtype),
+        functools.partial(_exact_scores_kernel, scale=scale, dtype=q.dtype),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
-        grid=(padded_len // rows_per_program, rows_ * heads),
-        in_specs=[span_spec(heads, group), key, key, key],
-        out_specs=chunk_spec(rows_per_program, heads, chunk),
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[span_spec(heads), key, key, key],
+        out_specs=chunk_spec(chunk, heads, chunk),
         compiler_params=params(config.scores_warps, 1),
         interpret=interpret,
         name="gla_exact_scores",
