@@ -98,13 +98,14 @@ class SwiGLU(nnx.Module):
         )
 
     def __call__(self, x):
-        # Rematerialized: the backward keeps the two projections and redoes silu and the product,
-        # which stored were three more [B, T, hidden] tensors per layer.
-        return self.down_proj(jax.checkpoint(_swish_product)(self.gate_proj(x), self.up_proj(x)))
+        # Rematerialized with the down projection: the backward keeps the two projections and
+        # redoes silu and the product, the down projection's input. Stored, those were four more
+        # [B, T, hidden] tensors per layer, each stacked over the layers and copied under
+        # scan_layers.
+        return jax.checkpoint(self._down_of_swish)(self.gate_proj(x), self.up_proj(x))
 
-
-def _swish_product(gate, up):
-    return jax.nn.silu(gate) * up
+    def _down_of_swish(self, gate, up):
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,9 +341,14 @@ class GatedLinearAttention(nnx.Module):
     def _output(self, o, x):
         """Per-head norm, output gate swish(x W_r), output projection. o: [..., H, V]."""
         gate = self.g_proj(x) if self.g_proj is not None else None
-        # Rematerialized: the backward keeps o and the gate's projection (in the model dtype) and
-        # redoes the float32 norm and swish, which stored were five float32 [B, T, V] tensors.
-        return self.o_proj(jax.checkpoint(self._norm_and_gate)(o, gate))
+        # Rematerialized with the output projection: the backward keeps o and the gate's
+        # projection (in the model dtype) and redoes the float32 norm and swish and the gated
+        # output, the projection's input; stored, those were five float32 [B, T, V] tensors and
+        # one more in the model dtype.
+        return jax.checkpoint(self._project_output)(o, gate)
+
+    def _project_output(self, o, gate):
+        return self.o_proj(self._norm_and_gate(o, gate))
 
     def _norm_and_gate(self, o, gate):
         o = self.g_norm(o).reshape(o.shape[:-2] + (self.value_dim,))

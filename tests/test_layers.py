@@ -153,11 +153,13 @@ def test_gate_bias_init_sets_the_initial_decay(bias):
 
 
 def _per_token_residuals(module, x, *args):
-    """The [B, T, ...] arrays the backward of module(x, *args) keeps (jax.vjp's residuals)."""
+    """The [B, T, ...] values (shape and dtype) the backward of module(x, *args) keeps, as
+    ``jax.ad_checkpoint.print_saved_residuals`` lists them."""
+    from jax._src.ad_checkpoint import saved_residuals
+
     graphdef, state = nnx.split(module)
-    _, vjp = jax.vjp(lambda s, x: nnx.merge(graphdef, s)(x, *args), state, x)
-    return [leaf for leaf in jax.tree_util.tree_leaves(vjp)
-            if getattr(leaf, "ndim", 0) >= 3 and leaf.shape[:2] == x.shape[:2]]
+    kept = saved_residuals(lambda s, x: nnx.merge(graphdef, s)(x, *args), state, x)
+    return [aval for aval, _ in kept if aval.ndim >= 3 and aval.shape[:2] == x.shape[:2]]
 
 
 def test_gla_block_backward_keeps_only_the_log_gates_in_float32():
@@ -175,6 +177,44 @@ def test_gla_block_backward_keeps_only_the_log_gates_in_float32():
     float32 = [leaf.shape for leaf in kept if leaf.dtype == jnp.float32]
     assert float32 == [(2, 32, 2, 16)], float32  # g, split into heads
     assert all(leaf.dtype in (jnp.bfloat16, jnp.float32) for leaf in kept)
+
+
+def test_block_backward_rebuilds_the_inputs_of_the_down_and_output_projections():
+    """The SwiGLU product (the down projection's input) and the gated per-head-norm output
+    (o_proj's input) are rebuilt in the backward from tensors it keeps anyway: of the
+    [B, T, hidden] tensors only the gate and up projections stay, and of the [B, T, d]
+    tensors only the block input, the attention norm, the output gate's projection, the
+    residual sum and the MLP norm."""
+    from gla_jax.model import Block, GLAConfig
+
+    cfg = GLAConfig(vocab_size=32, d_model=64, n_layers=1, n_heads=2, dtype="bfloat16",
+                    backend="xla")
+    x = jax.random.normal(jax.random.key(1), (2, 32, 64), jnp.bfloat16)
+    kept = _per_token_residuals(Block(cfg, rngs=nnx.Rngs(0)), x)
+    widths = sorted(leaf.shape[-1] for leaf in kept if leaf.ndim == 3)
+    assert widths.count(cfg.mlp_hidden) == 2, widths
+    assert widths.count(cfg.d_model) == 5, widths
+
+
+def test_op_without_initial_state_keeps_no_state_for_the_backward():
+    """An absent initial state is made inside the custom VJP: zeros made outside were one more
+    [N, H, K, V] float32 residual per call (per layer, under scan_layers)."""
+    from gla_jax.ops import chunk_gla
+
+    keys = jax.random.split(jax.random.key(2), 4)
+    q, k, g = (jax.random.normal(key, (2, 32, 2, 16)) for key in keys[:3])
+    v = jax.random.normal(keys[3], (2, 32, 2, 24))
+    g = jax.nn.log_sigmoid(g)
+    state_shape = (2, 2, 16, 24)
+
+    def residual_shapes(initial_state):
+        def f(q, k, v, g):
+            return chunk_gla(q, k, v, g, initial_state=initial_state, backend="xla")[0]
+        _, vjp = jax.vjp(f, q, k, v, g)
+        return [leaf.shape for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "shape")]
+
+    assert state_shape not in residual_shapes(None)
+    assert state_shape in residual_shapes(jnp.ones(state_shape))  # the check can fail
 
 
 def test_rematerialized_pieces_keep_the_parameter_gradients():

@@ -110,12 +110,15 @@ def _recomputed_backward(backend, q, k, v, g, initial_state, cu_seqlens, do, dfi
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gla(opts: Options, q, k, v, g, initial_state, cu_seqlens):
     backend = _load_backend(opts.backend)
-    o, final_state = backend.forward(q, k, v, g, initial_state, cu_seqlens, opts)
+    h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
+    o, final_state = backend.forward(q, k, v, g, h0, cu_seqlens, opts)
     return o.astype(q.dtype), final_state
 
 
 def _gla_fwd(opts, q, k, v, g, initial_state, cu_seqlens):
     out = _gla(opts, q, k, v, g, initial_state, cu_seqlens)
+    # An absent initial state stays None here: zeros made outside would be one more [N, H, K, V]
+    # float32 residual per call, stacked over the layers of a scanned model.
     return out, (q, k, v, g, initial_state, cu_seqlens)
 
 
@@ -123,15 +126,21 @@ def _gla_bwd(opts, residuals, cotangents):
     q, k, v, g, initial_state, cu_seqlens = residuals
     do, dfinal = cotangents
     backend = _load_backend(opts.backend)
+    h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
     if hasattr(backend, "backward"):
-        grads = backend.backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts)
+        grads = backend.backward(q, k, v, g, h0, cu_seqlens, do, dfinal, opts)
     else:
-        grads = _recomputed_backward(
-            backend, q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts
-        )
-    primals = (q, k, v, g, initial_state)
-    grads = tuple(d.astype(x.dtype) for d, x in zip(grads, primals, strict=True))
-    return grads + (None,)
+        grads = _recomputed_backward(backend, q, k, v, g, h0, cu_seqlens, do, dfinal, opts)
+    primals = (q, k, v, g, h0)
+    dq, dk, dv, dg, dh0 = (d.astype(x.dtype) for d, x in zip(grads, primals, strict=True))
+    return dq, dk, dv, dg, (None if initial_state is None else dh0), None
+
+
+def _state_or_zeros(initial_state, q, v, cu_seqlens):
+    if initial_state is not None:
+        return initial_state
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return jnp.zeros((num_seqs, q.shape[2], q.shape[3], v.shape[-1]), jnp.float32)
 
 
 _gla.defvjp(_gla_fwd, _gla_bwd)
@@ -193,15 +202,14 @@ def _check_state(name, state, expected):
 
 
 def _prepare(q, k, v, g, initial_state, cu_seqlens, scale):
-    """Checks the arguments both ops share; returns (initial_state float32, cu_seqlens, scale)."""
+    """Checks the arguments both ops share; returns (initial_state float32 or None, cu_seqlens,
+    scale)."""
     _check_inputs(q, k, v, g)
     batch, seq_len, heads, key_dim = q.shape
     cu_seqlens = _check_cu_seqlens(cu_seqlens, batch, seq_len)
     num_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     state_shape = (num_seqs, heads, key_dim, v.shape[-1])
     initial_state = _check_state("initial_state", initial_state, state_shape)
-    if initial_state is None:
-        initial_state = jnp.zeros(state_shape, jnp.float32)
     scale = float(key_dim**-0.5 if scale is None else scale)
     return initial_state, cu_seqlens, scale
 
@@ -282,6 +290,12 @@ def fused_recurrent_gla(
     """
     initial_state, cu_seqlens, scale = _prepare(q, k, v, g, initial_state, cu_seqlens, scale)
     o, final_state = reference.recurrent_gla(
-        q, k, v, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=_state_or_zeros(initial_state, q, v, cu_seqlens),
+        cu_seqlens=cu_seqlens,
     )
     return o.astype(q.dtype), (final_state if output_final_state else None)
