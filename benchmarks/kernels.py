@@ -100,11 +100,23 @@ def run(ts, backends, paper):
             q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
             shape = dict(B=batch, T=seq_len, H=heads, K=key_dim, V=value_dim)
             for backend in backends:
-                rows.append(measure(backend, gla_fns(backend), (q, k, v, g), (q, k, v, g, do),
-                                    **shape))
+                rows.append(
+                    measure(backend, gla_fns(backend), (q, k, v, g), (q, k, v, g, do), **shape)
+                )
         q, k, v, _, do = gla_inputs(batch, seq_len, 16, 128, 128)
-        rows.append(measure("cudnn_flash", cudnn_fns(), (q, k, v), (q, k, v, do),
-                            B=batch, T=seq_len, H=16, K=128, V=128))
+        rows.append(
+            measure(
+                "cudnn_flash",
+                cudnn_fns(),
+                (q, k, v),
+                (q, k, v, do),
+                B=batch,
+                T=seq_len,
+                H=16,
+                K=128,
+                V=128,
+            )
+        )
     return rows
 
 
@@ -116,16 +128,29 @@ def check_against_xla(seq_len=1024, batch=2):
         (o, grads) = gla_fns("pallas_gpu")[1](q, k, v, g, do)
         (o_ref, grads_ref) = gla_fns("xla")[1](*f32)
         errors = {}
-        for name, a, b in zip(("o", "dq", "dk", "dv", "dg"), (o, *grads), (o_ref, *grads_ref),
-                              strict=True):
+        for name, a, b in zip(
+            ("o", "dq", "dk", "dv", "dg"), (o, *grads), (o_ref, *grads_ref), strict=True
+        ):
             a, b = a.astype(jnp.float32), b.astype(jnp.float32)
             errors[name] = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-        print(json.dumps(dict(check="pallas_gpu vs xla f32", H=heads, K=key_dim, V=value_dim,
-                              T=seq_len, rel_err=errors)), flush=True)
+        print(
+            json.dumps(
+                dict(
+                    check="pallas_gpu vs xla f32",
+                    H=heads,
+                    K=key_dim,
+                    V=value_dim,
+                    T=seq_len,
+                    rel_err=errors,
+                )
+            ),
+            flush=True,
+        )
 
 
-def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=False,
-              tokens=TOKENS, chunk=64):
+def breakdown(
+    seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=False, tokens=TOKENS, chunk=64
+):
     """Times each stage of pallas_gpu alone on prepared inputs: where the op's time goes."""
     from pallas_kernels.gla import gpu, gpu_backward, gpu_forward, tuning
 
@@ -144,11 +169,13 @@ def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=Fals
     common = dict(chunk=chunk, config=config, interpret=interpret)
     cumsum = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=interpret))
     b, spans = cumsum(pg)
-    states = jax.jit(lambda k, v, b, h0, f, e: gpu_forward.chunk_states(
-        k, v, b, h0, f, e, state_dtype=pq.dtype, **common)[0])
+    states = jax.jit(
+        lambda k, v, b, h0, f, e: gpu_forward.chunk_states(
+            k, v, b, h0, f, e, state_dtype=pq.dtype, **common
+        )[0]
+    )
     hs = states(pk, pv, b, h0, first, last)
-    exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale,
-                                                                 **common))
+    exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale, **common))
     a = exact(pq, pk, b, spans)
     dscores = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))
     da = dscores(do_rows, pv)
@@ -157,38 +184,67 @@ def breakdown(seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=Fals
         "gate_cumsum": (cumsum, (pg,)),
         "chunk_states": (states, (pk, pv, b, h0, first, last)),
         "exact_scores": (exact, (pq, pk, b, spans)),
-        "chunk_outputs": (jax.jit(lambda q, k, b, s, h, a, v: gpu_forward.chunk_outputs(
-            q, k, b, s, h, a, v, scale=scale, out_dtype=q.dtype, **common)),
-            (pq, pk, b, spans, hs, a, pv)),
-        "state_grads": (jax.jit(lambda q, do, b, d, f, e: gpu_backward.state_grads(
-            q, do, b, d, f, e, scale=scale, state_dtype=q.dtype, **common)),
-            (pq, do_rows, b, h0, first, last)),
+        "chunk_outputs": (
+            jax.jit(
+                lambda q, k, b, s, h, a, v: gpu_forward.chunk_outputs(
+                    q, k, b, s, h, a, v, scale=scale, out_dtype=q.dtype, **common
+                )
+            ),
+            (pq, pk, b, spans, hs, a, pv),
+        ),
+        "state_grads": (
+            jax.jit(
+                lambda q, do, b, d, f, e: gpu_backward.state_grads(
+                    q, do, b, d, f, e, scale=scale, state_dtype=q.dtype, **common
+                )
+            ),
+            (pq, do_rows, b, h0, first, last),
+        ),
         "score_grads": (dscores, (do_rows, pv)),
-        "value_grads": (jax.jit(lambda q, k, b, s, a, do, dh: gpu_backward.value_grads(
-            q, k, b, s, a, do, dh, scale=scale, out_dtype=k.dtype, **common)),
-            (pq, pk, b, spans, a, do_rows, hs)),
-        "query_key_grads": (jax.jit(lambda q, k, b, s, v, do, h, dh, da:
-                                    gpu_backward.query_key_grads(
-                                        q, k, b, s, v, do, h, dh, da, scale=scale, **common)),
-                            (pq, pk, b, spans, pv, do_rows, hs, hs, da)),
+        "value_grads": (
+            jax.jit(
+                lambda q, k, b, s, a, do, dh: gpu_backward.value_grads(
+                    q, k, b, s, a, do, dh, scale=scale, out_dtype=k.dtype, **common
+                )
+            ),
+            (pq, pk, b, spans, a, do_rows, hs),
+        ),
+        "query_key_grads": (
+            jax.jit(
+                lambda q, k, b, s, v, do, h, dh, da: gpu_backward.query_key_grads(
+                    q, k, b, s, v, do, h, dh, da, scale=scale, **common
+                )
+            ),
+            (pq, pk, b, spans, pv, do_rows, hs, hs, da),
+        ),
     }
     reps = dict(reps=2, inner=1) if interpret else {}
     for name, (fn, args) in stages.items():
         ms = time_ms(fn, *args, **reps)
-        print(json.dumps(dict(stage=name, T=seq_len, H=heads, K=key_dim, V=value_dim,
-                              ms=round(ms, 4))), flush=True)
+        print(
+            json.dumps(
+                dict(stage=name, T=seq_len, H=heads, K=key_dim, V=value_dim, ms=round(ms, 4))
+            ),
+            flush=True,
+        )
 
 
 def table(rows):
-    lines = ["| op | H | K | V | T | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| op | H | K | V | T | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['op']} | {r['H']} | {r['K']} | {r['V']} | {r['T']} | "
-                         f"error: {r['error'][:60]} | | |")
+            lines.append(
+                f"| {r['op']} | {r['H']} | {r['K']} | {r['V']} | {r['T']} | "
+                f"error: {r['error'][:60]} | | |"
+            )
             continue
-        lines.append(f"| {r['op']} | {r['H']} | {r['K']} | {r['V']} | {r['T']} | "
-                     f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwdbwd_temp_mib']:.0f} |")
+        lines.append(
+            f"| {r['op']} | {r['H']} | {r['K']} | {r['V']} | {r['T']} | "
+            f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwdbwd_temp_mib']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -225,10 +281,16 @@ def main():
     parser.add_argument("--backends", default="pallas_gpu,xla")
     parser.add_argument("--no-paper", action="store_true")
     parser.add_argument("--check", action="store_true", help="first compare with 'xla' (f32)")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="only time each pallas_gpu stage alone (T = 2K, both shapes)")
-    parser.add_argument("--interpret", action="store_true",
-                        help="with --breakdown: a tiny interpret-mode run (CPU smoke test)")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="only time each pallas_gpu stage alone (T = 2K, both shapes)",
+    )
+    parser.add_argument(
+        "--interpret",
+        action="store_true",
+        help="with --breakdown: a tiny interpret-mode run (CPU smoke test)",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     print(jax.devices(), jax.__version__, flush=True)

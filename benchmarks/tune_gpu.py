@@ -30,22 +30,48 @@ from pallas_kernels.gla import gpu, gpu_backward, gpu_forward, tuning
 FAMILIES = {
     "state": [
         dict(state_block_k=bk, state_block_v=bv, state_warps=w, state_stages=s)
-        for bk, bv, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2),
-                             (128, 64, 8, 2), (32, 32, 4, 3)]
+        for bk, bv, w, s in [
+            (64, 64, 4, 2),
+            (32, 64, 4, 2),
+            (64, 32, 4, 2),
+            (64, 128, 8, 2),
+            (128, 64, 8, 2),
+            (32, 32, 4, 3),
+        ]
     ],
     "scores": [
         dict(scores_warps=w, score_block_v=bv) for w, bv in itertools.product((2, 4, 8), (64, 128))
     ],
     "output": [
-        dict(output_block_v=bv, output_block_k=bk, output_warps=w, output_stages=2,
-             value_block_v=bv, value_block_k=bk, value_warps=w, value_stages=2)
-        for bv, bk, w in [(64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 32, 4),
-                          (128, 32, 4)]
+        dict(
+            output_block_v=bv,
+            output_block_k=bk,
+            output_warps=w,
+            output_stages=2,
+            value_block_v=bv,
+            value_block_k=bk,
+            value_warps=w,
+            value_stages=2,
+        )
+        for bv, bk, w in [
+            (64, 64, 4),
+            (128, 64, 4),
+            (128, 64, 8),
+            (128, 128, 8),
+            (64, 32, 4),
+            (128, 32, 4),
+        ]
     ],
     "grad": [
         dict(grad_block_k=bk, grad_block_v=bv, grad_warps=w, grad_stages=s)
-        for bk, bv, w, s in [(64, 64, 4, 1), (64, 128, 4, 1), (32, 64, 4, 1), (32, 128, 4, 1),
-                             (64, 64, 8, 1), (64, 64, 4, 2)]
+        for bk, bv, w, s in [
+            (64, 64, 4, 1),
+            (64, 128, 4, 1),
+            (32, 64, 4, 1),
+            (32, 128, 4, 1),
+            (64, 64, 8, 1),
+            (64, 64, 4, 2),
+        ]
     ],
 }
 
@@ -59,20 +85,24 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
     b, spans = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=False))(p.g)
 
     def states(k, v, b, h0, first, last):
-        return gpu_forward.chunk_states(k, v, b, h0, first, last, state_dtype=state_dtype,
-                                        **common)[0]
+        return gpu_forward.chunk_states(
+            k, v, b, h0, first, last, state_dtype=state_dtype, **common
+        )[0]
 
     def scores(q, k, b, spans):
         return gpu_forward.exact_scores(q, k, b, spans, scale=scale, **common)
 
     if family == "state":
+
         def run(q, k, v, b, do, h0, first, last):
-            grads = gpu_backward.state_grads(q, do, b, h0, first, last, scale=scale,
-                                             state_dtype=state_dtype, **common)
+            grads = gpu_backward.state_grads(
+                q, do, b, h0, first, last, scale=scale, state_dtype=state_dtype, **common
+            )
             return states(k, v, b, h0, first, last), grads
 
         return jax.jit(run), (p.q, p.k, p.v, b, do_rows, h0, p.first_seq, p.last_seq)
     if family == "scores":
+
         def run(q, k, b, spans, v, do):
             # Spans of +inf send every chunk down the exact path these kernels serve.
             spans = jnp.full_like(spans, jnp.inf)
@@ -82,19 +112,23 @@ def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
     a = jax.jit(scores)(p.q, p.k, b, spans)
     hs = jax.jit(states)(p.k, p.v, b, h0, p.first_seq, p.last_seq)
     if family == "output":
+
         def run(q, k, v, b, spans, do, hs, a):
-            o = gpu_forward.chunk_outputs(q, k, b, spans, hs, a, v, scale=scale,
-                                          out_dtype=q.dtype, **common)
-            dv = gpu_backward.value_grads(q, k, b, spans, a, do, hs, scale=scale,
-                                          out_dtype=k.dtype, **common)
+            o = gpu_forward.chunk_outputs(
+                q, k, b, spans, hs, a, v, scale=scale, out_dtype=q.dtype, **common
+            )
+            dv = gpu_backward.value_grads(
+                q, k, b, spans, a, do, hs, scale=scale, out_dtype=k.dtype, **common
+            )
             return o, dv
 
         return jax.jit(run), (p.q, p.k, p.v, b, spans, do_rows, hs, a)
     da = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))(do_rows, p.v)
 
     def run(q, k, v, b, spans, do, hs, da):
-        return gpu_backward.query_key_grads(q, k, b, spans, v, do, hs, hs, da, scale=scale,
-                                            **common)
+        return gpu_backward.query_key_grads(
+            q, k, b, spans, v, do, hs, hs, da, scale=scale, **common
+        )
 
     return jax.jit(run), (p.q, p.k, p.v, b, spans, do_rows, hs, da)
 

@@ -46,14 +46,22 @@ def _mesh_plan(q, cu_seqlens):
     return mesh, rows, head_axes
 
 
-def chunk_gla(q, k, v, g, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-              **options):
+def chunk_gla(
+    q, k, v, g, *, initial_state=None, output_final_state=False, cu_seqlens=None, **options
+):
     """``pallas_kernels.gla.api.chunk_gla``, split over the current mesh when there is one."""
     plan = _mesh_plan(q, cu_seqlens) if hasattr(q, "shape") and getattr(q, "ndim", 0) == 4 else None
     if plan is None:
-        return api.chunk_gla(q, k, v, g, initial_state=initial_state,
-                             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                             **options)
+        return api.chunk_gla(
+            q,
+            k,
+            v,
+            g,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            **options,
+        )
     _, rows, head_axes = plan
     row_spec = rows if rows else None
     head_spec = head_axes if head_axes else None
@@ -61,17 +69,32 @@ def chunk_gla(q, k, v, g, *, initial_state=None, output_final_state=False, cu_se
     state_spec = PartitionSpec(None if cu_seqlens is not None else row_spec, head_spec, None, None)
 
     def local(q, k, v, g, initial_state, cu_seqlens):
-        return api.chunk_gla(q, k, v, g, initial_state=initial_state,
-                             output_final_state=True, cu_seqlens=cu_seqlens, **options)
+        return api.chunk_gla(
+            q,
+            k,
+            v,
+            g,
+            initial_state=initial_state,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+            **options,
+        )
 
     if initial_state is None:
         num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        initial_state = jax.numpy.zeros((num_seqs, q.shape[2], q.shape[3], v.shape[3]),
-                                        jax.numpy.float32)
+        initial_state = jax.numpy.zeros(
+            (num_seqs, q.shape[2], q.shape[3], v.shape[3]), jax.numpy.float32
+        )
     sharded = jax.shard_map(
         local,
-        in_specs=(token_spec, token_spec, token_spec, token_spec, state_spec,
-                  None if cu_seqlens is None else PartitionSpec()),
+        in_specs=(
+            token_spec,
+            token_spec,
+            token_spec,
+            token_spec,
+            state_spec,
+            None if cu_seqlens is None else PartitionSpec(),
+        ),
         out_specs=(token_spec, state_spec),
         check_vma=False,
     )

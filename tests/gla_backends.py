@@ -16,6 +16,8 @@ BACKENDS_UNDER_TEST = [
     pytest.param(("reference", False), id="reference"),
     pytest.param(("xla", False), id="xla"),
     pytest.param(("pallas_tpu", True), id="pallas_tpu_interpret"),
-    pytest.param(("pallas_gpu", _GPU_INTERPRET),
-                 id="pallas_gpu_interpret" if _GPU_INTERPRET else "pallas_gpu_native"),
+    pytest.param(
+        ("pallas_gpu", _GPU_INTERPRET),
+        id="pallas_gpu_interpret" if _GPU_INTERPRET else "pallas_gpu_native",
+    ),
 ]

@@ -19,11 +19,24 @@ from tests.test_gla_ops import TOLERANCE, Case, _make_inputs, _rel_err
 # pieces (loops) per output and value-gradient program, several K tiles (grid) and V pieces
 # (loop) per query/key-gradient program, several V pieces in the score-gradient loop.
 SMALL_TILES = tuning.GpuConfig(
-    state_block_k=16, state_block_v=16, state_warps=4, state_stages=1,
-    scores_warps=4, score_block_v=16,
-    output_block_v=16, output_block_k=16, output_warps=4, output_stages=1,
-    value_block_v=16, value_block_k=16, value_warps=4, value_stages=1,
-    grad_block_k=16, grad_block_v=16, grad_warps=4, grad_stages=1,
+    state_block_k=16,
+    state_block_v=16,
+    state_warps=4,
+    state_stages=1,
+    scores_warps=4,
+    score_block_v=16,
+    output_block_v=16,
+    output_block_k=16,
+    output_warps=4,
+    output_stages=1,
+    value_block_v=16,
+    value_block_k=16,
+    value_warps=4,
+    value_stages=1,
+    grad_block_k=16,
+    grad_block_v=16,
+    grad_warps=4,
+    grad_stages=1,
 )
 
 
@@ -35,31 +48,58 @@ def _check_against_oracle(case: Case, seed: int, config=None):
     opts = api.Options("pallas_gpu", scale, case.chunk_size, True)
     o, final = gpu.forward(q, k, v, g, h0, cu, opts, config)
     grads = gpu.backward(q, k, v, g, h0, cu, do, dfinal, opts, config)
-    expected = gla_oracle(q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=case.cu_seqlens,
-                          do=do, dfinal=dfinal)
-    actual = dict(o=o, final_state=final, **dict(zip(("dq", "dk", "dv", "dg", "dh0"), grads,
-                                                    strict=True)))
+    expected = gla_oracle(
+        q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=case.cu_seqlens, do=do, dfinal=dfinal
+    )
+    actual = dict(
+        o=o, final_state=final, **dict(zip(("dq", "dk", "dv", "dg", "dh0"), grads, strict=True))
+    )
     tol = TOLERANCE[case.dtype]
     errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
     assert all(err <= tol for err in errors.values()), errors
 
 
-@pytest.mark.parametrize("case", [
-    Case("tiled_packed", batch=1, seq_len=90, key_dim=32, value_dim=48, gates="strong",
-         cu_seqlens=(0, 30, 30, 90), chunk_size=32),
-    Case("tiled_rows", batch=2, seq_len=40, key_dim=32, value_dim=32, chunk_size=16),
-], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "tiled_packed",
+            batch=1,
+            seq_len=90,
+            key_dim=32,
+            value_dim=48,
+            gates="strong",
+            cu_seqlens=(0, 30, 30, 90),
+            chunk_size=32,
+        ),
+        Case("tiled_rows", batch=2, seq_len=40, key_dim=32, value_dim=32, chunk_size=16),
+    ],
+    ids=lambda c: c.name,
+)
 def test_small_tiles_match_oracle(case):
     _check_against_oracle(case, seed=5, config=SMALL_TILES)
 
 
-@pytest.mark.parametrize("case", [
-    Case("paper_head_dims", batch=1, seq_len=40, heads=1, key_dim=256, value_dim=512),
-    Case("odd_head_dims", batch=1, seq_len=33, heads=2, key_dim=20, value_dim=100,
-         gates="strong"),
-    Case("fp16_chunk128", batch=1, seq_len=130, heads=1, key_dim=32, value_dim=32,
-         dtype=jnp.float16, chunk_size=128),
-], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("paper_head_dims", batch=1, seq_len=40, heads=1, key_dim=256, value_dim=512),
+        Case(
+            "odd_head_dims", batch=1, seq_len=33, heads=2, key_dim=20, value_dim=100, gates="strong"
+        ),
+        Case(
+            "fp16_chunk128",
+            batch=1,
+            seq_len=130,
+            heads=1,
+            key_dim=32,
+            value_dim=32,
+            dtype=jnp.float16,
+            chunk_size=128,
+        ),
+    ],
+    ids=lambda c: c.name,
+)
 def test_head_dims_and_dtypes(case):
     _check_against_oracle(case, seed=9)
 
@@ -68,8 +108,9 @@ def test_mixed_dtypes_bf16_inputs_float32_gates():
     case = Case("mixed", batch=1, seq_len=48, dtype=jnp.bfloat16)
     q, k, v, g, h0, _, _ = _make_inputs(case, 2)
     g = g.astype(jnp.float32)
-    o, final = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True,
-                         backend="pallas_gpu", interpret=True)
+    o, final = chunk_gla(
+        q, k, v, g, initial_state=h0, output_final_state=True, backend="pallas_gpu", interpret=True
+    )
     expected = gla_oracle(q, k, v, g, scale=case.key_dim**-0.5, initial_state=h0)
     assert o.dtype == jnp.bfloat16
     assert _rel_err(o, expected["o"]) <= TOLERANCE[jnp.bfloat16]
@@ -84,8 +125,9 @@ def test_unsupported_shapes_give_reasons():
     assert gpu.BACKEND.supports((1, 8, 1, 16), (1, 8, 1, 16), jnp.bfloat16, opts) is None
     native = dataclasses.replace(opts, interpret=False)
     if jax.default_backend() == "cpu":
-        assert "needs a GPU" in gpu.BACKEND.supports((1, 8, 1, 16), (1, 8, 1, 16),
-                                                     jnp.float32, native)
+        assert "needs a GPU" in gpu.BACKEND.supports(
+            (1, 8, 1, 16), (1, 8, 1, 16), jnp.float32, native
+        )
 
 
 def test_explicit_backend_raises_on_unsupported_shape():
@@ -106,27 +148,39 @@ def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype):
     values = sd((batch, seq_len, heads, value_dim), dtype)
     state = sd((batch, heads, key_dim, value_dim), jnp.float32)
     exported = jax.export.export(
-        jax.jit(forward_and_backward), platforms=["cuda"],
+        jax.jit(forward_and_backward),
+        platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(keys, keys, values, sd(keys.shape, jnp.float32), state, values, state)
     return exported.mlir_module()
 
 
-@pytest.mark.parametrize("shape", [
-    (32, 1024, 16, 128, 128, jnp.bfloat16),  # the benchmark shapes
-    (8, 4096, 4, 256, 512, jnp.bfloat16),
-    (2, 100, 2, 20, 48, jnp.float32),  # ragged T, padded head dims, float32 (IEEE matmuls)
-    (1, 192, 3, 16, 16, jnp.float16),  # 3 chunks: non-power-of-two whole-sequence blocks
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (32, 1024, 16, 128, 128, jnp.bfloat16),  # the benchmark shapes
+        (8, 4096, 4, 256, 512, jnp.bfloat16),
+        (2, 100, 2, 20, 48, jnp.float32),  # ragged T, padded head dims, float32 (IEEE matmuls)
+        (1, 192, 3, 16, 16, jnp.float16),  # 3 chunks: non-power-of-two whole-sequence blocks
+    ],
+)
 def test_every_kernel_lowers_through_triton(shape):
     module = _export_for_cuda(*shape)
     # Forward: gate_cumsum, chunk_states, exact_scores, chunk_outputs; backward: the first three
     # recomputed, then state_grads, score_grads, value_grads and query_key_grads (factorized and
     # exact).
     assert module.count("__gpu$xla.gpu.triton") == 12
-    for name in ("gla_gate_cumsum", "gla_chunk_states", "gla_exact_scores", "gla_chunk_outputs",
-                 "gla_state_grads", "gla_score_grads", "gla_value_grads", "gla_query_key_grads",
-                 "gla_query_key_grads_exact"):
+    for name in (
+        "gla_gate_cumsum",
+        "gla_chunk_states",
+        "gla_exact_scores",
+        "gla_chunk_outputs",
+        "gla_state_grads",
+        "gla_score_grads",
+        "gla_value_grads",
+        "gla_query_key_grads",
+        "gla_query_key_grads_exact",
+    ):
         assert name in module
 
 
@@ -134,14 +188,23 @@ def test_gate_gradient_stays_accurate_over_long_bf16_sequences():
     """dg sums dL/db inside each chunk only (plus the chunk's decay term). A reverse sum over the
     whole sequence is equal in exact arithmetic but its bf16 rounding grows with T: at T = 2048 it
     gave 1.8e-2 here, this gives ~4e-3."""
-    case = Case("long_bf16", batch=1, seq_len=2048, heads=1, key_dim=32, value_dim=32,
-                dtype=jnp.bfloat16, initial_state=False)
+    case = Case(
+        "long_bf16",
+        batch=1,
+        seq_len=2048,
+        heads=1,
+        key_dim=32,
+        value_dim=32,
+        dtype=jnp.bfloat16,
+        initial_state=False,
+    )
     q, k, v, g, _, do, dfinal = _make_inputs(case, 4)
     h0 = jnp.zeros(dfinal.shape)
     opts = api.Options("pallas_gpu", case.key_dim**-0.5, 64, True)
     dg = gpu.backward(q, k, v, g, h0, None, do, dfinal, opts)[3]
-    expected = gla_oracle(q, k, v, g, scale=case.key_dim**-0.5, initial_state=h0, do=do,
-                          dfinal=dfinal)
+    expected = gla_oracle(
+        q, k, v, g, scale=case.key_dim**-0.5, initial_state=h0, do=do, dfinal=dfinal
+    )
     assert _rel_err(dg, expected["dg"]) <= 8e-3
 
 
@@ -169,8 +232,9 @@ def test_every_factorization_path_matches_oracle(dtype):
     q, k, v, g, h0, do, dfinal = _make_inputs(case, 11)
     resets = jnp.zeros(g.shape[1], bool).at[jnp.array([5, 37, 70, 100])].set(True)
     in_second_row = (jnp.arange(case.batch) == 1)[:, None, None, None]
-    g_reset = jnp.where(resets[None, :, None, None] & in_second_row, -120.0,
-                        g.astype(jnp.float32)).astype(dtype)
+    g_reset = jnp.where(
+        resets[None, :, None, None] & in_second_row, -120.0, g.astype(jnp.float32)
+    ).astype(dtype)
     g_strong = (jnp.full(g.shape, -2.0) + 0.1 * g.astype(jnp.float32)).astype(dtype)
     g_near = (jnp.full(g.shape, -0.9) + 0.1 * g.astype(jnp.float32)).astype(dtype)
     limit = gpu_forward.FACTORIZE_SPAN
@@ -185,10 +249,9 @@ def test_every_factorization_path_matches_oracle(dtype):
     for gates in (g, g_near, g_strong, g_reset):
         o, final = gpu.forward(q, k, v, gates, h0, None, opts)
         grads = gpu.backward(q, k, v, gates, h0, None, do, dfinal, opts)
-        expected = gla_oracle(q, k, v, gates, scale=scale, initial_state=h0, do=do,
-                              dfinal=dfinal)
-        actual = dict(o=o, final_state=final, **dict(zip(("dq", "dk", "dv", "dg", "dh0"), grads,
-                                                        strict=True)))
+        expected = gla_oracle(q, k, v, gates, scale=scale, initial_state=h0, do=do, dfinal=dfinal)
+        actual = dict(
+            o=o, final_state=final, **dict(zip(("dq", "dk", "dv", "dg", "dh0"), grads, strict=True))
+        )
         errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
         assert all(err <= TOLERANCE[dtype] for err in errors.values()), errors
-

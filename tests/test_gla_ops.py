@@ -39,13 +39,32 @@ CASES = [
     Case("f32_strong_gates", seq_len=130, key_dim=32, value_dim=32, gates="strong"),
     Case("f32_zero_gates", seq_len=77, gates="zero", initial_state=False),
     Case("f32_packed", batch=1, seq_len=150, cu_seqlens=(0, 17, 17, 90, 150), gates="strong"),
-    Case("f32_short_chunk16", batch=1, seq_len=5, heads=3, key_dim=16, value_dim=16,
-         chunk_size=16, scale=0.3),
-    Case("f32_chunk32_no_state", seq_len=64, chunk_size=32, initial_state=False,
-         final_state_cotangent=False),
+    Case(
+        "f32_short_chunk16",
+        batch=1,
+        seq_len=5,
+        heads=3,
+        key_dim=16,
+        value_dim=16,
+        chunk_size=16,
+        scale=0.3,
+    ),
+    Case(
+        "f32_chunk32_no_state",
+        seq_len=64,
+        chunk_size=32,
+        initial_state=False,
+        final_state_cotangent=False,
+    ),
     Case("bf16_mild", seq_len=96, key_dim=64, value_dim=32, dtype=jnp.bfloat16),
-    Case("bf16_strong_packed", batch=1, seq_len=120, cu_seqlens=(0, 50, 51, 120),
-         gates="strong", dtype=jnp.bfloat16),
+    Case(
+        "bf16_strong_packed",
+        batch=1,
+        seq_len=120,
+        cu_seqlens=(0, 50, 51, 120),
+        gates="strong",
+        dtype=jnp.bfloat16,
+    ),
 ]
 
 
@@ -72,8 +91,11 @@ def _make_inputs(case: Case, seed: int):
     state_shape = (num_seqs, h, dk, dv)
     h0 = jax.random.normal(keys[4], state_shape) if case.initial_state else None
     do = jax.random.normal(keys[5], (b, t, h, dv)).astype(case.dtype)
-    dfinal = (jax.random.normal(keys[6], state_shape) if case.final_state_cotangent
-              else jnp.zeros(state_shape))
+    dfinal = (
+        jax.random.normal(keys[6], state_shape)
+        if case.final_state_cotangent
+        else jnp.zeros(state_shape)
+    )
     q, k, v, g = (x.astype(case.dtype) for x in (q, k, v, g))
     return q, k, v, g, h0, do, dfinal
 
@@ -91,19 +113,42 @@ def test_forward_and_gradients_match_oracle(backend, case):
     cu = None if case.cu_seqlens is None else jnp.asarray(case.cu_seqlens, jnp.int32)
 
     def run(q, k, v, g, h0):
-        return chunk_gla(q, k, v, g, scale=case.scale, initial_state=h0, output_final_state=True,
-                         cu_seqlens=cu, chunk_size=case.chunk_size, backend=name,
-                         interpret=interpret)
+        return chunk_gla(
+            q,
+            k,
+            v,
+            g,
+            scale=case.scale,
+            initial_state=h0,
+            output_final_state=True,
+            cu_seqlens=cu,
+            chunk_size=case.chunk_size,
+            backend=name,
+            interpret=interpret,
+        )
 
     h0_arg = h0 if h0 is not None else jnp.zeros(dfinal.shape)
     (o, final), vjp = jax.vjp(run, q, k, v, g, h0_arg)
     dq, dk, dv, dg, dh0 = vjp((do, dfinal))
 
     scale = case.scale if case.scale is not None else case.key_dim**-0.5
-    expected = gla_oracle(q, k, v, g, scale=scale, initial_state=h0_arg, cu_seqlens=case.cu_seqlens,
-                          do=do, dfinal=dfinal)
-    assert o.dtype == case.dtype and o.shape == (case.batch, case.seq_len, case.heads,
-                                                 case.value_dim)
+    expected = gla_oracle(
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=h0_arg,
+        cu_seqlens=case.cu_seqlens,
+        do=do,
+        dfinal=dfinal,
+    )
+    assert o.dtype == case.dtype and o.shape == (
+        case.batch,
+        case.seq_len,
+        case.heads,
+        case.value_dim,
+    )
     assert final.dtype == jnp.float32 and final.shape == dfinal.shape
     tol = TOLERANCE[case.dtype]
     actual = dict(o=o, final_state=final, dq=dq, dk=dk, dv=dv, dg=dg, dh0=dh0)
@@ -121,12 +166,22 @@ def test_jit_with_traced_cu_seqlens(backend):
 
     @jax.jit
     def run(q, k, v, g, h0, cu):
-        return chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                         backend=name, interpret=interpret)
+        return chunk_gla(
+            q,
+            k,
+            v,
+            g,
+            initial_state=h0,
+            output_final_state=True,
+            cu_seqlens=cu,
+            backend=name,
+            interpret=interpret,
+        )
 
     o, final = run(q, k, v, g, h0, jnp.asarray(case.cu_seqlens, jnp.int32))
-    expected = gla_oracle(q, k, v, g, scale=case.key_dim**-0.5, initial_state=h0,
-                          cu_seqlens=case.cu_seqlens)
+    expected = gla_oracle(
+        q, k, v, g, scale=case.key_dim**-0.5, initial_state=h0, cu_seqlens=case.cu_seqlens
+    )
     assert _rel_err(o, expected["o"]) <= 2e-4
     assert _rel_err(final, expected["final_state"]) <= 2e-4
 
@@ -138,8 +193,9 @@ def test_backward_saves_only_inputs(backend):
     q, k, v, g, h0, _, _ = _make_inputs(case, 3)
 
     def loss(q, k, v, g, h0):
-        o, final = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True,
-                             backend=name, interpret=interpret)
+        o, final = chunk_gla(
+            q, k, v, g, initial_state=h0, output_final_state=True, backend=name, interpret=interpret
+        )
         return jnp.sum(o) + jnp.sum(final)
 
     _, vjp = jax.vjp(loss, q, k, v, g, h0)
@@ -158,13 +214,15 @@ def test_backward_saves_only_inputs(backend):
 def test_fused_recurrent_step_by_step_equals_chunk_gla():
     case = Case("steps", batch=2, seq_len=9, gates="strong")
     q, k, v, g, h0, _, _ = _make_inputs(case, 11)
-    o_full, final_full = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True,
-                                   backend="xla")
+    o_full, final_full = chunk_gla(
+        q, k, v, g, initial_state=h0, output_final_state=True, backend="xla"
+    )
     state, outputs = h0, []
     for t in range(case.seq_len):
         sl = slice(t, t + 1)
-        o_t, state = fused_recurrent_gla(q[:, sl], k[:, sl], v[:, sl], g[:, sl],
-                                         initial_state=state, output_final_state=True)
+        o_t, state = fused_recurrent_gla(
+            q[:, sl], k[:, sl], v[:, sl], g[:, sl], initial_state=state, output_final_state=True
+        )
         outputs.append(o_t)
     expected = gla_oracle(q, k, v, g, scale=case.key_dim**-0.5, initial_state=h0)
     assert _rel_err(jnp.concatenate(outputs, axis=1), expected["o"]) <= 2e-4

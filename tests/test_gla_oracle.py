@@ -20,8 +20,9 @@ def test_forward_matches_quadratic_form():
     rng = np.random.default_rng(0)
     q, k, v, g, h0 = _inputs(rng)
     out = gla_oracle(q, k, v, g, scale=0.7, initial_state=h0)
-    np.testing.assert_allclose(out["o"], gla_quadratic(q, k, v, g, scale=0.7, initial_state=h0),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        out["o"], gla_quadratic(q, k, v, g, scale=0.7, initial_state=h0), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_packed_equals_separate_rows():
@@ -51,8 +52,9 @@ def test_backward_matches_finite_differences(cu_seqlens):
         out = gla_oracle(q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens)
         return np.sum(out["o"] * do) + np.sum(out["final_state"] * dfinal)
 
-    out = gla_oracle(q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens,
-                     do=do, dfinal=dfinal)
+    out = gla_oracle(
+        q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens, do=do, dfinal=dfinal
+    )
     args = [q, k, v, g, h0]
     for index, name in enumerate(["dq", "dk", "dv", "dg", "dh0"]):
         numeric = np.zeros_like(args[index])

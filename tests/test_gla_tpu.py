@@ -20,8 +20,9 @@ GRADS = ("dq", "dk", "dv", "dg", "dh0")
 
 def _inputs(batch, seq_len, heads, key_dim, value_dim, num_seqs, seed, dtype=jnp.float32):
     keys = jax.random.split(jax.random.key(seed), 7)
-    q, k, gate_logits = (jax.random.normal(keys[i], (batch, seq_len, heads, key_dim))
-                         for i in range(3))
+    q, k, gate_logits = (
+        jax.random.normal(keys[i], (batch, seq_len, heads, key_dim)) for i in range(3)
+    )
     v = jax.random.normal(keys[3], (batch, seq_len, heads, value_dim))
     g = jax.nn.log_sigmoid(3 * gate_logits)  # strong gates: decays down to ~exp(-10) per step
     h0 = jax.random.normal(keys[4], (num_seqs, heads, key_dim, value_dim))
@@ -62,18 +63,38 @@ def _assert_close(actual: dict, expected: dict, tol):
 )
 def test_matches_oracle(batch, seq_len, key_dim, value_dim, chunk_size, cu_seqlens, dtype, tol):
     num_seqs = batch if cu_seqlens is None else len(cu_seqlens) - 1
-    q, k, v, g, h0, do, dfinal = _inputs(batch, seq_len, 1, key_dim, value_dim, num_seqs,
-                                         seed=seq_len, dtype=dtype)
+    q, k, v, g, h0, do, dfinal = _inputs(
+        batch, seq_len, 1, key_dim, value_dim, num_seqs, seed=seq_len, dtype=dtype
+    )
     cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens, jnp.int32)
 
     def run(q, k, v, g, h0):
-        return chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                         chunk_size=chunk_size, backend="pallas_tpu", interpret=True)
+        return chunk_gla(
+            q,
+            k,
+            v,
+            g,
+            initial_state=h0,
+            output_final_state=True,
+            cu_seqlens=cu,
+            chunk_size=chunk_size,
+            backend="pallas_tpu",
+            interpret=True,
+        )
 
     (o, final), vjp = jax.vjp(run, q, k, v, g, h0)
     grads = dict(zip(GRADS, vjp((do, dfinal)), strict=True))
-    expected = gla_oracle(q, k, v, g, scale=key_dim**-0.5, initial_state=h0,
-                          cu_seqlens=cu_seqlens, do=do, dfinal=dfinal)
+    expected = gla_oracle(
+        q,
+        k,
+        v,
+        g,
+        scale=key_dim**-0.5,
+        initial_state=h0,
+        cu_seqlens=cu_seqlens,
+        do=do,
+        dfinal=dfinal,
+    )
     _assert_close(dict(o=o, final_state=final, **grads), expected, tol)
     assert grads["dg"].dtype == jnp.float32 and grads["dq"].dtype == dtype
 
@@ -138,16 +159,19 @@ def test_forward_and_backward_lower_to_mosaic():
 
 def _races_module():
     """Where the simulator records races (a private module: skip if this jax moved it)."""
-    module = pytest.importorskip("jax._src.pallas.mosaic.interpret.interpret_pallas_call",
-                                 reason="race detector state moved in this jax version")
+    module = pytest.importorskip(
+        "jax._src.pallas.mosaic.interpret.interpret_pallas_call",
+        reason="race detector state moved in this jax version",
+    )
     if not hasattr(module, "races"):
         pytest.skip("race detector state moved in this jax version")
     return module
 
 
 def _simulator():
-    return pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan",
-                                 num_cores_or_threads=2, random_seed=0)
+    return pltpu.InterpretParams(
+        detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=0
+    )
 
 
 @pytest.mark.slow
@@ -161,7 +185,9 @@ def test_race_detector_sees_a_shared_output_block():
 
     x = jnp.ones((16, 128), jnp.float32)
     pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32), grid=(2,),
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        grid=(2,),
         in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
         out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)),
         compiler_params=tpu._CompilerParams(dimension_semantics=(tpu._PARALLEL,)),
@@ -185,7 +211,8 @@ def test_simulator_no_races_no_uninitialized_reads(cu_seqlens):
     o, final = tpu.forward(q, k, v, g, h0, cu, opts)
     grads = dict(zip(GRADS, tpu.backward(q, k, v, g, h0, cu, do, dfinal, opts), strict=True))
     assert not races.races.races_found
-    expected = gla_oracle(q, k, v, g, scale=0.25, initial_state=h0, cu_seqlens=cu_seqlens,
-                          do=do, dfinal=dfinal)
+    expected = gla_oracle(
+        q, k, v, g, scale=0.25, initial_state=h0, cu_seqlens=cu_seqlens, do=do, dfinal=dfinal
+    )
     # A read of never-written memory would surface as NaN, which _rel_err rejects.
     _assert_close(dict(o=o, final_state=final, **grads), expected, 2e-4)

@@ -169,8 +169,9 @@ def test_gla_block_backward_keeps_only_the_log_gates_in_float32():
     op's log-gate input, which its backward needs."""
     from gla_jax.model import Block, GLAConfig
 
-    cfg = GLAConfig(vocab_size=32, d_model=64, n_layers=1, n_heads=2, dtype="bfloat16",
-                    backend="xla")
+    cfg = GLAConfig(
+        vocab_size=32, d_model=64, n_layers=1, n_heads=2, dtype="bfloat16", backend="xla"
+    )
     x = jax.random.normal(jax.random.key(0), (2, 32, 64), jnp.bfloat16)
     segment_ids = jnp.ones((2, 32), jnp.int32)
     kept = _per_token_residuals(Block(cfg, rngs=nnx.Rngs(0)), x, segment_ids)
@@ -187,8 +188,9 @@ def test_block_backward_rebuilds_the_inputs_of_the_down_and_output_projections()
     residual sum and the MLP norm."""
     from gla_jax.model import Block, GLAConfig
 
-    cfg = GLAConfig(vocab_size=32, d_model=64, n_layers=1, n_heads=2, dtype="bfloat16",
-                    backend="xla")
+    cfg = GLAConfig(
+        vocab_size=32, d_model=64, n_layers=1, n_heads=2, dtype="bfloat16", backend="xla"
+    )
     x = jax.random.normal(jax.random.key(1), (2, 32, 64), jnp.bfloat16)
     kept = _per_token_residuals(Block(cfg, rngs=nnx.Rngs(0)), x)
     widths = sorted(leaf.shape[-1] for leaf in kept if leaf.ndim == 3)
@@ -210,6 +212,7 @@ def test_op_without_initial_state_keeps_no_state_for_the_backward():
     def residual_shapes(initial_state):
         def f(q, k, v, g):
             return chunk_gla(q, k, v, g, initial_state=initial_state, backend="xla")[0]
+
         _, vjp = jax.vjp(f, q, k, v, g)
         return [leaf.shape for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "shape")]
 
@@ -225,8 +228,9 @@ def test_rematerialized_pieces_keep_the_parameter_gradients():
 
     from gla_jax.model import Block, GLAConfig
 
-    cfg = GLAConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=2, dtype="float32",
-                    backend="xla")
+    cfg = GLAConfig(
+        vocab_size=32, d_model=32, n_layers=1, n_heads=2, dtype="float32", backend="xla"
+    )
     graphdef, state = nnx.split(Block(cfg, rngs=nnx.Rngs(3)))
     x = jax.random.normal(jax.random.key(4), (1, 8, 32))
 
@@ -235,8 +239,7 @@ def test_rematerialized_pieces_keep_the_parameter_gradients():
 
     check_grads(loss, (state, x), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
     grads = jax.grad(loss)(state, x)
-    for path in (("attn", "gk_up", "kernel"), ("attn", "g_norm", "scale"),
-                 ("mlp_norm", "scale")):
+    for path in (("attn", "gk_up", "kernel"), ("attn", "g_norm", "scale"), ("mlp_norm", "scale")):
         leaf = grads
         for key in path:
             leaf = leaf[key]

@@ -141,6 +141,7 @@ def test_remat_and_bfloat16_compute():
     tokens = _tokens((2, 20))
     remat = GLALM(MODELS["gla"](remat=True), rngs=nnx.Rngs(0))
     assert _rel(forward(remat, tokens), forward(model, tokens)) <= 1e-6
+
     def checkpoints(m):  # at the top level: the layers rematerialize pieces inside either way
         graphdef, state = nnx.split(m)
         jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens).sum())(state).jaxpr

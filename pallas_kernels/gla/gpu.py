@@ -48,8 +48,9 @@ def _pad_last(x, size):
 
 
 def _pad_state(state, key_dim, value_dim):
-    return jnp.pad(state, ((0, 0), (0, 0), (0, key_dim - state.shape[2]),
-                           (0, value_dim - state.shape[3])))
+    return jnp.pad(
+        state, ((0, 0), (0, 0), (0, key_dim - state.shape[2]), (0, value_dim - state.shape[3]))
+    )
 
 
 def _to_rows(layout: ChunkLayout, x, width):
@@ -76,12 +77,22 @@ def prepare(q, k, v, g, cu_seqlens, chunk) -> Prepared:
     rows, padded_len = g_rows.shape[:2]
     flat = rows * (padded_len // chunk)
     ends = jnp.where(layout.seq_last_chunk >= 0, layout.seq_last_chunk, flat)
-    last_seq = jnp.full((flat,), -1, jnp.int32).at[ends].set(
-        jnp.arange(ends.shape[0], dtype=jnp.int32), mode="drop"
+    last_seq = (
+        jnp.full((flat,), -1, jnp.int32)
+        .at[ends]
+        .set(jnp.arange(ends.shape[0], dtype=jnp.int32), mode="drop")
     )
-    return Prepared(layout, q_rows, k_rows, v_rows, g_rows,
-                    layout.chunk_first_seq.astype(jnp.int32), last_seq.reshape(rows, -1),
-                    key_dim, value_dim)
+    return Prepared(
+        layout,
+        q_rows,
+        k_rows,
+        v_rows,
+        g_rows,
+        layout.chunk_first_seq.astype(jnp.int32),
+        last_seq.reshape(rows, -1),
+        key_dim,
+        value_dim,
+    )
 
 
 def _state_dtype(dtype):
@@ -99,8 +110,16 @@ def _config(p: Prepared, opts, config):
 def _states(p: Prepared, b, initial_state, opts, config):
     h0 = _pad_state(initial_state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
     states, final = gpu_forward.chunk_states(
-        p.k, p.v, b, h0, p.first_seq, p.last_seq, chunk=opts.chunk_size,
-        state_dtype=_state_dtype(p.q.dtype), config=config, interpret=opts.interpret,
+        p.k,
+        p.v,
+        b,
+        h0,
+        p.first_seq,
+        p.last_seq,
+        chunk=opts.chunk_size,
+        state_dtype=_state_dtype(p.q.dtype),
+        config=config,
+        interpret=opts.interpret,
     )
     empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
     final = jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
@@ -113,8 +132,9 @@ def _recompute(p: Prepared, initial_state, opts, config):
     chunk, interpret = opts.chunk_size, opts.interpret
     b, spans = gpu_forward.gate_cumsum(p.g, chunk=chunk, interpret=interpret)
     states, final = _states(p, b, initial_state, opts, config)
-    exact = gpu_forward.exact_scores(p.q, p.k, b, spans, chunk=chunk, scale=opts.scale,
-                                     config=config, interpret=interpret)
+    exact = gpu_forward.exact_scores(
+        p.q, p.k, b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
+    )
     return b, spans, states, final, exact
 
 
@@ -123,8 +143,18 @@ def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     config = _config(p, opts, config)
     b, spans, states, final, exact = _recompute(p, initial_state, opts, config)
     o = gpu_forward.chunk_outputs(
-        p.q, p.k, b, spans, states, exact, p.v, chunk=opts.chunk_size, scale=opts.scale,
-        out_dtype=q.dtype, config=config, interpret=opts.interpret,
+        p.q,
+        p.k,
+        b,
+        spans,
+        states,
+        exact,
+        p.v,
+        chunk=opts.chunk_size,
+        scale=opts.scale,
+        out_dtype=q.dtype,
+        config=config,
+        interpret=opts.interpret,
     )
     return _from_rows(p.layout, o, p.value_dim), final
 
@@ -138,25 +168,61 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), vp)
     dfinal_padded = _pad_state(dfinal.astype(jnp.float32), kp, vp)
     dstates, dh0 = gpu_backward.state_grads(
-        p.q, do_rows, b, dfinal_padded, p.first_seq, p.last_seq, chunk=chunk, scale=scale,
-        state_dtype=_state_dtype(p.q.dtype), config=config, interpret=interpret,
+        p.q,
+        do_rows,
+        b,
+        dfinal_padded,
+        p.first_seq,
+        p.last_seq,
+        chunk=chunk,
+        scale=scale,
+        state_dtype=_state_dtype(p.q.dtype),
+        config=config,
+        interpret=interpret,
     )
     dv = gpu_backward.value_grads(
-        p.q, p.k, b, spans, exact, do_rows, dstates, chunk=chunk, scale=scale,
-        out_dtype=p.v.dtype, config=config, interpret=interpret,
+        p.q,
+        p.k,
+        b,
+        spans,
+        exact,
+        do_rows,
+        dstates,
+        chunk=chunk,
+        scale=scale,
+        out_dtype=p.v.dtype,
+        config=config,
+        interpret=interpret,
     )
-    dscores = gpu_backward.score_grads(do_rows, p.v, chunk=chunk, config=config,
-                                       interpret=interpret)
+    dscores = gpu_backward.score_grads(
+        do_rows, p.v, chunk=chunk, config=config, interpret=interpret
+    )
     dq, dk, dg = gpu_backward.query_key_grads(
-        p.q, p.k, b, spans, p.v, do_rows, states, dstates, dscores, chunk=chunk, scale=scale,
-        config=config, interpret=interpret,
+        p.q,
+        p.k,
+        b,
+        spans,
+        p.v,
+        do_rows,
+        states,
+        dstates,
+        dscores,
+        chunk=chunk,
+        scale=scale,
+        config=config,
+        interpret=interpret,
     )
     # An empty sequence's final state is its initial state.
     empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
     dh0 = jnp.where(empty, dfinal.astype(jnp.float32), dh0[..., : p.key_dim, : p.value_dim])
     unpad = lambda x, width: _from_rows(p.layout, x, width)  # noqa: E731
-    return (unpad(dq, p.key_dim), unpad(dk, p.key_dim), unpad(dv, p.value_dim),
-            unpad(dg, p.key_dim), dh0)
+    return (
+        unpad(dq, p.key_dim),
+        unpad(dk, p.key_dim),
+        unpad(dv, p.value_dim),
+        unpad(dg, p.key_dim),
+        dh0,
+    )
 
 
 class GpuBackend:

@@ -65,8 +65,22 @@ from pallas_kernels.gla.gpu_forward import (
 
 
 def _state_grads_kernel(
-    first_ref, last_ref, q_ref, do_ref, b_ref, dfinal_ref, dstates_ref, dh0_ref,
-    *, chunk, num_chunks, heads, block_k, block_v, scale, dtype,
+    first_ref,
+    last_ref,
+    q_ref,
+    do_ref,
+    b_ref,
+    dfinal_ref,
+    dstates_ref,
+    dh0_ref,
+    *,
+    chunk,
+    num_chunks,
+    heads,
+    block_k,
+    block_v,
+    scale,
+    dtype,
 ):
     bh, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     batch_row, head = bh // heads, bh % heads
@@ -95,15 +109,26 @@ def _state_grads_kernel(
     lax.fori_loop(0, num_chunks, step, jnp.zeros((block_k, block_v), F32))
 
 
-def state_grads(q, do, b, dfinal, first_seq, last_seq, *, chunk, scale, state_dtype, config,
-                interpret):
+def state_grads(
+    q, do, b, dfinal, first_seq, last_seq, *, chunk, scale, state_dtype, config, interpret
+):
     """dH [B', NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V].
 
     dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
     """
     return state_scan_call(
-        _state_grads_kernel, q, do, b, dfinal, first_seq, last_seq, chunk=chunk,
-        state_dtype=state_dtype, config=config, interpret=interpret, name="gla_state_grads",
+        _state_grads_kernel,
+        q,
+        do,
+        b,
+        dfinal,
+        first_seq,
+        last_seq,
+        chunk=chunk,
+        state_dtype=state_dtype,
+        config=config,
+        interpret=interpret,
+        name="gla_state_grads",
         scale=scale,
     )
 
@@ -119,8 +144,9 @@ def _score_grads_kernel(do_ref, v_ref, da_ref, *, block_v, dtype):
     for t in range(value_dim // block_v):
         vs = pl.ds(t * block_v, block_v)
         da += mm_nt(do_ref[:, vs], v_ref[:, vs], dtype)
-    causal = (lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-              >= lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1))
+    causal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) >= lax.broadcasted_iota(
+        jnp.int32, (chunk, chunk), 1
+    )
     da_ref[...] = jnp.where(causal, da, 0.0)
 
 
@@ -129,8 +155,9 @@ def score_grads(do, v, *, chunk, config, interpret):
     rows_, padded_len, heads, value_dim = v.shape
     value = chunk_spec(chunk, heads, value_dim)
     return pl.pallas_call(
-        functools.partial(_score_grads_kernel, block_v=min(config.score_block_v, value_dim),
-                          dtype=v.dtype),
+        functools.partial(
+            _score_grads_kernel, block_v=min(config.score_block_v, value_dim), dtype=v.dtype
+        ),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
         grid=(padded_len // chunk, rows_ * heads),
         in_specs=[value, value],
@@ -146,11 +173,13 @@ def score_grads(do, v, *, chunk, config, interpret):
 # --------------------------------------------------------------------------------------------
 
 
-def _value_grads_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, do_ref, dh_ref, dv_ref, *, scale,
-                        block_v, block_k, dtype):
+def _value_grads_kernel(
+    span_ref, q_ref, k_ref, b_ref, a_ref, do_ref, dh_ref, dv_ref, *, scale, block_v, block_k, dtype
+):
     chunk, key_dim = k_ref.shape
-    scores = chunk_scores(span_ref[...], q_ref, k_ref, b_ref, a_ref, scale=scale,
-                          block_k=block_k, dtype=dtype)
+    scores = chunk_scores(
+        span_ref[...], q_ref, k_ref, b_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
+    )
     for u in range(do_ref.shape[1] // block_v):  # V tiles, all sharing the scores
         vs = pl.ds(u * block_v, block_v)
         dv = mm_tn(scores, do_ref[:, vs], dtype)  # intra-chunk: A^T @ do
@@ -162,8 +191,7 @@ def _value_grads_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, do_ref, dh_ref, dv
         dv_ref[:, vs] = dv.astype(dv_ref.dtype)
 
 
-def value_grads(q, k, b, spans, exact, do, dstates, *, chunk, scale, out_dtype, config,
-                interpret):
+def value_grads(q, k, b, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):
     """dv [B', Tp, H, V] per (chunk, row * head), V a tile at a time; A as in chunk_outputs
     (formed in place once per chunk, or read from ``exact``)."""
     rows_, padded_len, heads, key_dim = k.shape
@@ -171,13 +199,24 @@ def value_grads(q, k, b, spans, exact, do, dstates, *, chunk, scale, out_dtype, 
     key = chunk_spec(chunk, heads, key_dim)
     value = chunk_spec(chunk, heads, value_dim)
     return pl.pallas_call(
-        functools.partial(_value_grads_kernel, scale=scale,
-                          block_v=min(config.value_block_v, value_dim),
-                          block_k=min(config.value_block_k, key_dim), dtype=k.dtype),
+        functools.partial(
+            _value_grads_kernel,
+            scale=scale,
+            block_v=min(config.value_block_v, value_dim),
+            block_k=min(config.value_block_k, key_dim),
+            dtype=k.dtype,
+        ),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
         grid=(padded_len // chunk, rows_ * heads),
-        in_specs=[span_spec(heads), key, key, key, chunk_spec(chunk, heads, chunk), value,
-                  state_spec(key_dim, value_dim, heads)],
+        in_specs=[
+            span_spec(heads),
+            key,
+            key,
+            key,
+            chunk_spec(chunk, heads, chunk),
+            value,
+            state_spec(key_dim, value_dim, heads),
+        ],
         out_specs=value,
         compiler_params=params(config.value_warps, config.value_stages),
         interpret=interpret,
@@ -246,8 +285,7 @@ def _factorized_grads(da, q, k, b, b_mid, dtype):
     q_hat = (q * decay(b - b_mid)).astype(operands).astype(F32)
     k_hat = (k * decay(b_mid - b)).astype(operands).astype(F32)
     dq_hat, dk_hat = mm(da, k_hat, operands), mm_tn(da, q_hat, operands)
-    return (dq_hat * decay(b - b_mid), dk_hat * decay(b_mid - b),
-            q_hat * dq_hat - k_hat * dk_hat)
+    return (dq_hat * decay(b - b_mid), dk_hat * decay(b_mid - b), q_hat * dq_hat - k_hat * dk_hat)
 
 
 def _inter_chunk_start(q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
@@ -259,8 +297,9 @@ def _inter_chunk_start(q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, block_
     b_last = row(b_ref, chunk - 1)
     dq_inter = dq_inter * decay(b)
     dk_inter = dk_inter * decay(b_last - b)
-    d_last = decay(b_last) * h_dh + jnp.sum(k_ref[...].astype(F32) * dk_inter, axis=0,
-                                            keepdims=True)
+    d_last = decay(b_last) * h_dh + jnp.sum(
+        k_ref[...].astype(F32) * dk_inter, axis=0, keepdims=True
+    )
     return dq_inter, dk_inter, d_last
 
 
@@ -275,34 +314,79 @@ def _store_grads(rows_, dq, dk, db, carry, dq_ref, dk_ref, dg_ref, scale):
 
 
 def _factorized_key_grads_kernel(
-    span_ref, q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref, dq_ref, dk_ref, dg_ref,
-    *, scale, block_v, dtype,
+    span_ref,
+    q_ref,
+    k_ref,
+    b_ref,
+    v_ref,
+    do_ref,
+    h_ref,
+    dh_ref,
+    da_ref,
+    dq_ref,
+    dk_ref,
+    dg_ref,
+    *,
+    scale,
+    block_v,
+    dtype,
 ):
     """The whole chunk's intra-chunk terms as two matmuls, factorized around its middle row."""
+
     @pl.when(factorizable(span_ref[...]))
     def _():
         chunk = q_ref.shape[0]
-        dq, dk, d_last = _inter_chunk_start(q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref,
-                                            block_v, dtype)
+        dq, dk, d_last = _inter_chunk_start(
+            q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, block_v, dtype
+        )
         q, k = q_ref[...].astype(F32) * scale, k_ref[...].astype(F32)
-        dq_intra, dk_intra, db_intra = _factorized_grads(da_ref[...], q, k, b_ref[...],
-                                                         row(b_ref, chunk // 2), dtype)
-        _store_grads(pl.ds(0, chunk), dq + dq_intra, dk + dk_intra,
-                     q * dq - k * dk + db_intra, d_last, dq_ref, dk_ref, dg_ref, scale)
+        dq_intra, dk_intra, db_intra = _factorized_grads(
+            da_ref[...], q, k, b_ref[...], row(b_ref, chunk // 2), dtype
+        )
+        _store_grads(
+            pl.ds(0, chunk),
+            dq + dq_intra,
+            dk + dk_intra,
+            q * dq - k * dk + db_intra,
+            d_last,
+            dq_ref,
+            dk_ref,
+            dg_ref,
+            scale,
+        )
 
 
 def _exact_key_grads_kernel(
-    span_ref, q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref, _dq_in, _dk_in, _dg_in,
-    dq_ref, dk_ref, dg_ref, *, scale, block_v, dtype,
+    span_ref,
+    q_ref,
+    k_ref,
+    b_ref,
+    v_ref,
+    do_ref,
+    h_ref,
+    dh_ref,
+    da_ref,
+    _dq_in,
+    _dk_in,
+    _dg_in,
+    dq_ref,
+    dk_ref,
+    dg_ref,
+    *,
+    scale,
+    block_v,
+    dtype,
 ):
     """Secondary-level chunking, for the chunks the factorized kernel left out."""
+
     @pl.when(jnp.logical_not(factorizable(span_ref[...])))
     def _():
         chunk = q_ref.shape[0]
         sub = sub_chunk(chunk)
         parts = chunk // sub
-        dq_inter, dk_inter, carry = _inter_chunk_start(q_ref, k_ref, b_ref, v_ref, do_ref, h_ref,
-                                                       dh_ref, block_v, dtype)
+        dq_inter, dk_inter, carry = _inter_chunk_start(
+            q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, block_v, dtype
+        )
         dq_parts, dk_parts = split_rows(dq_inter, parts), split_rows(dk_inter, parts)
 
         def q_rows(start, size):
@@ -318,24 +402,33 @@ def _exact_key_grads_kernel(
                 b_r = row(b_ref, base)
                 acc = jnp.zeros_like(dq)
                 for j in range(p):
-                    k_hat = rows(k_ref, j * sub, sub) * safe_decay(
-                        b_r - rows(b_ref, j * sub, sub))
+                    k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
                     acc += mm(da_ref[own, pl.ds(j * sub, sub)], k_hat, dtype)
                 dq += acc * decay(b_p - b_r)
             # Off-diagonal, rows of every later sub-chunk I, around r = the first row of I.
             for i in range(p + 1, parts):
                 b_r = row(b_ref, i * sub)
                 q_hat = q_rows(i * sub, sub) * decay(rows(b_ref, i * sub, sub) - b_r)
-                dk += (mm_tn(da_ref[pl.ds(i * sub, sub), own], q_hat, dtype)
-                       * safe_decay(b_r - b_p))
-            d_dq, d_dk, d_db = _diagonal_grads((q_ref, k_ref, b_ref, da_ref), own, q, k, b_p,
-                                               scale=scale, dtype=dtype)
-            carry = _store_grads(own, dq + d_dq, dk + d_dk, q * dq - k * dk + d_db, carry,
-                                 dq_ref, dk_ref, dg_ref, scale)
+                dk += mm_tn(da_ref[pl.ds(i * sub, sub), own], q_hat, dtype) * safe_decay(b_r - b_p)
+            d_dq, d_dk, d_db = _diagonal_grads(
+                (q_ref, k_ref, b_ref, da_ref), own, q, k, b_p, scale=scale, dtype=dtype
+            )
+            carry = _store_grads(
+                own,
+                dq + d_dq,
+                dk + d_dk,
+                q * dq - k * dk + d_db,
+                carry,
+                dq_ref,
+                dk_ref,
+                dg_ref,
+                scale,
+            )
 
 
-def query_key_grads(q, k, b, spans, v, do, states, dstates, dscores, *, chunk, scale, config,
-                    interpret):
+def query_key_grads(
+    q, k, b, spans, v, do, states, dstates, dscores, *, chunk, scale, config, interpret
+):
     """dq, dk [B', Tp, H, K] in q's dtype and dg [B', Tp, H, K] float32.
 
     Like the forward's scores: a factorized launch, then an exact launch for the chunks
@@ -355,10 +448,18 @@ def query_key_grads(q, k, b, spans, v, do, states, dstates, dscores, *, chunk, s
         compiler_params=params(config.grad_warps, config.grad_stages),
         interpret=interpret,
     )
-    kernel_options = dict(scale=scale, block_v=min(config.grad_block_v, value_dim),
-                          dtype=q.dtype)
-    in_specs = [span_spec(heads), key, key, key, value, value, state, state,
-                chunk_spec(chunk, heads, chunk)]
+    kernel_options = dict(scale=scale, block_v=min(config.grad_block_v, value_dim), dtype=q.dtype)
+    in_specs = [
+        span_spec(heads),
+        key,
+        key,
+        key,
+        value,
+        value,
+        state,
+        state,
+        chunk_spec(chunk, heads, chunk),
+    ]
     inputs = (spans, q, k, b, v, do, states, dstates, dscores)
     factorized = launch(
         functools.partial(_factorized_key_grads_kernel, **kernel_options),

@@ -62,8 +62,13 @@ F32 = jnp.float32
 def _dot(a, b, dims, dtype):
     # float32 callers get IEEE float32 matmuls (the Triton lowering would otherwise pick TF32).
     precision = lax.Precision.HIGHEST if jnp.dtype(dtype) == F32 else None
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), (dims, ((), ())),
-                           precision=precision, preferred_element_type=F32)
+    return lax.dot_general(
+        a.astype(dtype),
+        b.astype(dtype),
+        (dims, ((), ())),
+        precision=precision,
+        preferred_element_type=F32,
+    )
 
 
 def mm(a, b, dtype):
@@ -120,15 +125,18 @@ def whole(shape):
 def chunk_spec(chunk, heads, width, tiled=False):
     """[C, width] blocks of a [B', Tp, H, D] array, for a grid (chunk, row * head[, tile])."""
     if tiled:
-        return pl.BlockSpec((SQUEEZED, chunk, SQUEEZED, width),
-                            lambda c, bh, t: (bh // heads, c, bh % heads, t))
-    return pl.BlockSpec((SQUEEZED, chunk, SQUEEZED, width),
-                        lambda c, bh, *_: (bh // heads, c, bh % heads, 0))
+        return pl.BlockSpec(
+            (SQUEEZED, chunk, SQUEEZED, width), lambda c, bh, t: (bh // heads, c, bh % heads, t)
+        )
+    return pl.BlockSpec(
+        (SQUEEZED, chunk, SQUEEZED, width), lambda c, bh, *_: (bh // heads, c, bh % heads, 0)
+    )
 
 
 def state_spec(key_block, value_block, heads, tile_axis=None):
     """The [BK, BV] block of a chunk's state in [B', NC, H, K, V], for a grid (chunk, row * head,
     tile); ``tile_axis`` says which of K or V the grid's third axis tiles."""
+
     def index(c, bh, t=0):
         kt, vt = (t, 0) if tile_axis == "k" else (0, t) if tile_axis == "v" else (0, 0)
         return (bh // heads, c, bh % heads, kt, vt)
@@ -138,13 +146,15 @@ def state_spec(key_block, value_block, heads, tile_axis=None):
 
 def span_spec(heads):
     """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...)."""
-    return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED),
-                        lambda c, bh, *_: (bh // heads, c, bh % heads))
+    return pl.BlockSpec(
+        (SQUEEZED, SQUEEZED, SQUEEZED), lambda c, bh, *_: (bh // heads, c, bh % heads)
+    )
 
 
 def causal_mask(size):
-    return (lax.broadcasted_iota(jnp.int32, (size, size), 0)
-            >= lax.broadcasted_iota(jnp.int32, (size, size), 1))
+    return lax.broadcasted_iota(jnp.int32, (size, size), 0) >= lax.broadcasted_iota(
+        jnp.int32, (size, size), 1
+    )
 
 
 def params(warps, stages):
@@ -173,8 +183,10 @@ def gate_cumsum(g, *, chunk, interpret):
     spec = chunk_spec(chunk, heads, key_dim)
     return pl.pallas_call(
         _gate_cumsum_kernel,
-        out_shape=(jax.ShapeDtypeStruct(g.shape, F32),
-                   jax.ShapeDtypeStruct((rows_, padded_len // chunk, heads), F32)),
+        out_shape=(
+            jax.ShapeDtypeStruct(g.shape, F32),
+            jax.ShapeDtypeStruct((rows_, padded_len // chunk, heads), F32),
+        ),
         grid=(padded_len // chunk, rows_ * heads),
         in_specs=[spec],
         out_specs=(spec, span_spec(heads)),
@@ -190,8 +202,21 @@ def gate_cumsum(g, *, chunk, interpret):
 
 
 def _chunk_states_kernel(
-    first_ref, last_ref, k_ref, v_ref, b_ref, h0_ref, states_ref, final_ref,
-    *, chunk, num_chunks, heads, block_k, block_v, dtype,
+    first_ref,
+    last_ref,
+    k_ref,
+    v_ref,
+    b_ref,
+    h0_ref,
+    states_ref,
+    final_ref,
+    *,
+    chunk,
+    num_chunks,
+    heads,
+    block_k,
+    block_v,
+    dtype,
 ):
     bh, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     batch_row, head = bh // heads, bh % heads
@@ -200,9 +225,7 @@ def _chunk_states_kernel(
     def step(c, state):
         seq = first_ref[batch_row, c]
         # A sequence starts here: its initial state replaces the carried one.
-        state = lax.cond(
-            seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state
-        )
+        state = lax.cond(seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state)
         states_ref[c] = state.astype(states_ref.dtype)
         start = c * chunk
         b_last = row(b_ref, start + chunk - 1)  # [1, BK]
@@ -220,8 +243,20 @@ def _chunk_states_kernel(
 
 
 def state_scan_call(
-    kernel_body, key_side, value_side, b, boundary, first_seq, last_seq, *, chunk, state_dtype,
-    config, interpret, name, **kernel_options,
+    kernel_body,
+    key_side,
+    value_side,
+    b,
+    boundary,
+    first_seq,
+    last_seq,
+    *,
+    chunk,
+    state_dtype,
+    config,
+    interpret,
+    name,
+    **kernel_options,
 ):
     """Launches a walk over the chunks of every (row, head, K tile, V tile), in one program each.
 
@@ -241,8 +276,14 @@ def state_scan_call(
         return pl.BlockSpec((SQUEEZED, padded_len, SQUEEZED, width_block), index)
 
     kernel = functools.partial(
-        kernel_body, chunk=chunk, num_chunks=num_chunks, heads=heads,
-        block_k=block_k, block_v=block_v, dtype=key_side.dtype, **kernel_options,
+        kernel_body,
+        chunk=chunk,
+        num_chunks=num_chunks,
+        heads=heads,
+        block_k=block_k,
+        block_v=block_v,
+        dtype=key_side.dtype,
+        **kernel_options,
     )
     states_spec = pl.BlockSpec(
         (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
@@ -256,8 +297,11 @@ def state_scan_call(
         ),
         grid=(rows_ * heads, key_dim // block_k, value_dim // block_v),
         in_specs=[
-            whole(first_seq.shape), whole(last_seq.shape),
-            seq_spec(block_k, "k"), seq_spec(block_v, "v"), seq_spec(block_k, "k"),
+            whole(first_seq.shape),
+            whole(last_seq.shape),
+            seq_spec(block_k, "k"),
+            seq_spec(block_v, "v"),
+            seq_spec(block_k, "k"),
             whole(boundary.shape),
         ],
         out_specs=(states_spec, whole(boundary.shape)),
@@ -270,8 +314,18 @@ def state_scan_call(
 def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
     """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32."""
     return state_scan_call(
-        _chunk_states_kernel, k, v, b, h0, first_seq, last_seq, chunk=chunk,
-        state_dtype=state_dtype, config=config, interpret=interpret, name="gla_chunk_states",
+        _chunk_states_kernel,
+        k,
+        v,
+        b,
+        h0,
+        first_seq,
+        last_seq,
+        chunk=chunk,
+        state_dtype=state_dtype,
+        config=config,
+        interpret=interpret,
+        name="gla_chunk_states",
     )
 
 
@@ -336,6 +390,7 @@ def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
 
 def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, dtype):
     """Secondary-level chunking, for the chunks whose span rules the factorization out."""
+
     @pl.when(jnp.logical_not(factorizable(span_ref[...])))
     def _():
         chunk = q_ref.shape[0]
@@ -352,8 +407,7 @@ def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, dtype):
                     a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
             for j in range(i + 1, parts):
                 a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
-            diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale,
-                                        dtype=dtype)
+            diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale, dtype=dtype)
             a_ref[rows_i, rows_i] = jnp.where(causal, diagonal, 0.0)
 
 
@@ -387,9 +441,13 @@ def chunk_scores(span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype)
         scores = jnp.zeros((chunk, chunk), F32)
         for t in range(key_dim // block_k):
             ks = pl.ds(t * block_k, block_k)
-            scores += factorized_scores(q_ref[:, ks].astype(F32) * scale,
-                                        k_ref[:, ks].astype(F32), b_ref[:, ks],
-                                        row(b_ref, chunk // 2, ks), dtype)
+            scores += factorized_scores(
+                q_ref[:, ks].astype(F32) * scale,
+                k_ref[:, ks].astype(F32),
+                b_ref[:, ks],
+                row(b_ref, chunk // 2, ks),
+                dtype,
+            )
         return jnp.where(causal_mask(chunk), scores, 0.0)
 
     return lax.cond(factorizable(span), factorized, lambda: exact_ref[...])
@@ -400,11 +458,13 @@ def chunk_scores(span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype)
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_outputs_kernel(span_ref, q_ref, k_ref, b_ref, h_ref, a_ref, v_ref, o_ref, *, scale,
-                          block_v, block_k, dtype):
+def _chunk_outputs_kernel(
+    span_ref, q_ref, k_ref, b_ref, h_ref, a_ref, v_ref, o_ref, *, scale, block_v, block_k, dtype
+):
     key_dim = q_ref.shape[1]
-    scores = chunk_scores(span_ref[...], q_ref, k_ref, b_ref, a_ref, scale=scale,
-                          block_k=block_k, dtype=dtype)
+    scores = chunk_scores(
+        span_ref[...], q_ref, k_ref, b_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
+    )
     for u in range(v_ref.shape[1] // block_v):  # V tiles, all sharing the scores
         vs = pl.ds(u * block_v, block_v)
         out = mm(scores, v_ref[:, vs], dtype)  # intra-chunk
@@ -415,8 +475,7 @@ def _chunk_outputs_kernel(span_ref, q_ref, k_ref, b_ref, h_ref, a_ref, v_ref, o_
         o_ref[:, vs] = out.astype(o_ref.dtype)
 
 
-def chunk_outputs(q, k, b, spans, states, exact, v, *, chunk, scale, out_dtype, config,
-                  interpret):
+def chunk_outputs(q, k, b, spans, states, exact, v, *, chunk, scale, out_dtype, config, interpret):
     """o [B', Tp, H, V] per (chunk, row * head), V a tile at a time, from the states entering each
     chunk and the intra-chunk scores (``exact``: ``exact_scores``' output, read only for the
     chunks that are not factorizable)."""
@@ -425,15 +484,25 @@ def chunk_outputs(q, k, b, spans, states, exact, v, *, chunk, scale, out_dtype, 
     key = chunk_spec(chunk, heads, key_dim)
     value = chunk_spec(chunk, heads, value_dim)
     kernel = functools.partial(
-        _chunk_outputs_kernel, scale=scale, block_v=min(config.output_block_v, value_dim),
-        block_k=min(config.output_block_k, key_dim), dtype=q.dtype,
+        _chunk_outputs_kernel,
+        scale=scale,
+        block_v=min(config.output_block_v, value_dim),
+        block_k=min(config.output_block_k, key_dim),
+        dtype=q.dtype,
     )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
         grid=(padded_len // chunk, rows_ * heads),
-        in_specs=[span_spec(heads), key, key, key, state_spec(key_dim, value_dim, heads),
-                  chunk_spec(chunk, heads, chunk), value],
+        in_specs=[
+            span_spec(heads),
+            key,
+            key,
+            key,
+            state_spec(key_dim, value_dim, heads),
+            chunk_spec(chunk, heads, chunk),
+            value,
+        ],
         out_specs=value,
         compiler_params=params(config.output_warps, config.output_stages),
         interpret=interpret,

@@ -177,9 +177,7 @@ def chunked_gla(q, k, v, g, *, scale, initial_state, layout: ChunkLayout):
     b = chunk_local_cumsum(g_c, chunk)
     q_scaled = (q_c.astype(jnp.float32) * scale).astype(q.dtype)
 
-    states_before, states_after = chunk_recurrence(
-        k_c, v_c, b, initial_state, layout, precision
-    )
+    states_before, states_after = chunk_recurrence(k_c, v_c, b, initial_state, layout, precision)
     q_decayed = (q_scaled.astype(jnp.float32) * jnp.exp(b)).astype(q.dtype)
     o_inter = jnp.einsum(
         "bhnck,bnhkv->bhncv",

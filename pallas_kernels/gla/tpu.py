@@ -67,8 +67,10 @@ def supports(q_shape, v_shape, dtype, opts) -> str | None:
     key_dim, value_dim = q_shape[-1], v_shape[-1]
     need = vmem_bytes(opts.chunk_size, key_dim, value_dim, jnp.dtype(dtype).itemsize)
     if need > VMEM_BUDGET:
-        return (f"K = {key_dim}, V = {value_dim} need ~{need / 2**20:.0f} MiB of VMEM per kernel "
-                f"(budget {VMEM_BUDGET / 2**20:.0f} MiB): the [K, V] state must fit in VMEM")
+        return (
+            f"K = {key_dim}, V = {value_dim} need ~{need / 2**20:.0f} MiB of VMEM per kernel "
+            f"(budget {VMEM_BUDGET / 2**20:.0f} MiB): the [K, V] state must fit in VMEM"
+        )
     return None
 
 
@@ -103,16 +105,26 @@ def chunk_index(layout: ChunkLayout) -> ChunkIndex:
     flat = first_seq.size
     last = jnp.where(layout.seq_last_chunk >= 0, layout.seq_last_chunk, flat)
     num_seqs = layout.seq_last_chunk.shape[0]
-    last_of_seq = jnp.full((flat,), -1, jnp.int32).at[last].set(
-        jnp.arange(num_seqs, dtype=jnp.int32), mode="drop")
+    last_of_seq = (
+        jnp.full((flat,), -1, jnp.int32)
+        .at[last]
+        .set(jnp.arange(num_seqs, dtype=jnp.int32), mode="drop")
+    )
     return ChunkIndex(first_seq.reshape(-1).astype(jnp.int32), seq.astype(jnp.int32), last_of_seq)
 
 
 def make_plan(q, v, cu_seqlens, opts) -> Plan:
     layout = make_layout(q.shape[0], q.shape[1], opts.chunk_size, cu_seqlens)
     rows = layout.chunk_first_seq.shape[0]
-    return Plan(layout, chunk_index(layout), rows, q.shape[2], round_up(q.shape[-1], LANES),
-                round_up(v.shape[-1], LANES), jnp.dtype(q.dtype))
+    return Plan(
+        layout,
+        chunk_index(layout),
+        rows,
+        q.shape[2],
+        round_up(q.shape[-1], LANES),
+        round_up(v.shape[-1], LANES),
+        jnp.dtype(q.dtype),
+    )
 
 
 def pad_last(x, width):
@@ -130,8 +142,9 @@ def from_tiles(plan: Plan, x, width):
 
 
 def pad_state(x, plan: Plan):
-    return jnp.pad(x, ((0, 0), (0, 0), (0, plan.key_pad - x.shape[2]),
-                       (0, plan.value_pad - x.shape[3])))
+    return jnp.pad(
+        x, ((0, 0), (0, 0), (0, plan.key_pad - x.shape[2]), (0, plan.value_pad - x.shape[3]))
+    )
 
 
 def fill_empty_sequences(plan: Plan, from_kernel, fallback):
@@ -152,8 +165,10 @@ def _chunk_of(c, num_chunks, reverse):
 def tile_spec(plan: Plan, width, *, reverse=False):
     """One [C, width] tile of a [B', H, Tp, width] array per grid step."""
     nc = plan.layout.num_chunks
-    return pl.BlockSpec((1, 1, plan.layout.chunk_size, width),
-                        lambda r, h, c, *_: (r, h, _chunk_of(c, nc, reverse), 0))
+    return pl.BlockSpec(
+        (1, 1, plan.layout.chunk_size, width),
+        lambda r, h, c, *_: (r, h, _chunk_of(c, nc, reverse), 0),
+    )
 
 
 def state_spec(plan: Plan, *, reverse=False):
@@ -169,24 +184,36 @@ def state_spec(plan: Plan, *, reverse=False):
 def chunk_state_spec(plan: Plan, *, reverse=False):
     """The state before the current chunk in a [B', H, NC * Kp, Vp] array."""
     nc = plan.layout.num_chunks
-    return pl.BlockSpec((1, 1, plan.key_pad, plan.value_pad),
-                        lambda r, h, c, *_: (r, h, _chunk_of(c, nc, reverse), 0))
+    return pl.BlockSpec(
+        (1, 1, plan.key_pad, plan.value_pad),
+        lambda r, h, c, *_: (r, h, _chunk_of(c, nc, reverse), 0),
+    )
 
 
 def call(kernel, plan: Plan, opts, *, scalars, inputs, in_specs, out_shape, out_specs):
     """Runs `kernel` over (row, head, chunk) with one [Kp, Vp] float32 VMEM scratch buffer."""
     grid = (plan.rows, plan.heads, plan.layout.num_chunks)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(scalars), grid=grid, in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM((plan.key_pad, plan.value_pad), jnp.float32)])
+        num_scalar_prefetch=len(scalars),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=[pltpu.VMEM((plan.key_pad, plan.value_pad), jnp.float32)],
+    )
     need = vmem_bytes(plan.layout.chunk_size, plan.key_pad, plan.value_pad, plan.dtype.itemsize)
     # Twice the estimate for Mosaic's own buffers, at least the usual default, and at most 48 MiB
     # so that it stays under the 64 MiB VMEM of the smallest TPU generation.
     vmem_limit = int(min(max(2 * need, 32 * 2**20), 48 * 2**20))
-    params = _CompilerParams(dimension_semantics=(_PARALLEL, _PARALLEL, _ARBITRARY),
-                             vmem_limit_bytes=vmem_limit)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec,
-                          compiler_params=params, interpret=opts.interpret)(*scalars, *inputs)
+    params = _CompilerParams(
+        dimension_semantics=(_PARALLEL, _PARALLEL, _ARBITRARY), vmem_limit_bytes=vmem_limit
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid_spec=grid_spec,
+        compiler_params=params,
+        interpret=opts.interpret,
+    )(*scalars, *inputs)
 
 
 def precision(dtype):
@@ -198,11 +225,12 @@ def chunk_states(plan: Plan, k, v, g, h0, opts):
     kp, vp, nc = plan.key_pad, plan.value_pad, plan.layout.num_chunks
     kernel = functools.partial(tpu_forward.states_kernel, precision=precision(plan.dtype))
     return call(
-        kernel, plan, opts,
+        kernel,
+        plan,
+        opts,
         scalars=(plan.index.first_seq, plan.index.seq),
         inputs=(k, v, g, h0),
-        in_specs=[tile_spec(plan, kp), tile_spec(plan, vp), tile_spec(plan, kp),
-                  state_spec(plan)],
+        in_specs=[tile_spec(plan, kp), tile_spec(plan, vp), tile_spec(plan, kp), state_spec(plan)],
         out_shape=jax.ShapeDtypeStruct((plan.rows, plan.heads, nc * kp, vp), jnp.float32),
         out_specs=chunk_state_spec(plan),
     )
@@ -216,20 +244,33 @@ def chunk_states(plan: Plan, k, v, g, h0, opts):
 def forward(q, k, v, g, initial_state, cu_seqlens, opts):
     plan = make_plan(q, v, cu_seqlens, opts)
     kp, vp, dtype = plan.key_pad, plan.value_pad, plan.dtype
-    q_t, k_t, g_t = to_tiles(plan, q, kp, dtype), to_tiles(plan, k, kp, dtype), to_tiles(
-        plan, g, kp, jnp.float32)
+    q_t, k_t, g_t = (
+        to_tiles(plan, q, kp, dtype),
+        to_tiles(plan, k, kp, dtype),
+        to_tiles(plan, g, kp, jnp.float32),
+    )
     v_t = to_tiles(plan, v, vp, dtype)
     h0 = pad_state(initial_state, plan)
-    kernel = functools.partial(tpu_forward.forward_kernel, scale=opts.scale,
-                               precision=precision(dtype))
+    kernel = functools.partial(
+        tpu_forward.forward_kernel, scale=opts.scale, precision=precision(dtype)
+    )
     o, final = call(
-        kernel, plan, opts,
+        kernel,
+        plan,
+        opts,
         scalars=(plan.index.first_seq, plan.index.seq),
         inputs=(q_t, k_t, v_t, g_t, h0),
-        in_specs=[tile_spec(plan, kp), tile_spec(plan, kp), tile_spec(plan, vp),
-                  tile_spec(plan, kp), state_spec(plan)],
-        out_shape=(jax.ShapeDtypeStruct(v_t.shape, dtype),
-                   jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
+        in_specs=[
+            tile_spec(plan, kp),
+            tile_spec(plan, kp),
+            tile_spec(plan, vp),
+            tile_spec(plan, kp),
+            state_spec(plan),
+        ],
+        out_shape=(
+            jax.ShapeDtypeStruct(v_t.shape, dtype),
+            jax.ShapeDtypeStruct(h0.shape, jnp.float32),
+        ),
         out_specs=(tile_spec(plan, vp), state_spec(plan)),
     )
     final = final[:, :, : q.shape[-1], : v.shape[-1]]
@@ -239,22 +280,33 @@ def forward(q, k, v, g, initial_state, cu_seqlens, opts):
 def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts):
     plan = make_plan(q, v, cu_seqlens, opts)
     kp, vp, dtype = plan.key_pad, plan.value_pad, plan.dtype
-    q_t, k_t, g_t = to_tiles(plan, q, kp, dtype), to_tiles(plan, k, kp, dtype), to_tiles(
-        plan, g, kp, jnp.float32)
+    q_t, k_t, g_t = (
+        to_tiles(plan, q, kp, dtype),
+        to_tiles(plan, k, kp, dtype),
+        to_tiles(plan, g, kp, jnp.float32),
+    )
     v_t, do_t = to_tiles(plan, v, vp, dtype), to_tiles(plan, do, vp, dtype)
     h0, dfinal_p = pad_state(initial_state, plan), pad_state(dfinal.astype(jnp.float32), plan)
     states = chunk_states(plan, k_t, v_t, g_t, h0, opts)
-    kernel = functools.partial(tpu_backward.backward_kernel, scale=opts.scale,
-                               precision=precision(dtype))
+    kernel = functools.partial(
+        tpu_backward.backward_kernel, scale=opts.scale, precision=precision(dtype)
+    )
     tiles_k = jax.ShapeDtypeStruct(q_t.shape, jnp.float32)
     dq, dk, dv, dg, dh0 = call(
-        kernel, plan, opts,
+        kernel,
+        plan,
+        opts,
         scalars=tuple(plan.index),
         inputs=(q_t, k_t, v_t, g_t, do_t, states, dfinal_p),
         in_specs=[tile_spec(plan, w, reverse=True) for w in (kp, kp, vp, kp, vp)]
         + [chunk_state_spec(plan, reverse=True), state_spec(plan, reverse=True)],
-        out_shape=(tiles_k, tiles_k, jax.ShapeDtypeStruct(v_t.shape, jnp.float32), tiles_k,
-                   jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
+        out_shape=(
+            tiles_k,
+            tiles_k,
+            jax.ShapeDtypeStruct(v_t.shape, jnp.float32),
+            tiles_k,
+            jax.ShapeDtypeStruct(h0.shape, jnp.float32),
+        ),
         out_specs=tuple(tile_spec(plan, w, reverse=True) for w in (kp, kp, vp, kp))
         + (state_spec(plan, reverse=True),),
     )

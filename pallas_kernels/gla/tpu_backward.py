@@ -116,9 +116,27 @@ def chunk_gradients(chunk: Chunk, do, state, d_after, *, scale):
     return dqs * scale, dk, dv, dg, d_before
 
 
-def backward_kernel(first_seq_ref, seq_ref, last_of_seq_ref, q_ref, k_ref, v_ref, g_ref, do_ref,
-                    states_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dg_ref, dh0_ref, d_state_ref,
-                    *, scale, precision):
+def backward_kernel(
+    first_seq_ref,
+    seq_ref,
+    last_of_seq_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    g_ref,
+    do_ref,
+    states_ref,
+    dfinal_ref,
+    dq_ref,
+    dk_ref,
+    dv_ref,
+    dg_ref,
+    dh0_ref,
+    d_state_ref,
+    *,
+    scale,
+    precision,
+):
     del first_seq_ref, seq_ref  # used by the index maps only
     row, step = pl.program_id(0), pl.program_id(2)
     num_chunks = pl.num_programs(2)
@@ -134,10 +152,12 @@ def backward_kernel(first_seq_ref, seq_ref, last_of_seq_ref, q_ref, k_ref, v_ref
     def _():
         d_state_ref[...] = dfinal_ref[0, 0]
 
-    chunk = Chunk(q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], g_ref[0, 0], scale=scale,
-                  precision=precision)
-    dq, dk, dv, dg, d_before = chunk_gradients(chunk, do_ref[0, 0], states_ref[0, 0],
-                                               d_state_ref[...], scale=scale)
+    chunk = Chunk(
+        q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], g_ref[0, 0], scale=scale, precision=precision
+    )
+    dq, dk, dv, dg, d_before = chunk_gradients(
+        chunk, do_ref[0, 0], states_ref[0, 0], d_state_ref[...], scale=scale
+    )
     dq_ref[0, 0] = dq
     dk_ref[0, 0] = dk
     dv_ref[0, 0] = dv

@@ -97,8 +97,9 @@ class Chunk:
         self.decay_col = jnp.exp(as_column(self.b_last))  # [K, 1]: chunk decay of the state rows
 
     def mm(self, a, b, contract=(1, 0)):
-        return matmul(a.astype(self.dtype), b.astype(self.dtype), contract=contract,
-                      precision=self.precision)
+        return matmul(
+            a.astype(self.dtype), b.astype(self.dtype), contract=contract, precision=self.precision
+        )
 
     def k_to_end(self):
         """k_j exp(b_last - b_j): how each key enters the state after the chunk."""
@@ -184,14 +185,28 @@ def start_state(first_seq_ref, h0_ref, state_ref, flat_chunk, chunk_index):
         state_ref[...] = h0_ref[0, 0]
 
 
-def forward_kernel(first_seq_ref, seq_ref, q_ref, k_ref, v_ref, g_ref, h0_ref,
-                   o_ref, final_ref, state_ref, *, scale, precision):
+def forward_kernel(
+    first_seq_ref,
+    seq_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    g_ref,
+    h0_ref,
+    o_ref,
+    final_ref,
+    state_ref,
+    *,
+    scale,
+    precision,
+):
     del seq_ref  # used by the index maps only
     row, chunk_index = pl.program_id(0), pl.program_id(2)
     flat_chunk = row * pl.num_programs(2) + chunk_index
     start_state(first_seq_ref, h0_ref, state_ref, flat_chunk, chunk_index)
-    chunk = Chunk(q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], g_ref[0, 0], scale=scale,
-                  precision=precision)
+    chunk = Chunk(
+        q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], g_ref[0, 0], scale=scale, precision=precision
+    )
     state = state_ref[...]
     o_ref[0, 0] = chunk_output(chunk, state).astype(o_ref.dtype)
     after = chunk.advance(state)
@@ -201,8 +216,9 @@ def forward_kernel(first_seq_ref, seq_ref, q_ref, k_ref, v_ref, g_ref, h0_ref,
     final_ref[0, 0] = after
 
 
-def states_kernel(first_seq_ref, seq_ref, k_ref, v_ref, g_ref, h0_ref, states_ref, state_ref,
-                  *, precision):
+def states_kernel(
+    first_seq_ref, seq_ref, k_ref, v_ref, g_ref, h0_ref, states_ref, state_ref, *, precision
+):
     del seq_ref
     row, chunk_index = pl.program_id(0), pl.program_id(2)
     flat_chunk = row * pl.num_programs(2) + chunk_index
@@ -217,4 +233,3 @@ def check_chunk_size(chunk_size: int) -> str | None:
     if chunk_size % SUB:
         return f"chunk_size must be a multiple of {SUB} (the sub-chunk), got {chunk_size}"
     return None
-

@@ -91,13 +91,17 @@ def _fill_state_grid(config: GpuConfig, key_dim: int, value_dim: int, sequences:
     return dataclasses.replace(config, state_block_k=block_k, state_block_v=block_v)
 
 
-def config_for(key_dim: int, value_dim: int, dtype, interpret: bool,
-               sequences: int = MIN_STATE_PROGRAMS) -> GpuConfig:
+def config_for(
+    key_dim: int, value_dim: int, dtype, interpret: bool, sequences: int = MIN_STATE_PROGRAMS
+) -> GpuConfig:
     """key_dim, value_dim: the padded (power-of-two) head dims; sequences: rows * heads."""
     if interpret:  # whole dims: fewer grid steps and loop iterations to interpret
         stages = ("state", "output", "value", "grad")
-        whole = {f"{stage}_block_{dim}": size for stage in stages
-                 for dim, size in (("k", key_dim), ("v", value_dim))}
+        whole = {
+            f"{stage}_block_{dim}": size
+            for stage in stages
+            for dim, size in (("k", key_dim), ("v", value_dim))
+        }
         return GpuConfig(**whole, score_block_v=value_dim)
     config = TUNED.get(_key(key_dim, value_dim, dtype)) or heuristic(key_dim, value_dim, dtype)
     return _fill_state_grid(config, key_dim, value_dim, sequences)
@@ -105,4 +109,3 @@ def config_for(key_dim: int, value_dim: int, dtype, interpret: bool,
 
 def table_key(key_dim: int, value_dim: int, dtype) -> str:
     return _key(key_dim, value_dim, dtype)
-

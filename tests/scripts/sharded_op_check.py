@@ -23,14 +23,24 @@ h0 = jax.random.normal(keys[4], (B, H, K, V))
 def loss(op, q, k, v, g, h0, cu=None):
     if cu is not None:
         q, k, v, g = (x.reshape((1, -1) + x.shape[2:]) for x in (q, k, v, g))
-    o, final = op(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                  backend=backend, interpret=interpret)
+    o, final = op(
+        q,
+        k,
+        v,
+        g,
+        initial_state=h0,
+        output_final_state=True,
+        cu_seqlens=cu,
+        backend=backend,
+        interpret=interpret,
+    )
     return jnp.sum(o * o) + jnp.sum(final * 0.5), (o, final)
 
 
 def run(op, cu=None):
-    f = jax.jit(jax.value_and_grad(lambda *a: loss(op, *a, cu=cu), argnums=(0, 1, 2, 3, 4),
-                                   has_aux=True))
+    f = jax.jit(
+        jax.value_and_grad(lambda *a: loss(op, *a, cu=cu), argnums=(0, 1, 2, 3, 4), has_aux=True)
+    )
     return f(q, k, v, g, h0)
 
 
