@@ -26,13 +26,12 @@ The device commands as run on an H200 (BENCHMARKS.md "Paper evidence (H200)" has
     PYTHONUNBUFFERED=1 python benchmarks/paper_evidence.py --experiment=lm --out=$OUT/lm \
         --time_budget=500
     PYTHONUNBUFFERED=1 python benchmarks/paper_evidence.py --experiment=mqar --out=$OUT/mqar \
-        --runs=gla_T256_p16,transformer_T256_p16,gla_no_forget_T256_p16,gla_T256_p64,\
-transformer_T256_p64,gla_no_forget_T256_p64 --concurrency=6 --steps=6000 --time_budget=250
+        --concurrency=12 --time_budget=510
 
 On a 2-GPU machine either add --gpus=2 (runs alternate between the GPUs) or run one command per
 GPU with CUDA_VISIBLE_DEVICES. Measured: lm ~4.5 minutes (1,500 steps each, side by side, then
-~30 s of evaluation); mqar six runs of 6,000 steps at T = 256 on one GPU in ~2 minutes, ~40 s
-of it compiling (T = 512: 5,000 steps in ~2.5 minutes).
+~30 s of evaluation); mqar all 12 runs of 6,000 steps side by side on one GPU in ~4 minutes,
+then ~40 s of evaluation (284 s for the command).
 
 Before commit b7d1c2a the embedding gradient was a bfloat16 scatter-add, which a GPU serializes
 on repeated ids; MQAR sequences are mostly the filler id, so its steps took ~140 ms (the runs
