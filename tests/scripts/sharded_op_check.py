@@ -37,17 +37,25 @@ def loss(op, q, k, v, g, h0, cu=None):
     return jnp.sum(o * o) + jnp.sum(final * 0.5), (o, final)
 
 
-def run(op, cu=None):
-    f = jax.jit(
-        jax.value_and_grad(lambda *a: loss(op, *a, cu=cu), argnums=(0, 1, 2, 3, 4), has_aux=True)
-    )
-    return f(q, k, v, g, h0)
+def run(op, cu=None, initial=True):
+    if initial:
+        f = lambda *a: loss(op, *a, cu=cu)  # noqa: E731
+        args = (q, k, v, g, h0)
+    else:  # no initial state: the op starts from zeros it makes itself
+        f = lambda *a: loss(op, *a, None, cu=cu)  # noqa: E731
+        args = (q, k, v, g)
+    grad = jax.value_and_grad(f, argnums=tuple(range(len(args))), has_aux=True)
+    return jax.jit(grad)(*args)
 
 
-for cu in (None, jnp.asarray([0, 40, 77, 120, 160], jnp.int32)):
-    expected = run(api.chunk_gla, cu)
+for cu, initial in (
+    (None, True),
+    (jnp.asarray([0, 40, 77, 120, 160], jnp.int32), True),
+    (None, False),
+):
+    expected = run(api.chunk_gla, cu, initial)
     with jax.set_mesh(make_mesh("2,2,2")):
-        actual = run(ops.chunk_gla, cu)
+        actual = run(ops.chunk_gla, cu, initial)
         hlo = jax.jit(lambda *a, cu=cu: loss(ops.chunk_gla, *a, cu=cu)[0]).lower(q, k, v, g, h0)
         hlo = hlo.as_text()
     assert "manual_computation" in hlo, "the op did not run per shard"
