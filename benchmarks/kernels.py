@@ -148,49 +148,39 @@ def check_against_xla(seq_len=1024, batch=2):
         )
 
 
-def breakdown(
-    seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=False, tokens=TOKENS, chunk=64
-):
-    """Times each stage of pallas_gpu alone on prepared inputs: where the op's time goes."""
-    from pallas_kernels.gla import gpu, gpu_backward, gpu_forward, tuning
+def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, interpret):
+    """{kernel: (jitted call, its arguments)}: each pallas_gpu kernel alone, on inputs already in
+    the kernels' layout (``gpu.prepare``'s arrays; ``do_rows`` the output gradient in the same
+    layout). Arrays go in as arguments, not closed over: closed-over arrays would be baked into
+    the executable as constants. Shared by ``breakdown`` and benchmarks/tune_gpu.py."""
+    from pallas_kernels.gla import gpu_backward, gpu_forward
 
-    q, k, v, g, do = gla_inputs(tokens // seq_len, seq_len, heads, key_dim, value_dim)
-    scale = key_dim**-0.5
-
-    def prepare(q, k, v, g, do):
-        p = gpu.prepare(q, k, v, g, None, chunk)
-        do_rows = jnp.swapaxes(p.layout.to_chunked(do), 1, 2)
-        return p.q, p.k, p.v, p.g, p.first_seq, p.last_seq, do_rows
-
-    pq, pk, pv, pg, first, last, do_rows = jax.jit(prepare)(q, k, v, g, do)
-    rows, _, _, kp = pq.shape
-    config = tuning.config_for(kp, pv.shape[-1], pq.dtype, interpret, rows * heads)
-    h0 = jnp.zeros((rows, heads, kp, pv.shape[-1]), jnp.float32)
+    rows, _, heads, key_dim = q.shape
+    h0 = jnp.zeros((rows, heads, key_dim, v.shape[-1]), jnp.float32)
     common = dict(chunk=chunk, config=config, interpret=interpret)
     cumsum = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=interpret))
-    b, spans = cumsum(pg)
+    b, spans = cumsum(g)
     states = jax.jit(
         lambda k, v, b, h0, f, e: gpu_forward.chunk_states(
-            k, v, b, h0, f, e, state_dtype=pq.dtype, **common
+            k, v, b, h0, f, e, state_dtype=q.dtype, **common
         )[0]
     )
-    hs = states(pk, pv, b, h0, first, last)
+    hs = states(k, v, b, h0, first, last)
     exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale, **common))
-    a = exact(pq, pk, b, spans)
+    a = exact(q, k, b, spans)
     dscores = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))
-    da = dscores(do_rows, pv)
-    stages = {
-        "prepare (XLA: layout)": (jax.jit(prepare), (q, k, v, g, do)),
-        "gate_cumsum": (cumsum, (pg,)),
-        "chunk_states": (states, (pk, pv, b, h0, first, last)),
-        "exact_scores": (exact, (pq, pk, b, spans)),
+    da = dscores(do_rows, v)
+    return {
+        "gate_cumsum": (cumsum, (g,)),
+        "chunk_states": (states, (k, v, b, h0, first, last)),
+        "exact_scores": (exact, (q, k, b, spans)),
         "chunk_outputs": (
             jax.jit(
                 lambda q, k, b, s, h, a, v: gpu_forward.chunk_outputs(
                     q, k, b, s, h, a, v, scale=scale, out_dtype=q.dtype, **common
                 )
             ),
-            (pq, pk, b, spans, hs, a, pv),
+            (q, k, b, spans, hs, a, v),
         ),
         "state_grads": (
             jax.jit(
@@ -198,16 +188,16 @@ def breakdown(
                     q, do, b, d, f, e, scale=scale, state_dtype=q.dtype, **common
                 )
             ),
-            (pq, do_rows, b, h0, first, last),
+            (q, do_rows, b, h0, first, last),
         ),
-        "score_grads": (dscores, (do_rows, pv)),
+        "score_grads": (dscores, (do_rows, v)),
         "value_grads": (
             jax.jit(
                 lambda q, k, b, s, a, do, dh: gpu_backward.value_grads(
                     q, k, b, s, a, do, dh, scale=scale, out_dtype=k.dtype, **common
                 )
             ),
-            (pq, pk, b, spans, a, do_rows, hs),
+            (q, k, b, spans, a, do_rows, hs),
         ),
         "query_key_grads": (
             jax.jit(
@@ -215,7 +205,31 @@ def breakdown(
                     q, k, b, s, v, do, h, dh, da, scale=scale, **common
                 )
             ),
-            (pq, pk, b, spans, pv, do_rows, hs, hs, da),
+            (q, k, b, spans, v, do_rows, hs, hs, da),
+        ),
+    }
+
+
+def breakdown(
+    seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=False, tokens=TOKENS, chunk=64
+):
+    """Times each stage of pallas_gpu alone on prepared inputs: where the op's time goes."""
+    from pallas_kernels.gla import gpu, tuning
+
+    q, k, v, g, do = gla_inputs(tokens // seq_len, seq_len, heads, key_dim, value_dim)
+
+    def prepare(q, k, v, g, do):
+        p = gpu.prepare(q, k, v, g, None, chunk)
+        do_rows = jnp.swapaxes(p.layout.to_chunked(do), 1, 2)
+        return p.q, p.k, p.v, p.g, p.first_seq, p.last_seq, do_rows
+
+    prepared = jax.jit(prepare)(q, k, v, g, do)
+    rows, _, _, kp = prepared[0].shape
+    config = tuning.config_for(kp, prepared[2].shape[-1], q.dtype, interpret, rows * heads)
+    stages = {
+        "prepare (XLA: layout)": (jax.jit(prepare), (q, k, v, g, do)),
+        **kernel_stages(
+            *prepared, config=config, chunk=chunk, scale=key_dim**-0.5, interpret=interpret
         ),
     }
     reps = dict(reps=2, inner=1) if interpret else {}

@@ -21,11 +21,10 @@ import itertools
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 
-from benchmarks.kernels import gla_inputs, time_ms
-from pallas_kernels.gla import gpu, gpu_backward, gpu_forward, tuning
+from benchmarks.kernels import gla_inputs, kernel_stages, time_ms
+from pallas_kernels.gla import gpu, tuning
 
 FAMILIES = {
     "state": [
@@ -76,61 +75,24 @@ FAMILIES = {
 }
 
 
-def family_fn(family, p: gpu.Prepared, do_rows, config, chunk, scale):
-    """(jitted call of one kernel family, its arguments). Arrays go in as arguments, not closed
-    over: closed-over arrays would be baked into the executable as constants."""
-    h0 = jnp.zeros((p.q.shape[0], p.q.shape[2], p.q.shape[-1], p.v.shape[-1]), jnp.float32)
-    state_dtype = p.q.dtype
-    common = dict(chunk=chunk, config=config, interpret=False)
-    b, spans = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=False))(p.g)
+# The kernels each family's settings steer, timed one after the other per candidate.
+FAMILY_KERNELS = {
+    "state": ("chunk_states", "state_grads"),
+    "scores": ("exact_scores", "score_grads"),
+    "output": ("chunk_outputs", "value_grads"),
+    "grad": ("query_key_grads",),
+}
 
-    def states(k, v, b, h0, first, last):
-        return gpu_forward.chunk_states(
-            k, v, b, h0, first, last, state_dtype=state_dtype, **common
-        )[0]
 
-    def scores(q, k, b, spans):
-        return gpu_forward.exact_scores(q, k, b, spans, scale=scale, **common)
-
-    if family == "state":
-
-        def run(q, k, v, b, do, h0, first, last):
-            grads = gpu_backward.state_grads(
-                q, do, b, h0, first, last, scale=scale, state_dtype=state_dtype, **common
-            )
-            return states(k, v, b, h0, first, last), grads
-
-        return jax.jit(run), (p.q, p.k, p.v, b, do_rows, h0, p.first_seq, p.last_seq)
+def family_ms(family, p: gpu.Prepared, do_rows, config, chunk, scale):
+    """Milliseconds of one family's kernels under ``config``, each alone on prepared inputs."""
+    prepared = (p.q, p.k, p.v, p.g, p.first_seq, p.last_seq, do_rows)
+    stages = kernel_stages(*prepared, config=config, chunk=chunk, scale=scale, interpret=False)
     if family == "scores":
-
-        def run(q, k, b, spans, v, do):
-            # Spans of +inf send every chunk down the exact path these kernels serve.
-            spans = jnp.full_like(spans, jnp.inf)
-            return scores(q, k, b, spans), gpu_backward.score_grads(do, v, **common)
-
-        return jax.jit(run), (p.q, p.k, b, spans, p.v, do_rows)
-    a = jax.jit(scores)(p.q, p.k, b, spans)
-    hs = jax.jit(states)(p.k, p.v, b, h0, p.first_seq, p.last_seq)
-    if family == "output":
-
-        def run(q, k, v, b, spans, do, hs, a):
-            o = gpu_forward.chunk_outputs(
-                q, k, b, spans, hs, a, v, scale=scale, out_dtype=q.dtype, **common
-            )
-            dv = gpu_backward.value_grads(
-                q, k, b, spans, a, do, hs, scale=scale, out_dtype=k.dtype, **common
-            )
-            return o, dv
-
-        return jax.jit(run), (p.q, p.k, p.v, b, spans, do_rows, hs, a)
-    da = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))(do_rows, p.v)
-
-    def run(q, k, v, b, spans, do, hs, da):
-        return gpu_backward.query_key_grads(
-            q, k, b, spans, v, do, hs, hs, da, scale=scale, **common
-        )
-
-    return jax.jit(run), (p.q, p.k, p.v, b, spans, do_rows, hs, da)
+        # Spans of +inf send every chunk down the exact path these settings serve.
+        fn, (q, k, b, spans) = stages["exact_scores"]
+        stages["exact_scores"] = (fn, (q, k, b, jnp.full_like(spans, jnp.inf)))
+    return sum(time_ms(fn, *args) for fn, args in (stages[n] for n in FAMILY_KERNELS[family]))
 
 
 def fits(fields, key_dim, value_dim):
@@ -156,8 +118,7 @@ def tune_shape(heads, key_dim, value_dim, families, seq_len=2048, chunk=64):
                 continue
             config = dataclasses.replace(base, **fields)
             try:
-                fn, fn_args = family_fn(family, p, do_rows, config, chunk, key_dim**-0.5)
-                ms = time_ms(fn, *fn_args)
+                ms = family_ms(family, p, do_rows, config, chunk, key_dim**-0.5)
             except Exception as err:  # a candidate that does not compile is skipped
                 print(f"  {family} {fields}: failed {repr(err)[:160]}", flush=True)
                 continue

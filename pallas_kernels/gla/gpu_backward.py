@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gla.gpu_forward import (
     F32,
+    causal_mask,
     chunk_scores,
     chunk_spec,
     decay,
@@ -144,10 +145,7 @@ def _score_grads_kernel(do_ref, v_ref, da_ref, *, block_v, dtype):
     for t in range(value_dim // block_v):
         vs = pl.ds(t * block_v, block_v)
         da += mm_nt(do_ref[:, vs], v_ref[:, vs], dtype)
-    causal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) >= lax.broadcasted_iota(
-        jnp.int32, (chunk, chunk), 1
-    )
-    da_ref[...] = jnp.where(causal, da, 0.0)
+    da_ref[...] = jnp.where(causal_mask(chunk), da, 0.0)
 
 
 def score_grads(do, v, *, chunk, config, interpret):
