@@ -7,6 +7,7 @@ logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png t
 
   PYTHONPATH=. python -m benchmarks.kernels --out $OUT [--ts 1024,2048,4096,8192,16384] [--check]
   PYTHONPATH=. python -m benchmarks.kernels --breakdown     # each pallas_gpu stage timed alone
+  PYTHONPATH=. python -m benchmarks.kernels --gate_regimes  # the 340M layer: mild, resets, strong
 """
 
 from __future__ import annotations
@@ -54,6 +55,38 @@ def gla_inputs(batch, seq_len, heads, key_dim, value_dim, seed=0):
     g = (jax.nn.log_sigmoid(jax.random.normal(keys[3], q.shape, jnp.float32)) / 16).astype(dt)
     do = jax.random.normal(keys[4], v.shape, dt)
     return q, k, v, g, do
+
+
+# The op of one gla_340m layer at the training shape (B = 8, T = 2K): B, T, H, K, V.
+LAYER_340M = (8, 2048, 4, 128, 256)
+RESET_EVERY = 3600  # tokens per document start, ~ a KJV chapter in bytes
+
+
+def with_gate_regime(g, regime, seed=1):
+    """The benchmark gates under one regime: 'mild' as they are (every chunk factorized);
+    'resets', a document start (log gate -120 at every head and K, as ``gate_reset`` packing
+    makes) at ~1 per RESET_EVERY tokens, which sends the chunks holding one to the exact kernels;
+    'strong', 2 more per step of decay, which sends every chunk there."""
+    if regime == "mild":
+        return g
+    if regime == "resets":
+        batch, seq_len = g.shape[:2]
+        starts = jax.random.uniform(jax.random.key(seed), (batch, seq_len, 1, 1)) < 1 / RESET_EVERY
+        return jnp.where(starts, jnp.asarray(-120.0, g.dtype), g)
+    if regime == "strong":
+        return (g.astype(jnp.float32) - 2.0).astype(g.dtype)
+    raise ValueError(f"gate regime must be 'mild', 'resets' or 'strong', got {regime!r}")
+
+
+def gate_regimes():
+    """pallas_gpu at the 340M layer's shape under each gate regime: what the exact path costs."""
+    batch, seq_len, heads, key_dim, value_dim = LAYER_340M
+    q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
+    shape = dict(B=batch, T=seq_len, H=heads, K=key_dim, V=value_dim)
+    for regime in ("mild", "resets", "strong"):
+        gates = with_gate_regime(g, regime)
+        fns = gla_fns("pallas_gpu")
+        measure(f"pallas_gpu {regime}", fns, (q, k, v, gates), (q, k, v, gates, do), **shape)
 
 
 def gla_fns(backend):
@@ -301,6 +334,11 @@ def main():
         help="only time each pallas_gpu stage alone (T = 2K, both shapes)",
     )
     parser.add_argument(
+        "--gate_regimes",
+        action="store_true",
+        help="only time pallas_gpu at the 340M layer's shape: mild gates, resets, strong gates",
+    )
+    parser.add_argument(
         "--interpret",
         action="store_true",
         help="with --breakdown: a tiny interpret-mode run (CPU smoke test)",
@@ -314,6 +352,9 @@ def main():
             return
         breakdown()
         breakdown(heads=4, key_dim=256, value_dim=512)
+        return
+    if args.gate_regimes:
+        gate_regimes()
         return
     if args.check:
         check_against_xla()

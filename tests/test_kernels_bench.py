@@ -1,0 +1,30 @@
+"""The kernel benchmark's gate regimes (benchmarks/kernels.py --gate_regimes): the gates each one
+promises, checked on the CPU (the timing itself needs a GPU)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.kernels import RESET_EVERY, gla_inputs, with_gate_regime
+
+
+def test_gate_regimes_make_the_promised_gates():
+    _, _, _, g, _ = gla_inputs(8, 2048, 2, 16, 16)
+    assert with_gate_regime(g, "mild") is g
+    resets = with_gate_regime(g, "resets")
+    starts = resets == -120.0
+    # A document start sets every head and K of its token; elsewhere the gates are unchanged.
+    assert bool(jnp.all(starts.all(axis=(2, 3)) == starts.any(axis=(2, 3))))
+    assert bool(jnp.all(jnp.where(starts, True, resets == g)))
+    count = int(starts[..., 0, 0].sum())
+    expected = g.shape[0] * g.shape[1] / RESET_EVERY
+    assert 0.3 * expected <= count <= 3 * expected
+    strong = with_gate_regime(g, "strong").astype(jnp.float32)
+    assert bool(jnp.all(jnp.abs(strong - (g.astype(jnp.float32) - 2.0)) <= 0.02))
+
+
+def test_unknown_gate_regime_is_refused():
+    _, _, _, g, _ = gla_inputs(1, 64, 1, 16, 16)
+    with pytest.raises(ValueError, match="gate regime"):
+        with_gate_regime(g, "weak")
