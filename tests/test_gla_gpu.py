@@ -255,3 +255,16 @@ def test_every_factorization_path_matches_oracle(dtype):
         )
         errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
         assert all(err <= TOLERANCE[dtype] for err in errors.values()), errors
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
+def test_dyadic_levels_cover_every_pair_below_the_diagonal_once(size):
+    """exact_scores sums one matmul per dyadic level: the levels' pairs must partition the
+    strictly lower triangle, or a pair would be lost or counted twice."""
+    from pallas_kernels.gla import gpu_forward
+
+    levels = gpu_forward.dyadic_levels(size)
+    assert levels[0] == size // 2 and levels[-1] == 1
+    counts = sum(gpu_forward.dyadic_pairs(size, h).astype(jnp.int32) for h in levels)
+    below = jnp.tril(jnp.ones((size, size), jnp.int32), k=-1)
+    assert bool(jnp.all(counts == below))

@@ -14,8 +14,10 @@ chunks' scores A (``exact_scores``) with the forward's kernels, then:
 * ``query_key_grads``: per (chunk, row * head, K tile): the inter-chunk terms ``do @ h^T`` and
   ``v @ dH^T``, then the intra-chunk terms from dA, and the gate gradient dg of the chunk. Like
   the forward's scores, two launches: one factorized matmul pair per chunk where the span allows,
-  else the forward's secondary-level chunking (off-diagonal sub-blocks as matmuls around a
-  reference row, diagonal sub-blocks factorized or in log space).
+  else secondary-level chunking (sub-chunks of 16; off-diagonal sub-blocks as matmuls around a
+  reference row, diagonal sub-blocks factorized or in log space). The forward's exact_scores
+  splits a chunk in dyadic levels instead, measured faster under document resets; this kernel
+  keeps the sub-chunks.
 
 The gate gradient. With b the chunk-local cumulative sum of g, every use of b is a factor
 exp(+b_i) on a query side or exp(-b_j) on a key side, so dL/db_i = q_i * dq_i - k_i * dk_i
@@ -246,7 +248,7 @@ def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
 def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
     """dq, dk and dL/db [S, BK] from the diagonal sub-block ``own`` of dA (zero above the diagonal):
     dq_i from columns j <= i, dk_j from rows i >= j. Factorized around the middle row where the
-    decay span allows (as in the forward's exact_scores), else in log space one column at a time.
+    decay span allows, else in log space one column at a time.
 
     refs: (q_ref, k_ref, b_ref, da_ref); q, k, b: the sub-block's rows (q scaled)."""
     q_ref, k_ref, b_ref, da_ref = refs
@@ -264,7 +266,7 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
         dk += d_row * (row(q_ref, pos) * scale) * safe_decay(row(b_ref, pos) - b)
         return dq, dk
 
-    def log_space():  # a loop with few live values: see the forward's _diagonal_scores
+    def log_space():  # a loop with few live values: a register-hungry branch would slow the other
         dq, dk = lax.fori_loop(0, sub, column, (jnp.zeros_like(q), jnp.zeros_like(k)))
         return dq, dk, q * dq - k * dk  # float32 products: the pairs cancel to rounding
 

@@ -16,12 +16,15 @@ Four kernels make the forward:
   state at the chunk where it starts and writing each sequence's final state at its last chunk.
 * ``exact_scores``: the gated causal scores ``A [B', Tp, H, C]`` (float32, scale included) of the
   chunks whose span exceeds ``FACTORIZE_SPAN`` (strong gates, resets), with secondary-level
-  chunking (sub-chunks of 16): an off-diagonal sub-block (rows of sub-chunk I against columns of
-  sub-chunk J < I) is factorized around the first position r of sub-chunk I, so both factors
-  ``exp(b_i - b_r)`` and ``exp(b_r - b_j)`` are <= 1 and it is one tensor-core matmul. A diagonal
-  sub-block has no such reference row; it is factorized around its middle row when its own span
-  allows, else computed in float32 in log space, one column at a time. Its programs for the other
-  chunks exit at once.
+  chunking taken all the way down (dyadic levels): the chunk's later half against its earlier
+  half, then within each half its later quarter against its earlier one, and so on to single
+  rows. Every pair (i, j) of a level has a reference row r between its positions, the first row
+  of the later part, so both factors ``exp(b_i - b_r)`` and ``exp(b_r - b_j)`` are <= 1 for any
+  gates, and each level is one tensor-core matmul over the whole chunk (six at C = 64). That
+  replaced 16-row sub-chunks with log-space diagonal blocks, whose many small products and
+  column loop made an exact chunk slow: under document resets at the 340M layer's shape the
+  forward's extra time over mild gates fell from 0.079 to 0.040 ms (H200). Its programs for
+  the other chunks exit at once.
 * ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head), V a tile
   at a time. For a chunk whose span is at most ``FACTORIZE_SPAN`` (every chunk under ordinary
   gates) A is computed in place as one tensor-core matmul,
@@ -365,62 +368,75 @@ def diagonal_span(b_ref, base, sub):
     return jnp.max(row(b_ref, base) - row(b_ref, base + sub - 1))
 
 
-def _diagonal_scores(q_ref, k_ref, b_ref, base, sub, *, scale, dtype):
-    """Unmasked scores [S, S] of the diagonal sub-block starting at ``base``."""
-    q = rows(q_ref, base, sub) * scale
-    b = rows(b_ref, base, sub)
-
-    def factorized():
-        return factorized_scores(q, rows(k_ref, base, sub), b, row(b_ref, base + sub // 2), dtype)
-
-    def log_space():
-        # One column at a time: slow, but it keeps few values live. Both branches share the
-        # kernel's registers, so a register-hungry fallback would slow the common path too. A
-        # loop rather than unrolled code: it runs rarely, and unrolled it lengthens compiles.
-        cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
-
-        def column(c, scores):
-            weights = q * row(k_ref, base + c) * safe_decay(b - row(b_ref, base + c))
-            return jnp.where(cols == c, jnp.sum(weights, axis=1, keepdims=True), scores)
-
-        return lax.fori_loop(0, sub, column, jnp.zeros((sub, sub), F32))
-
-    return lax.cond(factorizable(diagonal_span(b_ref, base, sub)), factorized, log_space)
+def dyadic_levels(size: int):
+    """Half-widths h = size / 2, ..., 2, 1 of the levels that split a chunk's pairs."""
+    return [size >> level for level in range(1, size.bit_length())]
 
 
-def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, dtype):
-    """Secondary-level chunking, for the chunks whose span rules the factorization out."""
+def dyadic_pairs(size: int, h: int):
+    """[size, size] mask of level h's pairs: (i, j) in one block of 2h rows, i in its later half
+    and j in its earlier half. Every pair i > j belongs to exactly one level: the one of the
+    highest bit in which i and j differ."""
+    i = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    j = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+    return (i // (2 * h) == j // (2 * h)) & (i % (2 * h) >= h) & (j % (2 * h) < h)
+
+
+def dyadic_reference(b_ref, size: int, h: int, cols):
+    """[size, BK]: for each row, b at its level-h reference position, the first row of its
+    2h-block's later half (a strided load, repeated over each block). With gates <= 0, b falls
+    along the chunk, so for a level-h pair b_i <= b_ref <= b_j: both factors 2 ** (b_i - b_ref)
+    and 2 ** (b_ref - b_j) are <= 1 whatever the gates, and their product is the pair's decay."""
+    blocks = size // (2 * h)
+    references = b_ref[pl.ds(h, blocks, stride=2 * h), cols]
+    width = references.shape[-1]
+    repeated = jnp.broadcast_to(references[:, None, :], (blocks, 2 * h, width))
+    return repeated.reshape(size, width)
+
+
+# K piece of exact_scores' loop: [C, 64] float32 tiles of q, k, b and both factors fit registers.
+EXACT_BLOCK_K = 64
+
+
+def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, block_k, dtype):
+    """The chunk's scores in dyadic levels, for the chunks whose span rules the factorization
+    out: the diagonal (decay 1) elementwise and each level's pairs as one tensor-core matmul of
+    factors that are at most 1, so a chunk takes six matmuls whatever its gates."""
 
     @pl.when(jnp.logical_not(factorizable(span_ref[...])))
     def _():
-        chunk = q_ref.shape[0]
-        sub = sub_chunk(chunk)
-        parts = chunk // sub
-        causal = causal_mask(sub)
-        for i in range(parts):
-            rows_i = pl.ds(i * sub, sub)
-            if i > 0:  # columns of earlier sub-chunks, around r = the first row of this one
-                b_r = row(b_ref, i * sub)
-                q_hat = rows(q_ref, i * sub, sub) * scale * decay(rows(b_ref, i * sub, sub) - b_r)
-                for j in range(i):
-                    k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
-                    a_ref[rows_i, pl.ds(j * sub, sub)] = mm_nt(q_hat, k_hat, dtype)
-            for j in range(i + 1, parts):
-                a_ref[rows_i, pl.ds(j * sub, sub)] = jnp.zeros((sub, sub), F32)
-            diagonal = _diagonal_scores(q_ref, k_ref, b_ref, i * sub, sub, scale=scale, dtype=dtype)
-            a_ref[rows_i, rows_i] = jnp.where(causal, diagonal, 0.0)
+        chunk, key_dim = q_ref.shape
+        on_diagonal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) == (
+            lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+        )
+        scores = jnp.zeros((chunk, chunk), F32)
+        for t in range(key_dim // block_k):
+            ks = pl.ds(t * block_k, block_k)
+            q = q_ref[:, ks].astype(F32) * scale
+            k = k_ref[:, ks].astype(F32)
+            b = b_ref[:, ks]
+            scores += jnp.where(on_diagonal, jnp.sum(q * k, axis=1, keepdims=True), 0.0)
+            for h in dyadic_levels(chunk):
+                b_r = dyadic_reference(b_ref, chunk, h, ks)
+                level = mm_nt(q * safe_decay(b - b_r), k * safe_decay(b_r - b), factor_dtype(dtype))
+                scores += jnp.where(dyadic_pairs(chunk, h), level, 0.0)
+        a_ref[...] = scores
 
 
 def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     """A [B', Tp, H, C] float32, scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i, written for
     the chunks that are not ``factorizable`` only: the kernels that use A compute it themselves
     for the others (``chunk_scores``), and those rows of this buffer are left unwritten. Its
-    programs for the other chunks exit at once; the launch still costs ~0.06 ms at T = 2K,
-    16 x 128 on an H200 (walking 8 chunks per program instead measured the same)."""
+    programs for the other chunks exit at once."""
     rows_, padded_len, heads, key_dim = q.shape
     key = chunk_spec(chunk, heads, key_dim)
     return pl.pallas_call(
-        functools.partial(_exact_scores_kernel, scale=scale, dtype=q.dtype),
+        functools.partial(
+            _exact_scores_kernel,
+            scale=scale,
+            block_k=min(EXACT_BLOCK_K, key_dim),
+            dtype=q.dtype,
+        ),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
         grid=(padded_len // chunk, rows_ * heads),
         in_specs=[span_spec(heads), key, key, key],
