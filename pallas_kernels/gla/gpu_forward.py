@@ -20,7 +20,8 @@ Four kernels make the forward:
   half, then within each half its later quarter against its earlier one, and so on to single
   rows. Every pair (i, j) of a level has a reference row r between its positions, the first row
   of the later part, so both factors ``exp(b_i - b_r)`` and ``exp(b_r - b_j)`` are <= 1 for any
-  gates, and each level is one tensor-core matmul over the whole chunk (six at C = 64). That
+  gates, and each level is one tensor-core matmul over the whole chunk (six at C = 64, per K
+  piece of 64). That
   replaced 16-row sub-chunks with log-space diagonal blocks, whose many small products and
   column loop made an exact chunk slow: under document resets at the 340M layer's shape the
   forward's extra time over mild gates fell from 0.079 to 0.040 ms (H200). Its programs for
@@ -401,7 +402,7 @@ EXACT_BLOCK_K = 64
 def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, block_k, dtype):
     """The chunk's scores in dyadic levels, for the chunks whose span rules the factorization
     out: the diagonal (decay 1) elementwise and each level's pairs as one tensor-core matmul of
-    factors that are at most 1, so a chunk takes six matmuls whatever its gates."""
+    factors that are at most 1: six matmuls per K piece at C = 64, whatever the gates."""
 
     @pl.when(jnp.logical_not(factorizable(span_ref[...])))
     def _():
