@@ -21,11 +21,10 @@ Four kernels make the forward:
   rows. Every pair (i, j) of a level has a reference row r between its positions, the first row
   of the later part, so both factors ``exp(b_i - b_r)`` and ``exp(b_r - b_j)`` are <= 1 for any
   gates, and each level is one tensor-core matmul over the whole chunk (six at C = 64, per K
-  piece of 64). That
-  replaced 16-row sub-chunks with log-space diagonal blocks, whose many small products and
-  column loop made an exact chunk slow: under document resets at the 340M layer's shape the
-  forward's extra time over mild gates fell from 0.079 to 0.040 ms (H200). Its programs for
-  the other chunks exit at once.
+  piece of 64). That replaced 16-row sub-chunks with log-space diagonal blocks, whose many small
+  products and column loop made an exact chunk slow: under document resets at the 340M layer's
+  shape the forward's extra time over mild gates fell from 0.079 to 0.040 ms (H200). Its
+  programs for the other chunks exit at once.
 * ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head), V a tile
   at a time. For a chunk whose span is at most ``FACTORIZE_SPAN`` (every chunk under ordinary
   gates) A is computed in place as one tensor-core matmul,
