@@ -222,8 +222,10 @@ def test_every_factorization_path_matches_oracle(dtype):
       gradient hangs on cancellation inside the chunk): every chunk is one matmul factorized
       around its middle row;
     - strong gates (log gate -2 per step): chunk spans exceed FACTORIZE_SPAN, so the exact
-      kernels run, and their diagonal sub-blocks (spans of 15 steps) are factorized;
-    - resets (log gate -120 inside sub-chunks): exact kernels with log-space diagonal blocks.
+      kernels run: the forward's dyadic levels, and the gradients' sub-chunks whose diagonal
+      blocks (spans of 15 steps) are factorized;
+    - resets (log gate -120 inside sub-chunks): the exact kernels again, the gradients' diagonal
+      blocks in log space.
     The mild and reset gates are mixed in one batch, so both launches write parts of one buffer.
     float16 factorized operands would overflow at these spans: they are float32."""
     from pallas_kernels.gla import gpu_forward
