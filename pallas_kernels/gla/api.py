@@ -136,11 +136,16 @@ def _gla_bwd(opts, residuals, cotangents):
     return dq, dk, dv, dg, (None if initial_state is None else dh0), None
 
 
+def _state_shape(q, v, cu_seqlens):
+    """[N, H, K, V]: one state per sequence (the rows, or the packed sequences)."""
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (num_seqs, q.shape[2], q.shape[3], v.shape[-1])
+
+
 def _state_or_zeros(initial_state, q, v, cu_seqlens):
     if initial_state is not None:
         return initial_state
-    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return jnp.zeros((num_seqs, q.shape[2], q.shape[3], v.shape[-1]), jnp.float32)
+    return jnp.zeros(_state_shape(q, v, cu_seqlens), jnp.float32)
 
 
 _gla.defvjp(_gla_fwd, _gla_bwd)
@@ -205,11 +210,9 @@ def _prepare(q, k, v, g, initial_state, cu_seqlens, scale):
     """Checks the arguments both ops share; returns (initial_state float32 or None, cu_seqlens,
     scale)."""
     _check_inputs(q, k, v, g)
-    batch, seq_len, heads, key_dim = q.shape
+    batch, seq_len, _, key_dim = q.shape
     cu_seqlens = _check_cu_seqlens(cu_seqlens, batch, seq_len)
-    num_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    state_shape = (num_seqs, heads, key_dim, v.shape[-1])
-    initial_state = _check_state("initial_state", initial_state, state_shape)
+    initial_state = _check_state("initial_state", initial_state, _state_shape(q, v, cu_seqlens))
     scale = float(key_dim**-0.5 if scale is None else scale)
     return initial_state, cu_seqlens, scale
 
