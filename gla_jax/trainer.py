@@ -30,6 +30,7 @@ from gla_jax import data as data_lib
 from gla_jax import multihost
 from gla_jax import sharding as sharding_lib
 from gla_jax.config_check import check_config
+from gla_jax.layer_stack import unstack_layer_params
 from gla_jax.metrics import MetricsWriter, Progress
 from gla_jax.model import build_model
 from gla_jax.optim import learning_rate_schedule, make_optimizer
@@ -60,9 +61,22 @@ def abstract_model(model_config):
     return nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
 
 
-def _init_state(model_config, optimizer, seed):
-    model = build_model(model_config, nnx.Rngs(seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def _draw_params(model_config, seed):
+    """The initial parameters (a pure dict) in the stacked layout, whatever the model's: an
+    unrolled model (``scan_layers=False``) takes them through ``unstack_layer_params``, so both
+    layouts start from the same weights."""
+    stacked = ml_collections.ConfigDict(model_config.to_dict())
+    stacked.scan_layers = True
+    return nnx.to_pure_dict(nnx.state(build_model(stacked, nnx.Rngs(seed)), nnx.Param))
+
+
+def _in_layout(stacked_params, model_config):
+    if model_config.get("scan_layers", False):
+        return stacked_params
+    return unstack_layer_params(stacked_params)
+
+
+def _state_from(params, optimizer, seed):
     return {
         "params": params,
         "opt_state": optimizer.init(params),
@@ -76,6 +90,11 @@ def _init_state(model_config, optimizer, seed):
             "longest_run": jnp.zeros((), jnp.int32),
         },
     }
+
+
+def _init_state(model_config, optimizer, seed):
+    params = _in_layout(_draw_params(model_config, seed), model_config)
+    return _state_from(params, optimizer, seed)
 
 
 def build_run(config, mesh) -> Run:
@@ -120,10 +139,38 @@ def with_shardings(abstract_state, shardings):
 
 
 def initialize_state(run: Run):
-    def init_train_state():
-        return _init_state(run.config.model, run.optimizer, run.config.seed)
+    """The initial train state on the run's mesh: ``_init_state`` in three programs (draw, layout,
+    state). Unstacking in the program that draws would let XLA fuse the draw into every layer's
+    slice, one large kernel per layer and parameter: the unrolled 340M model's initializer took
+    six minutes to compile on a GPU that way."""
+    config, shardings = run.config, run.state_shardings
+    stacked_shardings = _stacked_param_shardings(shardings["params"], config.model)
+    stacked = jax.jit(
+        lambda: _draw_params(config.model, config.seed), out_shardings=stacked_shardings
+    )()
+    params = jax.jit(
+        lambda p: _in_layout(p, config.model), out_shardings=shardings["params"], donate_argnums=0
+    )(stacked)
+    return jax.jit(
+        lambda p: _state_from(p, run.optimizer, config.seed),
+        out_shardings=shardings,
+        donate_argnums=0,
+    )(params)
 
-    return jax.jit(init_train_state, out_shardings=run.state_shardings)()
+
+def _stacked_param_shardings(params_shardings, model_config, key: str = "blocks"):
+    """The parameters' shardings in the stacked layout: every layer's, with the layer axis
+    (replicated) in front."""
+    if model_config.get("scan_layers", False):
+        return params_shardings
+    first_layer = params_shardings[key][min(params_shardings[key], key=int)]
+    return {
+        **params_shardings,
+        key: jax.tree.map(
+            lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec)),
+            first_layer,
+        ),
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -314,6 +314,44 @@ def test_gradient_accumulation_equals_one_large_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("model_type", ["gla", "transformer"])
+def test_unrolled_and_scanned_models_start_from_the_same_weights(model_type):
+    import jax
+
+    from gla_jax import trainer
+    from gla_jax.layer_stack import stack_layer_params
+
+    states = {}
+    for scan_layers in (True, False):
+        config = base_config()
+        config.model.update(
+            type=model_type,
+            vocab_size=64,
+            d_model=32,
+            n_layers=3,
+            n_heads=2,
+            dtype="float32",
+            scan_layers=scan_layers,
+        )
+        run = trainer.build_run(config, jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor")))
+        state = trainer.initialize_state(run)
+        assert jax.tree.structure(state) == jax.tree.structure(run.abstract_state)
+        for array, sharding in zip(
+            jax.tree.leaves(state), jax.tree.leaves(run.state_shardings), strict=True
+        ):
+            assert array.sharding.is_equivalent_to(sharding, array.ndim)
+        states[scan_layers] = state
+    scanned, unrolled = states[True], states[False]
+    assert len(unrolled["params"]["blocks"]) == 3
+    stacked = stack_layer_params(unrolled["params"])
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(scanned["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # every layer draws its own weights
+    blocks = unrolled["params"]["blocks"]
+    first, second = jax.tree.leaves(blocks[0]), jax.tree.leaves(blocks[1])
+    assert any(a.size > 1 and not np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     # A huge learning rate blows the parameters up after one step; every later step is
     # non-finite, is not applied, and five in a row stop the run with no checkpoint written.
