@@ -200,7 +200,8 @@ def test_paper_config_parameter_counts(name, target):
     assert abs(count_params(model) - target) / target <= 0.02, count_params(model)
     expected_type = "gla" if name.startswith("gla") else "transformer"
     assert config.model.type == expected_type
-    assert config.model.scan_layers  # 24 unrolled layers compile for minutes
+    # Scanned layers compile one block; gla_340m unrolls its 24 for speed (configs/gla_340m.py).
+    assert config.model.scan_layers == (name != "gla_340m")
 
 
 def test_tiny_config_builds_and_runs():
