@@ -70,6 +70,10 @@ FAMILIES = {
             (32, 128, 4, 1),
             (64, 64, 8, 1),
             (64, 64, 4, 2),
+            # one K tile per chunk at K = 128: v, do and dA read once, at the cost of registers
+            (128, 64, 8, 1),
+            (128, 64, 4, 1),
+            (128, 32, 8, 1),
         ]
     ],
 }
