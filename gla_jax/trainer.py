@@ -145,12 +145,13 @@ def initialize_state(run: Run):
     six minutes to compile on a GPU that way."""
     config, shardings = run.config, run.state_shardings
     stacked_shardings = _stacked_param_shardings(shardings["params"], config.model)
-    stacked = jax.jit(
+    params = jax.jit(
         lambda: _draw_params(config.model, config.seed), out_shardings=stacked_shardings
     )()
-    params = jax.jit(
-        lambda p: _in_layout(p, config.model), out_shardings=shardings["params"], donate_argnums=0
-    )(stacked)
+    if not config.model.get("scan_layers", False):  # rebinding frees the stacked copy
+        params = jax.jit(lambda p: _in_layout(p, config.model), out_shardings=shardings["params"])(
+            params
+        )
     return jax.jit(
         lambda p: _state_from(p, run.optimizer, config.seed),
         out_shardings=shardings,
