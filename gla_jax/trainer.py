@@ -139,10 +139,11 @@ def with_shardings(abstract_state, shardings):
 
 
 def initialize_state(run: Run):
-    """The initial train state on the run's mesh: ``_init_state`` in three programs (draw, layout,
-    state). Unstacking in the program that draws would let XLA fuse the draw into every layer's
-    slice, one large kernel per layer and parameter: the unrolled 340M model's initializer took
-    six minutes to compile on a GPU that way."""
+    """The initial train state on the run's mesh: ``_init_state`` in separate programs: the
+    draw, the unstacking (unrolled models) and the optimizer state. Unstacking in the program
+    that draws would let XLA fuse the draw into every layer's slice, one large kernel per layer
+    and parameter: the unrolled 340M model's initializer took six minutes to compile on a GPU
+    that way."""
     config, shardings = run.config, run.state_shardings
     stacked_shardings = _stacked_param_shardings(shardings["params"], config.model)
     params = jax.jit(
