@@ -490,8 +490,10 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
     )
     latest = checkpointer.latest_step()
     if latest is None:
+        _say("initializing the parameters and the optimizer state (compile included)")
+        started = time.time()
         state = initialize_state(run)
-        _say(f"initialized a new run in {workdir}")
+        _say(f"initialized a new run in {workdir} ({time.time() - started:.1f} s)")
     else:
         abstract = with_shardings(run.abstract_state, run.state_shardings)
         state, data_state = checkpointer.restore(latest, abstract)
