@@ -3,8 +3,9 @@ sequence length.
 
 Runs the real trainer (real data, AdamW, clipping, checkpoint at the end) once per (config,
 sequence length), each in its own process so that its peak memory and compile are its own, and
-reads its metrics.jsonl: the first step's wall time (trace + compile + one run) is reported on
-its own, and steady-state tokens/s is the median of the logged windows after the first two.
+reads its metrics.jsonl: the initialization's and the first step's wall times (compile
+included) are reported on their own (init_s in the JSON rows), and steady-state tokens/s is the
+median of the logged windows after the first two.
 
     python benchmarks/train_throughput.py --configs=gla_340m,transformer_340m \
         --batch_size=8 --seq_len=2048 --steps=200 --out=/tmp/throughput
@@ -131,6 +132,7 @@ def measure(name: str, seq_len: int, batch_size: int, workdir: str) -> dict:
     wall = time.time() - start
     all_records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     first_step_s = next((r["first_step_s"] for r in all_records if "first_step_s" in r), None)
+    init_s = next((r["init_s"] for r in all_records if "init_s" in r), None)
     records = [r for r in all_records if "tokens_per_s" in r]
     steady = records[2:] or records[-1:]  # the first windows still warm up
     tokens_per_s = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]
@@ -142,6 +144,7 @@ def measure(name: str, seq_len: int, batch_size: int, workdir: str) -> dict:
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,
         "steps": config.steps,
+        "init_s": init_s,
         "first_step_s": first_step_s,
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_device": tokens_per_s / jax.device_count(),

@@ -489,11 +489,13 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
         split="train",
     )
     latest = checkpointer.latest_step()
+    init_s = None
     if latest is None:
         _say("initializing the parameters and the optimizer state (compile included)")
         started = time.time()
-        state = initialize_state(run)
-        _say(f"initialized a new run in {workdir} ({time.time() - started:.1f} s)")
+        state = jax.block_until_ready(initialize_state(run))
+        init_s = time.time() - started
+        _say(f"initialized a new run in {workdir} ({init_s:.1f} s)")
     else:
         abstract = with_shardings(run.abstract_state, run.state_shardings)
         state, data_state = checkpointer.restore(latest, abstract)
@@ -503,6 +505,8 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
     train, evaluate = compile_steps(run)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     start_step = int(state["step"])
+    if init_s is not None:
+        writer.write(start_step, {"init_s": init_s})
     progress = Progress(config.steps, start_step)
     peak = peak_flops_per_device(config)
     flops_per_token = 6 * run.num_params + mixer_flops_per_token(config.model, config.seq_len)

@@ -38,6 +38,7 @@ def test_sweep_keeps_tokens_per_batch_and_writes_rows_and_plot(tmp_path):
     for row in rows:
         assert "error" not in row
         assert row["tokens_per_s"] > 0 and row["steps"] == 4
+        assert row["init_s"] > 0 and row["first_step_s"] > 0
         assert row["first_loss"] > row["last_loss"] > 0  # four steps of a real run
     assert (tmp_path / "throughput.png").stat().st_size > 0
     # Each run's checkpoint is dropped once measured; its metrics stay.

@@ -197,9 +197,13 @@ def test_scan_layers_run_resumes_onto_another_mesh_and_samples(tmp_path):
     assert resumed[6] < resumed[1]
     assert (tmp_path / "samples.txt").read_text().startswith("--- sample 0")
     with open(tmp_path / "metrics.jsonl") as f:
-        first_steps = [r for r in map(json.loads, f) if "first_step_s" in r]
+        records = [json.loads(line) for line in f]
+    first_steps = [r for r in records if "first_step_s" in r]
     assert [r["step"] for r in first_steps] == [1, 4]  # each process times its own first step
     assert all(r["first_step_s"] > 0 for r in first_steps)
+    initialized = [r for r in records if "init_s" in r]
+    assert [r["step"] for r in initialized] == [0]  # the resumed process restored instead
+    assert initialized[0]["init_s"] > 0
     model, _ = load_model_from_workdir(str(tmp_path))
     assert model.cfg.scan_layers and model.blocks.mlp.up_proj.kernel.shape[0] == 2
 
