@@ -61,13 +61,26 @@ def abstract_model(model_config):
     return nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
 
 
+def _param_shardings(model, mesh):
+    """NamedShardings of a (possibly abstract) model's parameters, from their logical axis names."""
+    params = nnx.state(model, nnx.Param)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(params))
+    return sharding_lib.state_shardings(nnx.to_pure_dict(params), logical, mesh)
+
+
+def _stacked_config(model_config):
+    """The model config with its blocks stacked (``scan_layers=True``)."""
+    stacked = ml_collections.ConfigDict(model_config.to_dict())
+    stacked.scan_layers = True
+    return stacked
+
+
 def _draw_params(model_config, seed):
     """The initial parameters (a pure dict) in the stacked layout, whatever the model's: an
     unrolled model (``scan_layers=False``) takes them through ``unstack_layer_params``, so both
     layouts start from the same weights."""
-    stacked = ml_collections.ConfigDict(model_config.to_dict())
-    stacked.scan_layers = True
-    return nnx.to_pure_dict(nnx.state(build_model(stacked, nnx.Rngs(seed)), nnx.Param))
+    model = build_model(_stacked_config(model_config), nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _in_layout(stacked_params, model_config):
@@ -99,11 +112,10 @@ def _init_state(model_config, optimizer, seed):
 
 def build_run(config, mesh) -> Run:
     model = abstract_model(config.model)
-    graphdef, param_state = nnx.split(model, nnx.Param)
-    logical_params = nnx.to_pure_dict(nnx.get_partition_spec(param_state))
+    graphdef, _ = nnx.split(model, nnx.Param)
     optimizer = make_optimizer(config)
     abstract_state = jax.eval_shape(lambda: _init_state(config.model, optimizer, config.seed))
-    params_sharding = sharding_lib.state_shardings(abstract_state["params"], logical_params, mesh)
+    params_sharding = _param_shardings(model, mesh)
     opt_sharding = _optimizer_shardings(abstract_state, params_sharding, mesh)
     replicated = sharding_lib.replicated(mesh)
     shardings = {
@@ -145,11 +157,16 @@ def initialize_state(run: Run):
     and parameter: the unrolled 340M model's initializer took six minutes to compile on a GPU
     that way."""
     config, shardings = run.config, run.state_shardings
-    stacked_shardings = _stacked_param_shardings(shardings["params"], config.model)
+    unrolled = not config.model.get("scan_layers", False)
+    stacked_shardings = (
+        _param_shardings(abstract_model(_stacked_config(config.model)), run.mesh)
+        if unrolled
+        else shardings["params"]
+    )
     params = jax.jit(
         lambda: _draw_params(config.model, config.seed), out_shardings=stacked_shardings
     )()
-    if not config.model.get("scan_layers", False):  # rebinding frees the stacked copy
+    if unrolled:  # rebinding frees the stacked copy
         params = jax.jit(lambda p: _in_layout(p, config.model), out_shardings=shardings["params"])(
             params
         )
@@ -158,21 +175,6 @@ def initialize_state(run: Run):
         out_shardings=shardings,
         donate_argnums=0,
     )(params)
-
-
-def _stacked_param_shardings(params_shardings, model_config, key: str = "blocks"):
-    """The parameters' shardings in the stacked layout: every layer's, with the layer axis
-    (replicated) in front."""
-    if model_config.get("scan_layers", False):
-        return params_shardings
-    first_layer = params_shardings[key][min(params_shardings[key], key=int)]
-    return {
-        **params_shardings,
-        key: jax.tree.map(
-            lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec)),
-            first_layer,
-        ),
-    }
 
 
 # --------------------------------------------------------------------------------------------
