@@ -34,8 +34,11 @@ FAMILIES = {
             (32, 64, 4, 2),
             (64, 32, 4, 2),
             (64, 128, 8, 2),
+            (64, 128, 4, 2),
             (128, 64, 8, 2),
+            (128, 128, 8, 2),
             (32, 32, 4, 3),
+            (32, 32, 2, 2),
         ]
     ],
     "scores": [
@@ -108,8 +111,8 @@ def fits(fields, key_dim, value_dim):
     return True
 
 
-def tune_shape(heads, key_dim, value_dim, families, seq_len=2048, chunk=64):
-    q, k, v, g, do = gla_inputs(32768 // seq_len, seq_len, heads, key_dim, value_dim)
+def tune_shape(heads, key_dim, value_dim, families, tokens=32768, seq_len=2048, chunk=64):
+    q, k, v, g, do = gla_inputs(tokens // seq_len, seq_len, heads, key_dim, value_dim)
     p = gpu.prepare(q, k, v, g, None, chunk)
     do_rows = jnp.swapaxes(p.layout.to_chunked(do), 1, 2)
     base = tuning.heuristic(key_dim, value_dim, q.dtype)
@@ -141,13 +144,18 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--shapes", default="16x128x128,4x256x512")
     parser.add_argument("--families", default="state,scores,output,grad")
+    # The sequential state walks split their tiles when (rows x heads) is small (tuning.py), so
+    # tune a model's layer shape at its own tokens per call (B x T): the 340M layer is 4x128x256
+    # at 16384.
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--seq_len", type=int, default=2048)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     table = {}
     for shape in args.shapes.split(","):
         heads, key_dim, value_dim = (int(x) for x in shape.split("x"))
         table[tuning.table_key(key_dim, value_dim, jnp.bfloat16)] = tune_shape(
-            heads, key_dim, value_dim, args.families.split(",")
+            heads, key_dim, value_dim, args.families.split(","), args.tokens, args.seq_len
         )
         # Written after every shape, so a run cut short keeps what it finished.
         with open(os.path.join(args.out, "tuned_gpu.json"), "w") as f:

@@ -57,24 +57,31 @@ def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
     """Untuned default: tiles that keep every float32 accumulator of a program in registers."""
     del dtype
     return GpuConfig(
+        # The state walks (chunk_states + state_grads alone, T = 2K, H200): a 64 x 128 tile with
+        # 4 warps took 0.583 ms at 16 x 128 (64 x 64: 0.861, 128 x 128 with 8 warps: 0.643) and
+        # 0.204 ms at the 340M layer's 4 x 128 x 256 (64 x 64: 0.215, 64 x 32: 0.305): k and the
+        # gates are read once per V tile, so wide V tiles read less.
         state_block_k=min(key_dim, 64),
-        state_block_v=min(value_dim, 64),
+        state_block_v=min(value_dim, 128),
         output_block_v=min(value_dim, 128),
         output_block_k=min(key_dim, 64),
         value_block_v=min(value_dim, 128),
         value_block_k=min(key_dim, 64),
         # Measured for query_key_grads alone (T = 2K, H200): K tile 64 at 16 x 128 (1.25 ms, 32:
-        # 1.57), 32 at the paper's 256 x 512 (1.62 ms, 64: 1.74).
+        # 1.57), 32 at the paper's 256 x 512 (1.62 ms, 64: 1.74); V piece 128 at 4 x 128 x 256
+        # (0.221 ms, 64: 0.239), either at 16 x 128 (1.244, 1.235).
         grad_block_k=min(key_dim, 64 if key_dim <= 128 else 32),
-        grad_block_v=min(value_dim, 64),
+        grad_block_v=min(value_dim, 128 if key_dim <= 128 else 64),
         score_block_v=min(value_dim, 64),
     )
 
 
 # The sequential state kernels run one program per (row, head, K tile, V tile); with few long
-# rows that is too few programs to fill the GPU's 132 multiprocessors, so tiles shrink until
-# there are at least this many (down to 32 x 32).
-MIN_STATE_PROGRAMS = 264
+# rows (a packed cu_seqlens row has only H) that is too few programs to fill the GPU's 132
+# multiprocessors, so tiles shrink until there are at least this many (down to 32 x 32). One per
+# multiprocessor: at the 340M layer's 32 (row, head) pairs, 128 programs of 64 x 128 walked faster
+# than 256 of 64 x 64 or 512 of 64 x 32 (above).
+MIN_STATE_PROGRAMS = 128
 
 
 def _fill_state_grid(config: GpuConfig, key_dim: int, value_dim: int, sequences: int):
