@@ -201,12 +201,8 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
     hs = states(k, v, b, h0, first, last)
     exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale, **common))
     a = exact(q, k, b, spans)
-    value_grads = jax.jit(
-        lambda q, k, b, s, a, v, do, dh: gpu_backward.value_grads(
-            q, k, b, s, a, v, do, dh, scale=scale, out_dtype=k.dtype, **common
-        )
-    )
-    _, da = value_grads(q, k, b, spans, a, v, do_rows, hs)
+    dscores = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))
+    da = dscores(do_rows, v)
     return {
         "gate_cumsum": (cumsum, (g,)),
         "chunk_states": (states, (k, v, b, h0, first, last)),
@@ -227,7 +223,15 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
             ),
             (q, do_rows, b, h0, first, last),
         ),
-        "value_grads": (value_grads, (q, k, b, spans, a, v, do_rows, hs)),
+        "score_grads": (dscores, (do_rows, v)),
+        "value_grads": (
+            jax.jit(
+                lambda q, k, b, s, a, do, dh: gpu_backward.value_grads(
+                    q, k, b, s, a, do, dh, scale=scale, out_dtype=k.dtype, **common
+                )
+            ),
+            (q, k, b, spans, a, do_rows, hs),
+        ),
         "query_key_grads": (
             jax.jit(
                 lambda q, k, b, s, v, do, h, dh, da: gpu_backward.query_key_grads(

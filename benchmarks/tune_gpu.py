@@ -2,8 +2,9 @@
 
 Each kernel family is timed on its own, with the others at the heuristic settings:
   state  (chunk_states + state_grads):     state_block_k, state_block_v, state_warps, state_stages
-  scores (exact_scores under gates strong enough to take it): scores_warps
-  output (chunk_outputs + value_grads, with their in-place scores; value_grads also forms dA):
+  scores (exact_scores under gates strong enough to take it, + score_grads):
+                                           scores_warps, score_block_v
+  output (chunk_outputs + value_grads, with their in-place scores):
                                            output_/value_ block_v, block_k, warps, stages
   grad   (query_key_grads):                grad_block_k, grad_block_v, grad_warps, grad_stages
 The best candidate of each family goes into the table, keyed by padded (K, V, dtype).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 
@@ -39,7 +41,9 @@ FAMILIES = {
             (32, 32, 2, 2),
         ]
     ],
-    "scores": [dict(scores_warps=w) for w in (2, 4, 8)],
+    "scores": [
+        dict(scores_warps=w, score_block_v=bv) for w, bv in itertools.product((2, 4, 8), (64, 128))
+    ],
     "output": [
         dict(
             output_block_v=bv,
@@ -81,7 +85,7 @@ FAMILIES = {
 # The kernels each family's settings steer, timed one after the other per candidate.
 FAMILY_KERNELS = {
     "state": ("chunk_states", "state_grads"),
-    "scores": ("exact_scores",),
+    "scores": ("exact_scores", "score_grads"),
     "output": ("chunk_outputs", "value_grads"),
     "grad": ("query_key_grads",),
 }

@@ -17,7 +17,7 @@ from tests.test_gla_ops import TOLERANCE, Case, _make_inputs, _rel_err
 
 # Tiles smaller than the head dims: several K and V tiles per state program, several V tiles and K
 # pieces (loops) per output and value-gradient program, several K tiles (grid) and V pieces
-# (loop) per query/key-gradient program, several V pieces in value_grads' dA loop.
+# (loop) per query/key-gradient program, several V pieces in the score-gradient loop.
 SMALL_TILES = tuning.GpuConfig(
     state_block_k=16,
     state_block_v=16,
@@ -167,15 +167,16 @@ def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype):
 def test_every_kernel_lowers_through_triton(shape):
     module = _export_for_cuda(*shape)
     # Forward: gate_cumsum, chunk_states, exact_scores, chunk_outputs; backward: the first three
-    # recomputed, then state_grads, value_grads (dv and dA) and query_key_grads (factorized and
+    # recomputed, then state_grads, score_grads, value_grads and query_key_grads (factorized and
     # exact).
-    assert module.count("__gpu$xla.gpu.triton") == 11
+    assert module.count("__gpu$xla.gpu.triton") == 12
     for name in (
         "gla_gate_cumsum",
         "gla_chunk_states",
         "gla_exact_scores",
         "gla_chunk_outputs",
         "gla_state_grads",
+        "gla_score_grads",
         "gla_value_grads",
         "gla_query_key_grads",
         "gla_query_key_grads_exact",

@@ -2,7 +2,7 @@
 
 This file prepares the kernels' inputs and assembles their outputs; the kernels are in
 gpu_forward.py (gate_cumsum, chunk_states, exact_scores, chunk_outputs) and gpu_backward.py
-(state_grads, value_grads, query_key_grads); block sizes come from tuning.py.
+(state_grads, score_grads, value_grads, query_key_grads); block sizes come from tuning.py.
 
 Inputs go to the time-major rows layout [B', Tp, H, D]: the chunk layout's head-major form
 transposed back, which XLA folds into nothing for equal-length rows with T a multiple of the chunk
@@ -180,13 +180,12 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         config=config,
         interpret=interpret,
     )
-    dv, dscores = gpu_backward.value_grads(
+    dv = gpu_backward.value_grads(
         p.q,
         p.k,
         b,
         spans,
         exact,
-        p.v,
         do_rows,
         dstates,
         chunk=chunk,
@@ -194,6 +193,9 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         out_dtype=p.v.dtype,
         config=config,
         interpret=interpret,
+    )
+    dscores = gpu_backward.score_grads(
+        do_rows, p.v, chunk=chunk, config=config, interpret=interpret
     )
     dq, dk, dg = gpu_backward.query_key_grads(
         p.q,

@@ -8,9 +8,9 @@ chunks' scores A (``exact_scores``) with the forward's kernels, then:
   chunk, else the gradient entering chunk c + 1, which is
   ``exp(b_last) * dH + (q * scale * exp(b))^T @ do``. At a sequence's first chunk that entering
   gradient is the gradient of its initial state.
+* ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, float32.
 * ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head), A
-  formed in place once per chunk as in the forward's chunk_outputs (``chunk_scores``); and
-  ``dA = do @ v^T`` per chunk, causal-masked, float32, stored for query_key_grads.
+  formed in place once per chunk as in the forward's chunk_outputs (``chunk_scores``).
 * ``query_key_grads``: per (chunk, row * head, K tile): the inter-chunk terms ``do @ h^T`` and
   ``v @ dH^T``, then the intra-chunk terms from dA, and the gate gradient dg of the chunk. Like
   the forward's scores, two launches: one factorized matmul pair per chunk where the span allows,
@@ -137,34 +137,50 @@ def state_grads(
 
 
 # --------------------------------------------------------------------------------------------
+# score_grads
+# --------------------------------------------------------------------------------------------
+
+
+def _score_grads_kernel(do_ref, v_ref, da_ref, *, block_v, dtype):
+    chunk, value_dim = do_ref.shape
+    da = jnp.zeros((chunk, chunk), F32)
+    for t in range(value_dim // block_v):
+        vs = pl.ds(t * block_v, block_v)
+        da += mm_nt(do_ref[:, vs], v_ref[:, vs], dtype)
+    da_ref[...] = jnp.where(causal_mask(chunk), da, 0.0)
+
+
+def score_grads(do, v, *, chunk, config, interpret):
+    """dA [B', Tp, H, C] float32: do @ v^T within each chunk, zero above the diagonal."""
+    rows_, padded_len, heads, value_dim = v.shape
+    value = chunk_spec(chunk, heads, value_dim)
+    return pl.pallas_call(
+        functools.partial(
+            _score_grads_kernel, block_v=min(config.score_block_v, value_dim), dtype=v.dtype
+        ),
+        out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[value, value],
+        out_specs=chunk_spec(chunk, heads, chunk),
+        compiler_params=params(config.scores_warps, 1),
+        interpret=interpret,
+        name="gla_score_grads",
+    )(do, v)
+
+
+# --------------------------------------------------------------------------------------------
 # value_grads
 # --------------------------------------------------------------------------------------------
 
 
 def _value_grads_kernel(
-    span_ref,
-    q_ref,
-    k_ref,
-    b_ref,
-    a_ref,
-    v_ref,
-    do_ref,
-    dh_ref,
-    dv_ref,
-    da_ref,
-    *,
-    scale,
-    block_v,
-    block_k,
-    score_block_v,
-    dtype,
+    span_ref, q_ref, k_ref, b_ref, a_ref, do_ref, dh_ref, dv_ref, *, scale, block_v, block_k, dtype
 ):
     chunk, key_dim = k_ref.shape
-    value_dim = do_ref.shape[1]
     scores = chunk_scores(
         span_ref[...], q_ref, k_ref, b_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
     )
-    for u in range(value_dim // block_v):  # V tiles, all sharing the scores
+    for u in range(do_ref.shape[1] // block_v):  # V tiles, all sharing the scores
         vs = pl.ds(u * block_v, block_v)
         dv = mm_tn(scores, do_ref[:, vs], dtype)  # intra-chunk: A^T @ do
         for t in range(key_dim // block_k):  # through the state leaving the chunk
@@ -173,22 +189,11 @@ def _value_grads_kernel(
             k_to_end = k_ref[:, ks].astype(F32) * decay(b_last - b_ref[:, ks])
             dv += mm(k_to_end, dh_ref[ks, vs], dtype)
         dv_ref[:, vs] = dv.astype(dv_ref.dtype)
-    # dA = do @ v^T for query_key_grads, after the scores and dv are dead, so that their registers
-    # are free; do is read again while the chunk is still in cache.
-    da = jnp.zeros((chunk, chunk), F32)
-    for u in range(value_dim // score_block_v):
-        vs = pl.ds(u * score_block_v, score_block_v)
-        da += mm_nt(do_ref[:, vs], v_ref[:, vs], dtype)
-    da_ref[...] = jnp.where(causal_mask(chunk), da, 0.0)
 
 
-def value_grads(
-    q, k, b, spans, exact, v, do, dstates, *, chunk, scale, out_dtype, config, interpret
-):
-    """dv [B', Tp, H, V] per (chunk, row * head), V a tile at a time, with A as in chunk_outputs
-    (formed in place once per chunk, or read from ``exact``); and dA [B', Tp, H, C] float32,
-    do @ v^T within each chunk, zero above the diagonal (one launch less than a kernel of its
-    own: do is already being read)."""
+def value_grads(q, k, b, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):
+    """dv [B', Tp, H, V] per (chunk, row * head), V a tile at a time; A as in chunk_outputs
+    (formed in place once per chunk, or read from ``exact``)."""
     rows_, padded_len, heads, key_dim = k.shape
     value_dim = do.shape[-1]
     key = chunk_spec(chunk, heads, key_dim)
@@ -199,13 +204,9 @@ def value_grads(
             scale=scale,
             block_v=min(config.value_block_v, value_dim),
             block_k=min(config.value_block_k, key_dim),
-            score_block_v=min(config.score_block_v, value_dim),
             dtype=k.dtype,
         ),
-        out_shape=(
-            jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
-            jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
-        ),
+        out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
         grid=(padded_len // chunk, rows_ * heads),
         in_specs=[
             span_spec(heads),
@@ -214,14 +215,13 @@ def value_grads(
             key,
             chunk_spec(chunk, heads, chunk),
             value,
-            value,
             state_spec(key_dim, value_dim, heads),
         ],
-        out_specs=(value, chunk_spec(chunk, heads, chunk)),
+        out_specs=value,
         compiler_params=params(config.value_warps, config.value_stages),
         interpret=interpret,
         name="gla_value_grads",
-    )(spans, q, k, b, exact, v, do, dstates)
+    )(spans, q, k, b, exact, do, dstates)
 
 
 # --------------------------------------------------------------------------------------------

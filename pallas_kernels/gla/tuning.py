@@ -23,8 +23,8 @@ class GpuConfig:
     state_block_v: int = 64
     state_warps: int = 4
     state_stages: int = 2
-    scores_warps: int = 4  # exact_scores (one program per chunk)
-    score_block_v: int = 64  # V piece of value_grads' dA = do @ v^T loop
+    scores_warps: int = 4  # exact_scores / score_grads (one program per chunk)
+    score_block_v: int = 64  # V piece of score_grads' do @ v^T loop
     output_block_v: int = 64  # chunk_outputs V tile (a loop: the tiles share the scores)
     output_block_k: int = 64  # K piece of its (q * exp(b)) @ h loop
     output_warps: int = 4
