@@ -144,9 +144,9 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--shapes", default="16x128x128,4x256x512")
     parser.add_argument("--families", default="state,scores,output,grad")
-    # The sequential state walks split their tiles when (rows x heads) is small (tuning.py), so
-    # tune a model's layer shape at its own tokens per call (B x T): the 340M layer is 4x128x256
-    # at 16384.
+    # How many programs the sequential state walks have, and so which tiles win, depends on
+    # rows x heads, so tune a model's layer at its own tokens per call (B x T; the 340M layer is
+    # 4x128x256 at 16384). Candidates are timed as given, before tuning.py's fill rule.
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--seq_len", type=int, default=2048)
     args = parser.parse_args()
