@@ -270,3 +270,19 @@ def test_dyadic_levels_cover_every_pair_below_the_diagonal_once(size):
     counts = sum(gpu_forward.dyadic_pairs(size, h).astype(jnp.int32) for h in levels)
     below = jnp.tril(jnp.ones((size, size), jnp.int32), k=-1)
     assert bool(jnp.all(counts == below))
+
+
+@pytest.mark.parametrize(
+    "sequences, expected",
+    [
+        (256, (64, 128)),  # 16 heads x 16 rows: 512 programs, the measured best tile
+        (32, (64, 64)),  # 32 (row, head) pairs: 64 x 128 gives 64 programs; V halves: 128
+        (4, (32, 32)),  # a packed cu_seqlens row of 4 heads: shrinks to the 32 x 32 floor
+    ],
+)
+def test_state_tiles_shrink_until_the_walks_fill_the_gpu(sequences, expected):
+    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False, sequences=sequences)
+    tiles = (config.state_block_k, config.state_block_v)
+    assert tiles == expected
+    programs = sequences * (128 // tiles[0]) * (128 // tiles[1])
+    assert programs >= tuning.MIN_STATE_PROGRAMS or tiles == (32, 32)
