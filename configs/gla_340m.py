@@ -18,7 +18,7 @@ def get_config():
             dtype="bfloat16",
             remat=False,
             # 24 unrolled blocks: a first step of ~1 min (compile included) against ~18 s for one
-            # block scanned over the layers, and 15-20% more tokens/s on an H200 (the scan copies
+            # block scanned over the layers, and ~15% more tokens/s on an H200 (the scan copies
             # every activation the backward keeps into and out of stacked buffers; BENCHMARKS.md).
             scan_layers=False,
             backend=None,
