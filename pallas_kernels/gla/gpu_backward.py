@@ -8,7 +8,7 @@ chunks' scores A (``exact_scores``) with the forward's kernels, then:
   chunk, else the gradient entering chunk c + 1, which is
   ``exp(b_last) * dH + (q * scale * exp(b))^T @ do``. At a sequence's first chunk that entering
   gradient is the gradient of its initial state.
-* ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, float32.
+* ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, in the factors' operand dtype.
 * ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head), A
   formed in place once per chunk as in the forward's chunk_outputs (``chunk_scores``).
 * ``query_key_grads``: per (chunk, row * head, K tile): the inter-chunk terms ``do @ h^T`` and
@@ -147,18 +147,21 @@ def _score_grads_kernel(do_ref, v_ref, da_ref, *, block_v, dtype):
     for t in range(value_dim // block_v):
         vs = pl.ds(t * block_v, block_v)
         da += mm_nt(do_ref[:, vs], v_ref[:, vs], dtype)
-    da_ref[...] = jnp.where(causal_mask(chunk), da, 0.0)
+    da_ref[...] = jnp.where(causal_mask(chunk), da, 0.0).astype(da_ref.dtype)
 
 
 def score_grads(do, v, *, chunk, config, interpret):
-    """dA [B', Tp, H, C] float32: do @ v^T within each chunk, zero above the diagonal."""
+    """dA [B', Tp, H, C]: do @ v^T within each chunk, zero above the diagonal, stored in the
+    operand dtype of the matmuls that use it (``factor_dtype``: bfloat16 for bfloat16 inputs,
+    else float32), which round it to that dtype anyway; half the bytes of float32 to write here
+    and to read in each of query_key_grads' K tiles."""
     rows_, padded_len, heads, value_dim = v.shape
     value = chunk_spec(chunk, heads, value_dim)
     return pl.pallas_call(
         functools.partial(
             _score_grads_kernel, block_v=min(config.score_block_v, value_dim), dtype=v.dtype
         ),
-        out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
+        out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), factor_dtype(v.dtype)),
         grid=(padded_len // chunk, rows_ * heads),
         in_specs=[value, value],
         out_specs=chunk_spec(chunk, heads, chunk),
@@ -260,9 +263,9 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
     def column(c, grads):
         dq, dk = grads
         pos = base + c
-        d_col = da_ref[own, pl.ds(pos, 1)]  # dA[i, pos] for the rows i: [S, 1]
+        d_col = da_ref[own, pl.ds(pos, 1)].astype(F32)  # dA[i, pos] for the rows i: [S, 1]
         dq += d_col * row(k_ref, pos) * safe_decay(b - row(b_ref, pos))
-        d_row = da_ref[pl.ds(pos, 1), own].T  # dA[pos, j] for the columns j: [S, 1]
+        d_row = da_ref[pl.ds(pos, 1), own].astype(F32).T  # dA[pos, j] for the columns j: [S, 1]
         dk += d_row * (row(q_ref, pos) * scale) * safe_decay(row(b_ref, pos) - b)
         return dq, dk
 
