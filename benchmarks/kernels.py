@@ -235,7 +235,7 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
         "query_key_grads": (
             jax.jit(
                 lambda q, k, b, s, v, do, h, dh, da: gpu_backward.query_key_grads(
-                    q, k, b, s, v, do, h, dh, da, scale=scale, **common
+                    q, k, b, s, v, do, h, dh, da, scale=scale, dg_dtype=g.dtype, **common
                 )
             ),
             (q, k, b, spans, v, do_rows, hs, hs, da),

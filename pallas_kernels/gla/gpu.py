@@ -209,6 +209,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         dscores,
         chunk=chunk,
         scale=scale,
+        dg_dtype=g.dtype,
         config=config,
         interpret=interpret,
     )

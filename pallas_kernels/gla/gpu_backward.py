@@ -312,7 +312,7 @@ def _store_grads(rows_, dq, dk, db, carry, dq_ref, dk_ref, dg_ref, scale):
     dq_ref[rows_, :] = (dq * scale).astype(dq_ref.dtype)
     dk_ref[rows_, :] = dk.astype(dk_ref.dtype)
     total = jnp.sum(db, axis=0, keepdims=True)
-    dg_ref[rows_, :] = carry + total - jnp.cumsum(db, axis=0) + db
+    dg_ref[rows_, :] = (carry + total - jnp.cumsum(db, axis=0) + db).astype(dg_ref.dtype)
     return carry + total
 
 
@@ -430,9 +430,11 @@ def _exact_key_grads_kernel(
 
 
 def query_key_grads(
-    q, k, b, spans, v, do, states, dstates, dscores, *, chunk, scale, config, interpret
+    q, k, b, spans, v, do, states, dstates, dscores, *, chunk, scale, dg_dtype, config, interpret
 ):
-    """dq, dk [B', Tp, H, K] in q's dtype and dg [B', Tp, H, K] float32.
+    """dq, dk [B', Tp, H, K] in q's dtype and dg [B', Tp, H, K] in ``dg_dtype`` (the gates'
+    dtype, which the op returns it in: summed in float32, rounded once on the store, so a
+    bfloat16 g costs no float32 write and conversion pass).
 
     Like the forward's scores: a factorized launch, then an exact launch for the chunks
     whose span rules the factorization out, writing into the same buffers."""
@@ -445,7 +447,7 @@ def query_key_grads(
     out = jax.ShapeDtypeStruct(q.shape, q.dtype)
     launch = functools.partial(
         pl.pallas_call,
-        out_shape=(out, out, jax.ShapeDtypeStruct(q.shape, F32)),
+        out_shape=(out, out, jax.ShapeDtypeStruct(q.shape, dg_dtype)),
         grid=(padded_len // chunk, rows_ * heads, key_dim // block_k),
         out_specs=(key, key, key),
         compiler_params=params(config.grad_warps, config.grad_stages),
