@@ -68,6 +68,11 @@ def _param_shardings(model, mesh):
     return sharding_lib.state_shardings(nnx.to_pure_dict(params), logical, mesh)
 
 
+def _is_stacked(model_config) -> bool:
+    """Whether the model's blocks are stacked on a 'layers' axis (``scan_layers``)."""
+    return bool(model_config.get("scan_layers", False))
+
+
 def _stacked_config(model_config):
     """The model config with its blocks stacked (``scan_layers=True``)."""
     stacked = ml_collections.ConfigDict(model_config.to_dict())
@@ -84,7 +89,7 @@ def _draw_params(model_config, seed):
 
 
 def _in_layout(stacked_params, model_config):
-    if model_config.get("scan_layers", False):
+    if _is_stacked(model_config):
         return stacked_params
     return unstack_layer_params(stacked_params)
 
@@ -157,7 +162,7 @@ def initialize_state(run: Run):
     and parameter: the unrolled 340M model's initializer took six minutes to compile on a GPU
     that way."""
     config, shardings = run.config, run.state_shardings
-    unrolled = not config.model.get("scan_layers", False)
+    unrolled = not _is_stacked(config.model)
     stacked_shardings = (
         _param_shardings(abstract_model(_stacked_config(config.model)), run.mesh)
         if unrolled
