@@ -39,6 +39,12 @@ FAMILIES = {
             (128, 128, 8, 2),
             (32, 32, 4, 3),
             (32, 32, 2, 2),
+            # deeper pipelines: with one program per multiprocessor (long rows, few of them) two
+            # chunks in flight may not cover the memory latency
+            (64, 64, 4, 3),
+            (64, 64, 4, 4),
+            (64, 128, 4, 3),
+            (64, 128, 4, 4),
         ]
     ],
     "scores": [
