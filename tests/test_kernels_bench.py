@@ -28,3 +28,19 @@ def test_unknown_gate_regime_is_refused():
     _, _, _, g, _ = gla_inputs(1, 64, 1, 16, 16)
     with pytest.raises(ValueError, match="gate regime"):
         with_gate_regime(g, "weak")
+
+
+def test_tuner_candidates_are_valid_settings():
+    """Every candidate of benchmarks/tune_gpu.py names GpuConfig fields, and every family says
+    which kernels it times: a misspelt field would only fail on the GPU, mid-run."""
+    import dataclasses
+
+    from benchmarks import tune_gpu
+    from pallas_kernels.gla import tuning
+
+    base = tuning.heuristic(128, 128, jnp.bfloat16)
+    assert set(tune_gpu.FAMILIES) == set(tune_gpu.FAMILY_KERNELS)
+    for family, candidates in tune_gpu.FAMILIES.items():
+        assert candidates, family
+        for fields in candidates:
+            dataclasses.replace(base, **fields)
