@@ -78,20 +78,26 @@ def with_gate_regime(g, regime, seed=1):
     raise ValueError(f"gate regime must be 'mild', 'resets' or 'strong', got {regime!r}")
 
 
-def gate_regimes():
+def gate_regimes(chunk_size=64):
     """pallas_gpu at the 340M layer's shape under each gate regime: what the exact path costs."""
     batch, seq_len, heads, key_dim, value_dim = LAYER_340M
     q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
     shape = dict(B=batch, T=seq_len, H=heads, K=key_dim, V=value_dim)
-    fns = gla_fns("pallas_gpu")  # one compilation: the regimes differ in values only
+    fns = gla_fns("pallas_gpu", chunk_size)  # one compilation: the regimes differ in values only
     for regime in ("mild", "resets", "strong"):
         gates = with_gate_regime(g, regime)
-        measure(f"pallas_gpu {regime}", fns, (q, k, v, gates), (q, k, v, gates, do), **shape)
+        name = f"{op_name('pallas_gpu', chunk_size)} {regime}"
+        measure(name, fns, (q, k, v, gates), (q, k, v, gates, do), **shape)
 
 
-def gla_fns(backend):
+def op_name(backend, chunk_size):
+    """The row's op: the backend, with its chunk size when not the default 64."""
+    return backend if chunk_size == 64 else f"{backend} C={chunk_size}"
+
+
+def gla_fns(backend, chunk_size=64):
     def fwd(q, k, v, g):
-        return chunk_gla(q, k, v, g, backend=backend)[0]
+        return chunk_gla(q, k, v, g, chunk_size=chunk_size, backend=backend)[0]
 
     def fwd_bwd(q, k, v, g, do):
         o, vjp = jax.vjp(fwd, q, k, v, g)
@@ -124,7 +130,7 @@ def measure(name, fns, fwd_args, bwd_args, **shape):
     return row
 
 
-def run(ts, backends, paper):
+def run(ts, backends, paper, chunk_size=64):
     rows = []
     for seq_len in ts:
         batch = TOKENS // seq_len
@@ -133,9 +139,9 @@ def run(ts, backends, paper):
             q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
             shape = dict(B=batch, T=seq_len, H=heads, K=key_dim, V=value_dim)
             for backend in backends:
-                rows.append(
-                    measure(backend, gla_fns(backend), (q, k, v, g), (q, k, v, g, do), **shape)
-                )
+                fns = gla_fns(backend, chunk_size)
+                name = op_name(backend, chunk_size)
+                rows.append(measure(name, fns, (q, k, v, g), (q, k, v, g, do), **shape))
         q, k, v, _, do = gla_inputs(batch, seq_len, 16, 128, 128)
         rows.append(
             measure(
@@ -153,12 +159,12 @@ def run(ts, backends, paper):
     return rows
 
 
-def check_against_xla(seq_len=1024, batch=2):
+def check_against_xla(seq_len=1024, batch=2, chunk_size=64):
     """Relative error of pallas_gpu against the float32 'xla' backend on the benchmark shapes."""
     for heads, key_dim, value_dim in ((16, 128, 128), (4, 256, 512)):
         q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim, seed=1)
         f32 = [x.astype(jnp.float32) for x in (q, k, v, g, do)]
-        (o, grads) = gla_fns("pallas_gpu")[1](q, k, v, g, do)
+        (o, grads) = gla_fns("pallas_gpu", chunk_size)[1](q, k, v, g, do)
         (o_ref, grads_ref) = gla_fns("xla")[1](*f32)
         errors = {}
         for name, a, b in zip(
@@ -169,7 +175,7 @@ def check_against_xla(seq_len=1024, batch=2):
         print(
             json.dumps(
                 dict(
-                    check="pallas_gpu vs xla f32",
+                    check=f"{op_name('pallas_gpu', chunk_size)} vs xla f32",
                     H=heads,
                     K=key_dim,
                     V=value_dim,
@@ -329,6 +335,9 @@ def main():
     parser.add_argument("--no-paper", action="store_true")
     parser.add_argument("--check", action="store_true", help="first compare with 'xla' (f32)")
     parser.add_argument(
+        "--chunk_size", type=int, default=64, help="the GLA backends' chunk size (table, check)"
+    )
+    parser.add_argument(
         "--breakdown",
         action="store_true",
         help="only time each pallas_gpu stage alone (T = 2K, both shapes)",
@@ -354,11 +363,12 @@ def main():
         breakdown(heads=4, key_dim=256, value_dim=512)
         return
     if args.gate_regimes:
-        gate_regimes()
+        gate_regimes(args.chunk_size)
         return
     if args.check:
-        check_against_xla()
-    rows = run([int(t) for t in args.ts.split(",")], args.backends.split(","), not args.no_paper)
+        check_against_xla(chunk_size=args.chunk_size)
+    ts = [int(t) for t in args.ts.split(",")]
+    rows = run(ts, args.backends.split(","), not args.no_paper, args.chunk_size)
     print(table(rows))
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, rows=rows), f, indent=1)

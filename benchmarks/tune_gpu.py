@@ -155,13 +155,21 @@ def main():
     # 4x128x256 at 16384). Candidates are timed as given, before tuning.py's fill rule.
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--seq_len", type=int, default=2048)
+    # The table is keyed by head dims only: a run at another chunk size is for reading timings.
+    parser.add_argument("--chunk", type=int, default=64)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     table = {}
     for shape in args.shapes.split(","):
         heads, key_dim, value_dim = (int(x) for x in shape.split("x"))
         table[tuning.table_key(key_dim, value_dim, jnp.bfloat16)] = tune_shape(
-            heads, key_dim, value_dim, args.families.split(","), args.tokens, args.seq_len
+            heads,
+            key_dim,
+            value_dim,
+            args.families.split(","),
+            args.tokens,
+            args.seq_len,
+            args.chunk,
         )
         # Written after every shape, so a run cut short keeps what it finished.
         with open(os.path.join(args.out, "tuned_gpu.json"), "w") as f:

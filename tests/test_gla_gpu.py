@@ -136,8 +136,8 @@ def test_explicit_backend_raises_on_unsupported_shape():
         chunk_gla(q, q, jnp.zeros((1, 8, 1, 16)), q, backend="pallas_gpu", interpret=True)
 
 
-def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype):
-    opts = api.Options("pallas_gpu", key_dim**-0.5, 64, False)
+def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype, chunk=64):
+    opts = api.Options("pallas_gpu", key_dim**-0.5, chunk, False)
 
     def forward_and_backward(q, k, v, g, h0, do, dfinal):
         out = gpu.forward(q, k, v, g, h0, None, opts)
@@ -182,6 +182,13 @@ def test_every_kernel_lowers_through_triton(shape):
         "gla_query_key_grads_exact",
     ):
         assert name in module
+
+
+@pytest.mark.parametrize("shape", [(16, 2048, 16, 128, 128), (16, 2048, 4, 256, 512)])
+def test_every_kernel_lowers_through_triton_at_chunk_128(shape):
+    """The benchmark shapes at chunk size 128 (``benchmarks/kernels.py --chunk_size 128``)."""
+    module = _export_for_cuda(*shape, jnp.bfloat16, chunk=128)
+    assert module.count("__gpu$xla.gpu.triton") == 12
 
 
 def test_gate_gradient_stays_accurate_over_long_bf16_sequences():
