@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gla.api import chunk_gla
+from pallas_kernels.gla.api import CHUNK_SIZES, chunk_gla
 
 TOKENS = 32768
 
@@ -335,7 +335,11 @@ def main():
     parser.add_argument("--no-paper", action="store_true")
     parser.add_argument("--check", action="store_true", help="first compare with 'xla' (f32)")
     parser.add_argument(
-        "--chunk_size", type=int, default=64, help="the GLA backends' chunk size (table, check)"
+        "--chunk_size",
+        type=int,
+        default=64,
+        choices=CHUNK_SIZES,
+        help="the GLA backends' chunk size (table, check, gate regimes)",
     )
     parser.add_argument(
         "--breakdown",
