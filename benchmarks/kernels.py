@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gla.api import CHUNK_SIZES, chunk_gla
+from pallas_kernels.gla.api import CHUNK_SIZES, DEFAULT_CHUNK_SIZE, chunk_gla
 
 TOKENS = 32768
 
@@ -78,7 +78,7 @@ def with_gate_regime(g, regime, seed=1):
     raise ValueError(f"gate regime must be 'mild', 'resets' or 'strong', got {regime!r}")
 
 
-def gate_regimes(chunk_size=64):
+def gate_regimes(chunk_size=DEFAULT_CHUNK_SIZE):
     """pallas_gpu at the 340M layer's shape under each gate regime: what the exact path costs."""
     batch, seq_len, heads, key_dim, value_dim = LAYER_340M
     q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
@@ -91,11 +91,11 @@ def gate_regimes(chunk_size=64):
 
 
 def op_name(backend, chunk_size):
-    """The row's op: the backend, with its chunk size when not the default 64."""
-    return backend if chunk_size == 64 else f"{backend} C={chunk_size}"
+    """The row's op: the backend, with its chunk size when not the op's default."""
+    return backend if chunk_size == DEFAULT_CHUNK_SIZE else f"{backend} C={chunk_size}"
 
 
-def gla_fns(backend, chunk_size=64):
+def gla_fns(backend, chunk_size=DEFAULT_CHUNK_SIZE):
     def fwd(q, k, v, g):
         return chunk_gla(q, k, v, g, chunk_size=chunk_size, backend=backend)[0]
 
@@ -130,7 +130,7 @@ def measure(name, fns, fwd_args, bwd_args, **shape):
     return row
 
 
-def run(ts, backends, paper, chunk_size=64):
+def run(ts, backends, paper, chunk_size=DEFAULT_CHUNK_SIZE):
     rows = []
     for seq_len in ts:
         batch = TOKENS // seq_len
@@ -159,7 +159,7 @@ def run(ts, backends, paper, chunk_size=64):
     return rows
 
 
-def check_against_xla(seq_len=1024, batch=2, chunk_size=64):
+def check_against_xla(seq_len=1024, batch=2, chunk_size=DEFAULT_CHUNK_SIZE):
     """Relative error of pallas_gpu against the float32 'xla' backend on the benchmark shapes."""
     for heads, key_dim, value_dim in ((16, 128, 128), (4, 256, 512)):
         q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim, seed=1)
@@ -250,7 +250,13 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
 
 
 def breakdown(
-    seq_len=2048, heads=16, key_dim=128, value_dim=128, interpret=False, tokens=TOKENS, chunk=64
+    seq_len=2048,
+    heads=16,
+    key_dim=128,
+    value_dim=128,
+    interpret=False,
+    tokens=TOKENS,
+    chunk=DEFAULT_CHUNK_SIZE,
 ):
     """Times each stage of pallas_gpu alone on prepared inputs: where the op's time goes."""
     from pallas_kernels.gla import gpu, tuning
@@ -337,7 +343,7 @@ def main():
     parser.add_argument(
         "--chunk_size",
         type=int,
-        default=64,
+        default=DEFAULT_CHUNK_SIZE,
         choices=CHUNK_SIZES,
         help="the GLA backends' chunk size (table, check, gate regimes)",
     )

@@ -23,9 +23,9 @@ import os
 
 import jax.numpy as jnp
 
-from benchmarks.kernels import gla_inputs, kernel_stages, time_ms
+from benchmarks.kernels import TOKENS, gla_inputs, kernel_stages, time_ms
 from pallas_kernels.gla import gpu, tuning
-from pallas_kernels.gla.api import CHUNK_SIZES
+from pallas_kernels.gla.api import CHUNK_SIZES, DEFAULT_CHUNK_SIZE
 
 FAMILIES = {
     "state": [
@@ -118,7 +118,9 @@ def fits(fields, key_dim, value_dim):
     return True
 
 
-def tune_shape(heads, key_dim, value_dim, families, tokens=32768, seq_len=2048, chunk=64):
+def tune_shape(
+    heads, key_dim, value_dim, families, tokens=TOKENS, seq_len=2048, chunk=DEFAULT_CHUNK_SIZE
+):
     q, k, v, g, do = gla_inputs(tokens // seq_len, seq_len, heads, key_dim, value_dim)
     p = gpu.prepare(q, k, v, g, None, chunk)
     do_rows = jnp.swapaxes(p.layout.to_chunked(do), 1, 2)
@@ -154,10 +156,10 @@ def main():
     # How many programs the sequential state walks have, and so which tiles win, depends on
     # rows x heads, so tune a model's layer at its own tokens per call (B x T; the 340M layer is
     # 4x128x256 at 16384). Candidates are timed as given, before tuning.py's fill rule.
-    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--tokens", type=int, default=TOKENS)
     parser.add_argument("--seq_len", type=int, default=2048)
     # The table is keyed by head dims only: a run at another chunk size is for reading timings.
-    parser.add_argument("--chunk", type=int, default=64, choices=CHUNK_SIZES)
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, choices=CHUNK_SIZES)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     table = {}

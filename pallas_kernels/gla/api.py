@@ -26,6 +26,7 @@ from pallas_kernels.gla.layout import make_layout
 
 BACKENDS = ("pallas_gpu", "pallas_tpu", "xla", "reference")
 CHUNK_SIZES = (16, 32, 64, 128)
+DEFAULT_CHUNK_SIZE = 64
 _PALLAS_MODULES = {"pallas_gpu": "pallas_kernels.gla.gpu", "pallas_tpu": "pallas_kernels.gla.tpu"}
 _AUTO = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}
 
@@ -258,7 +259,7 @@ def chunk_gla(
     initial_state=None,
     output_final_state=False,
     cu_seqlens=None,
-    chunk_size=64,
+    chunk_size=DEFAULT_CHUNK_SIZE,
     backend=None,
     interpret=False,
 ):
