@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gla_jax.ops import chunk_gla, fused_recurrent_gla
+from gla_jax.ops import DEFAULT_CHUNK_SIZE, chunk_gla, fused_recurrent_gla
 
 
 def param_init(std: float, names: tuple[str, ...]):
@@ -254,7 +254,7 @@ class GatedLinearAttention(nnx.Module):
         use_short_conv: bool = False,
         conv_size: int = 4,
         backend: str | None = None,
-        chunk_size: int = 64,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         packing: str = "gate_reset",
         max_segments_per_row: int = 16,
         init_std: float = 0.02,

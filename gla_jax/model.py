@@ -69,6 +69,7 @@ from gla_jax.layers import (
     RMSNorm,
     SwiGLU,
 )
+from gla_jax.ops import DEFAULT_CHUNK_SIZE
 
 MIXERS = ("gla", "attention")
 
@@ -94,7 +95,7 @@ class GLAConfig:
     use_short_conv: bool = False
     conv_size: int = 4
     backend: str | None = None  # chunk_gla backend; None = chosen by platform
-    chunk_size: int = 64
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     packing: str = "gate_reset"  # GLA with segment_ids: 'gate_reset' | 'cu_seqlens' (layers.py)
     max_segments_per_row: int = 16  # static bound on documents per row, 'cu_seqlens' only
     # Attention layer

@@ -15,9 +15,9 @@ import jax
 from jax.sharding import PartitionSpec
 
 from pallas_kernels.gla import api
-from pallas_kernels.gla.api import BACKENDS, fused_recurrent_gla
+from pallas_kernels.gla.api import BACKENDS, DEFAULT_CHUNK_SIZE, fused_recurrent_gla
 
-__all__ = ["BACKENDS", "chunk_gla", "fused_recurrent_gla"]
+__all__ = ["BACKENDS", "DEFAULT_CHUNK_SIZE", "chunk_gla", "fused_recurrent_gla"]
 
 _ROW_AXES = ("data", "fsdp")
 _HEAD_AXIS = "tensor"

@@ -33,6 +33,7 @@ from gla_jax.config_check import check_config
 from gla_jax.layer_stack import unstack_layer_params
 from gla_jax.metrics import MetricsWriter, Progress
 from gla_jax.model import build_model
+from gla_jax.ops import DEFAULT_CHUNK_SIZE
 from gla_jax.optim import learning_rate_schedule, make_optimizer
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v4": 275.0}
@@ -317,7 +318,7 @@ def mixer_flops_per_token(model_config, seq_len: int) -> float:
         heads = model_config.n_heads
         d_k = int(d * model_config.get("expand_k", 0.5))
         d_v = int(d * model_config.get("expand_v", 1.0))
-        chunk = model_config.get("chunk_size", 64)
+        chunk = model_config.get("chunk_size", DEFAULT_CHUNK_SIZE)
         forward = 2 * chunk * (d_k + d_v) + 4 * d_k * d_v / heads
     return 3 * forward * layers
 
