@@ -44,3 +44,19 @@ def test_tuner_candidates_are_valid_settings():
         assert candidates, family
         for fields in candidates:
             dataclasses.replace(base, **fields)
+
+
+def test_breakdown_times_every_kernel_stage_in_interpret_mode(capsys):
+    """``--breakdown --interpret``: every pallas_gpu kernel stage builds and runs on the CPU
+    (the tuner times the same stages), each printing one finite time."""
+    import json
+    import math
+
+    from benchmarks.kernels import breakdown
+
+    breakdown(64, 2, 32, 32, interpret=True, tokens=128)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "stage" in line]
+    stages = {row["stage"] for row in rows}
+    assert {"chunk_states", "exact_scores", "score_grads", "query_key_grads"} <= stages
+    assert len(rows) == len(stages) >= 8
+    assert all(math.isfinite(row["ms"]) and row["ms"] > 0 for row in rows)
