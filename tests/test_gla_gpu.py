@@ -136,7 +136,9 @@ def test_explicit_backend_raises_on_unsupported_shape():
         chunk_gla(q, q, jnp.zeros((1, 8, 1, 16)), q, backend="pallas_gpu", interpret=True)
 
 
-def _export_for_cuda(batch, seq_len, heads, key_dim, value_dim, dtype, chunk=64):
+def _export_for_cuda(
+    batch, seq_len, heads, key_dim, value_dim, dtype, chunk=api.DEFAULT_CHUNK_SIZE
+):
     opts = api.Options("pallas_gpu", key_dim**-0.5, chunk, False)
 
     def forward_and_backward(q, k, v, g, h0, do, dfinal):
