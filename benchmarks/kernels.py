@@ -8,11 +8,13 @@ logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png t
   PYTHONPATH=. python -m benchmarks.kernels --out $OUT [--ts 1024,2048,4096,8192,16384] [--check]
   PYTHONPATH=. python -m benchmarks.kernels --breakdown     # each pallas_gpu stage timed alone
   PYTHONPATH=. python -m benchmarks.kernels --gate_regimes  # the 340M layer: mild, resets, strong
+  ... --set fused_forward=false,paired_walks=false            # any of these with other settings
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -187,6 +189,22 @@ def check_against_xla(seq_len=1024, batch=2, chunk_size=DEFAULT_CHUNK_SIZE):
         )
 
 
+# The stages kernel_stages times: every pallas_gpu kernel (forward_walk and backward_walks stand
+# in for the walks and outputs under the default settings).
+KERNEL_STAGES = (
+    "gate_cumsum",
+    "chunk_states",
+    "exact_scores",
+    "forward_walk",
+    "backward_walks",
+    "chunk_outputs",
+    "state_grads",
+    "score_grads",
+    "value_grads",
+    "query_key_grads",
+)
+
+
 def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, interpret):
     """{kernel: (jitted call, its arguments)}: each pallas_gpu kernel alone, on inputs already in
     the kernels' layout (``gpu.prepare``'s arrays; ``do_rows`` the output gradient in the same
@@ -213,6 +231,22 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
         "gate_cumsum": (cumsum, (g,)),
         "chunk_states": (states, (k, v, b, h0, first, last)),
         "exact_scores": (exact, (q, k, b, spans)),
+        "forward_walk": (
+            jax.jit(
+                lambda q, k, b, s, a, v, h0, f, e: gpu_forward.forward_walk(
+                    q, k, b, s, a, v, h0, f, e, scale=scale, out_dtype=q.dtype, **common
+                )
+            ),
+            (q, k, b, spans, a, v, h0, first, last),
+        ),
+        "backward_walks": (
+            jax.jit(
+                lambda q, k, v, do, b, h0, d, f, e: gpu_backward.backward_walks(
+                    q, k, v, do, b, h0, d, f, e, scale=scale, state_dtype=q.dtype, **common
+                )
+            ),
+            (q, k, v, do_rows, b, h0, h0, first, last),
+        ),
         "chunk_outputs": (
             jax.jit(
                 lambda q, k, b, s, h, a, v: gpu_forward.chunk_outputs(
@@ -333,6 +367,26 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def override_config(spec: str):
+    """Every pallas_gpu launch in this process takes these GpuConfig fields ("name=json,...") over
+    the tuned or heuristic ones: variants timed without writing a tuning table."""
+    from pallas_kernels.gla import tuning
+
+    fields = dict(item.split("=", 1) for item in spec.split(","))
+    known = {f.name for f in dataclasses.fields(tuning.GpuConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise SystemExit(f"--set: unknown GpuConfig fields {unknown}; known: {sorted(known)}")
+    fields = {name: json.loads(value) for name, value in fields.items()}
+    tuned = tuning.config_for
+
+    def config_for(*args, **kwargs):
+        return dataclasses.replace(tuned(*args, **kwargs), **fields)
+
+    tuning.config_for = config_for
+    print(f"pallas_gpu settings: {fields}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -358,6 +412,12 @@ def main():
         help="only time pallas_gpu at the 340M layer's shape: mild gates, resets, strong gates",
     )
     parser.add_argument(
+        "--set",
+        default="",
+        help="pallas_gpu launch settings over the tuned ones, e.g. fused_forward=false,"
+        "forward_block_v=64 (GpuConfig fields; values in JSON)",
+    )
+    parser.add_argument(
         "--interpret",
         action="store_true",
         help="with --breakdown: a tiny interpret-mode run (CPU smoke test)",
@@ -365,6 +425,8 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     print(jax.devices(), jax.__version__, flush=True)
+    if args.set:
+        override_config(args.set)
     if args.breakdown:
         if args.interpret:
             breakdown(64, 2, 32, 32, interpret=True, tokens=128)

@@ -37,7 +37,13 @@ SMALL_TILES = tuning.GpuConfig(
     grad_block_v=16,
     grad_warps=4,
     grad_stages=1,
+    forward_block_v=16,
+    forward_block_k=16,
+    forward_stages=1,
 )
+# The paths the switches turn off: the forward through stored states (chunk_states, then
+# chunk_outputs) and the backward's two walks in two launches.
+UNFUSED = dict(fused_forward=False, paired_walks=False)
 
 
 def _check_against_oracle(case: Case, seed: int, config=None):
@@ -76,8 +82,15 @@ def _check_against_oracle(case: Case, seed: int, config=None):
     ],
     ids=lambda c: c.name,
 )
-def test_small_tiles_match_oracle(case):
-    _check_against_oracle(case, seed=5, config=SMALL_TILES)
+@pytest.mark.parametrize("switches", [{}, UNFUSED], ids=["fused", "unfused"])
+def test_small_tiles_match_oracle(case, switches):
+    _check_against_oracle(case, seed=5, config=dataclasses.replace(SMALL_TILES, **switches))
+
+
+def test_unfused_paths_match_oracle_at_whole_tiles():
+    case = Case("unfused", batch=2, seq_len=100, heads=2, key_dim=32, value_dim=48, gates="strong")
+    config = tuning.config_for(32, 64, jnp.float32, interpret=True)
+    _check_against_oracle(case, seed=6, config=dataclasses.replace(config, **UNFUSED))
 
 
 @pytest.mark.parametrize(
@@ -137,13 +150,18 @@ def test_explicit_backend_raises_on_unsupported_shape():
 
 
 def _export_for_cuda(
-    batch, seq_len, heads, key_dim, value_dim, dtype, chunk=api.DEFAULT_CHUNK_SIZE
+    batch, seq_len, heads, key_dim, value_dim, dtype, chunk=api.DEFAULT_CHUNK_SIZE, switches=None
 ):
     opts = api.Options("pallas_gpu", key_dim**-0.5, chunk, False)
+    config = None
+    if switches:
+        padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
+        config = tuning.config_for(*padded, dtype, interpret=False, sequences=batch * heads)
+        config = dataclasses.replace(config, **switches)
 
     def forward_and_backward(q, k, v, g, h0, do, dfinal):
-        out = gpu.forward(q, k, v, g, h0, None, opts)
-        return out, gpu.backward(q, k, v, g, h0, None, do, dfinal, opts)
+        out = gpu.forward(q, k, v, g, h0, None, opts, config)
+        return out, gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config)
 
     sd = jax.ShapeDtypeStruct
     keys = sd((batch, seq_len, heads, key_dim), dtype)
@@ -168,16 +186,15 @@ def _export_for_cuda(
 )
 def test_every_kernel_lowers_through_triton(shape):
     module = _export_for_cuda(*shape)
-    # Forward: gate_cumsum, chunk_states, exact_scores, chunk_outputs; backward: the first three
-    # recomputed, then state_grads, score_grads, value_grads and query_key_grads (factorized and
-    # exact).
-    assert module.count("__gpu$xla.gpu.triton") == 12
+    # Forward: gate_cumsum, exact_scores, forward_walk; backward: the first two recomputed, then
+    # backward_walks (the states and their gradients), value_grads, score_grads and
+    # query_key_grads (factorized and exact).
+    assert module.count("__gpu$xla.gpu.triton") == 10
     for name in (
         "gla_gate_cumsum",
-        "gla_chunk_states",
         "gla_exact_scores",
-        "gla_chunk_outputs",
-        "gla_state_grads",
+        "gla_forward_walk",
+        "gla_backward_walks",
         "gla_score_grads",
         "gla_value_grads",
         "gla_query_key_grads",
@@ -186,11 +203,21 @@ def test_every_kernel_lowers_through_triton(shape):
         assert name in module
 
 
+@pytest.mark.parametrize("shape", [(4, 1024, 16, 128, 128), (2, 100, 2, 20, 48)])
+def test_unfused_kernels_lower_through_triton(shape):
+    module = _export_for_cuda(*shape, jnp.bfloat16, switches=UNFUSED)
+    # Forward: gate_cumsum, exact_scores, chunk_states, chunk_outputs; backward: gate_cumsum,
+    # exact_scores, chunk_states, state_grads, value_grads, score_grads, query_key_grads x 2.
+    assert module.count("__gpu$xla.gpu.triton") == 12
+    for name in ("gla_chunk_states", "gla_chunk_outputs", "gla_state_grads"):
+        assert name in module
+
+
 @pytest.mark.parametrize("shape", [(16, 2048, 16, 128, 128), (16, 2048, 4, 256, 512)])
 def test_every_kernel_lowers_through_triton_at_chunk_128(shape):
     """The benchmark shapes at chunk size 128 (``benchmarks/kernels.py --chunk_size 128``)."""
     module = _export_for_cuda(*shape, jnp.bfloat16, chunk=128)
-    assert module.count("__gpu$xla.gpu.triton") == 12
+    assert module.count("__gpu$xla.gpu.triton") == 10
 
 
 def test_gate_gradient_stays_accurate_over_long_bf16_sequences():
@@ -295,3 +322,11 @@ def test_state_tiles_shrink_until_the_walks_fill_the_gpu(sequences, expected):
     assert tiles == expected
     programs = sequences * (128 // tiles[0]) * (128 // tiles[1])
     assert programs >= tuning.MIN_STATE_PROGRAMS or tiles == (32, 32)
+
+
+@pytest.mark.parametrize("sequences, expected", [(256, 32), (32, 32), (16, 16), (4, 16)])
+def test_forward_walk_tile_shrinks_until_the_walks_fill_the_gpu(sequences, expected):
+    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False, sequences=sequences)
+    assert config.forward_block_v == expected
+    programs = sequences * (128 // expected)
+    assert programs >= tuning.MIN_STATE_PROGRAMS or expected == 16

@@ -35,13 +35,15 @@ def test_tuner_candidates_are_valid_settings():
     which kernels it times: a misspelt field would only fail on the GPU, mid-run."""
     import dataclasses
 
-    from benchmarks import tune_gpu
+    from benchmarks import kernels, tune_gpu
     from pallas_kernels.gla import tuning
 
     base = tuning.heuristic(128, 128, jnp.bfloat16)
-    assert set(tune_gpu.FAMILIES) == set(tune_gpu.FAMILY_KERNELS)
     for family, candidates in tune_gpu.FAMILIES.items():
         assert candidates, family
+        for switches in ({}, dict(fused_forward=False, paired_walks=False)):
+            timed = tune_gpu.family_kernels(family, dataclasses.replace(base, **switches))
+            assert timed and set(timed) <= set(kernels.KERNEL_STAGES), (family, timed)
         for fields in candidates:
             dataclasses.replace(base, **fields)
 
@@ -52,11 +54,23 @@ def test_breakdown_times_every_kernel_stage_in_interpret_mode(capsys):
     import json
     import math
 
-    from benchmarks.kernels import breakdown
+    from benchmarks.kernels import KERNEL_STAGES, breakdown
 
     breakdown(64, 2, 32, 32, interpret=True, tokens=128)
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "stage" in line]
     stages = {row["stage"] for row in rows}
-    assert {"chunk_states", "exact_scores", "score_grads", "query_key_grads"} <= stages
-    assert len(rows) == len(stages) >= 8
+    assert stages == {"prepare (XLA: layout)", *KERNEL_STAGES}
+    assert len(rows) == len(stages)
     assert all(math.isfinite(row["ms"]) and row["ms"] > 0 for row in rows)
+
+
+def test_set_overrides_the_launch_settings_and_names_unknown_fields(monkeypatch):
+    from benchmarks import kernels
+    from pallas_kernels.gla import tuning
+
+    monkeypatch.setattr(tuning, "config_for", tuning.config_for)  # restored after the test
+    kernels.override_config("fused_forward=false,forward_block_v=64")
+    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False, sequences=256)
+    assert config.fused_forward is False and config.forward_block_v == 64
+    with pytest.raises(SystemExit, match="fused_forwrd"):
+        kernels.override_config("fused_forwrd=false")

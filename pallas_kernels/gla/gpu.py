@@ -107,79 +107,113 @@ def _config(p: Prepared, opts, config):
     return tuning.config_for(kp, p.v.shape[-1], p.q.dtype, opts.interpret, rows * heads)
 
 
-def _states(p: Prepared, b, initial_state, opts, config):
-    h0 = _pad_state(initial_state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
-    states, final = gpu_forward.chunk_states(
-        p.k,
-        p.v,
-        b,
-        h0,
-        p.first_seq,
-        p.last_seq,
+def _padded_h0(p: Prepared, initial_state):
+    return _pad_state(initial_state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
+
+
+def _final_states(p: Prepared, final, initial_state):
+    # An empty sequence's final state is its initial state.
+    empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
+    return jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
+
+
+def _scores(p: Prepared, opts, config):
+    """What forward and backward both start from: b and the chunks' factorization spans, and the
+    scores A of the chunks that take the exact path."""
+    chunk, interpret = opts.chunk_size, opts.interpret
+    b, spans = gpu_forward.gate_cumsum(p.g, chunk=chunk, interpret=interpret)
+    exact = gpu_forward.exact_scores(
+        p.q, p.k, b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
+    )
+    return b, spans, exact
+
+
+def _walk_options(p: Prepared, opts, config):
+    return dict(
         chunk=opts.chunk_size,
         state_dtype=_state_dtype(p.q.dtype),
         config=config,
         interpret=opts.interpret,
     )
-    empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
-    final = jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
-    return states, final
-
-
-def _recompute(p: Prepared, initial_state, opts, config):
-    """What forward and backward both start from: b and the chunks' factorization spans, the
-    chunk states and the scores A of the chunks that take the exact path."""
-    chunk, interpret = opts.chunk_size, opts.interpret
-    b, spans = gpu_forward.gate_cumsum(p.g, chunk=chunk, interpret=interpret)
-    states, final = _states(p, b, initial_state, opts, config)
-    exact = gpu_forward.exact_scores(
-        p.q, p.k, b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
-    )
-    return b, spans, states, final, exact
 
 
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    b, spans, states, final, exact = _recompute(p, initial_state, opts, config)
-    o = gpu_forward.chunk_outputs(
-        p.q,
-        p.k,
-        b,
-        spans,
-        states,
-        exact,
-        p.v,
-        chunk=opts.chunk_size,
-        scale=opts.scale,
-        out_dtype=q.dtype,
-        config=config,
-        interpret=opts.interpret,
+    chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
+    b, spans, exact = _scores(p, opts, config)
+    h0 = _padded_h0(p, initial_state)
+    if config.fused_forward:
+        o, final = gpu_forward.forward_walk(
+            p.q,
+            p.k,
+            b,
+            spans,
+            exact,
+            p.v,
+            h0,
+            p.first_seq,
+            p.last_seq,
+            chunk=chunk,
+            scale=scale,
+            out_dtype=q.dtype,
+            config=config,
+            interpret=interpret,
+        )
+    else:
+        states, final = gpu_forward.chunk_states(
+            p.k, p.v, b, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
+        )
+        o = gpu_forward.chunk_outputs(
+            p.q,
+            p.k,
+            b,
+            spans,
+            states,
+            exact,
+            p.v,
+            chunk=chunk,
+            scale=scale,
+            out_dtype=q.dtype,
+            config=config,
+            interpret=interpret,
+        )
+    return _from_rows(p.layout, o, p.value_dim), _final_states(p, final, initial_state)
+
+
+def _backward_states(p: Prepared, b, initial_state, do_rows, dfinal, opts, config):
+    """The states entering every chunk, dH and dh0: the backward's two walks."""
+    h0 = _padded_h0(p, initial_state)
+    dfinal_padded = _pad_state(dfinal.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
+    walk = _walk_options(p, opts, config)
+    if config.paired_walks:
+        return gpu_backward.backward_walks(
+            p.q,
+            p.k,
+            p.v,
+            do_rows,
+            b,
+            h0,
+            dfinal_padded,
+            p.first_seq,
+            p.last_seq,
+            scale=opts.scale,
+            **walk,
+        )
+    states, _ = gpu_forward.chunk_states(p.k, p.v, b, h0, p.first_seq, p.last_seq, **walk)
+    dstates, dh0 = gpu_backward.state_grads(
+        p.q, do_rows, b, dfinal_padded, p.first_seq, p.last_seq, scale=opts.scale, **walk
     )
-    return _from_rows(p.layout, o, p.value_dim), final
+    return states, dstates, dh0
 
 
 def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    kp, vp = p.q.shape[-1], p.v.shape[-1]
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
-    b, spans, states, _, exact = _recompute(p, initial_state, opts, config)
-    do_rows = _to_rows(p.layout, do.astype(p.q.dtype), vp)
-    dfinal_padded = _pad_state(dfinal.astype(jnp.float32), kp, vp)
-    dstates, dh0 = gpu_backward.state_grads(
-        p.q,
-        do_rows,
-        b,
-        dfinal_padded,
-        p.first_seq,
-        p.last_seq,
-        chunk=chunk,
-        scale=scale,
-        state_dtype=_state_dtype(p.q.dtype),
-        config=config,
-        interpret=interpret,
-    )
+    b, spans, exact = _scores(p, opts, config)
+    do_rows = _to_rows(p.layout, do.astype(p.q.dtype), p.v.shape[-1])
+    states, dstates, dh0 = _backward_states(p, b, initial_state, do_rows, dfinal, opts, config)
     dv = gpu_backward.value_grads(
         p.q,
         p.k,
@@ -213,9 +247,8 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         config=config,
         interpret=interpret,
     )
-    # An empty sequence's final state is its initial state.
-    empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
-    dh0 = jnp.where(empty, dfinal.astype(jnp.float32), dh0[..., : p.key_dim, : p.value_dim])
+    # An empty sequence's final state is its initial state: its gradient passes straight through.
+    dh0 = _final_states(p, dh0, dfinal.astype(jnp.float32))
     unpad = lambda x, width: _from_rows(p.layout, x, width)  # noqa: E731
     return (
         unpad(dq, p.key_dim),

@@ -41,9 +41,11 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gla.gpu_forward import (
     F32,
+    StateWalk,
     causal_mask,
     chunk_scores,
     chunk_spec,
+    chunk_states_body,
     decay,
     diagonal_span,
     factor_dtype,
@@ -57,8 +59,8 @@ from pallas_kernels.gla.gpu_forward import (
     safe_decay,
     span_spec,
     split_rows,
-    state_scan_call,
     state_spec,
+    state_walks,
     sub_chunk,
 )
 
@@ -77,6 +79,9 @@ def _state_grads_kernel(
     dstates_ref,
     dh0_ref,
     *,
+    bh,
+    kt,
+    vt,
     chunk,
     num_chunks,
     heads,
@@ -85,7 +90,6 @@ def _state_grads_kernel(
     scale,
     dtype,
 ):
-    bh, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     batch_row, head = bh // heads, bh % heads
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
@@ -119,12 +123,9 @@ def state_grads(
 
     dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
     """
-    return state_scan_call(
-        _state_grads_kernel,
-        q,
-        do,
+    (result,) = state_walks(
+        [StateWalk(_state_grads_kernel, q, do, dfinal, dict(scale=scale))],
         b,
-        dfinal,
         first_seq,
         last_seq,
         chunk=chunk,
@@ -132,8 +133,31 @@ def state_grads(
         config=config,
         interpret=interpret,
         name="gla_state_grads",
-        scale=scale,
     )
+    return result
+
+
+def backward_walks(
+    q, k, v, do, b, h0, dfinal, first_seq, last_seq, *, chunk, scale, state_dtype, config, interpret
+):
+    """``chunk_states`` and ``state_grads`` in one launch, their programs side by side (they
+    read different inputs and neither waits for the other): the states entering every chunk,
+    dH and dh0 (as ``state_grads``)."""
+    (states, _), (dstates, dh0) = state_walks(
+        [
+            StateWalk(chunk_states_body, k, v, h0),
+            StateWalk(_state_grads_kernel, q, do, dfinal, dict(scale=scale)),
+        ],
+        b,
+        first_seq,
+        last_seq,
+        chunk=chunk,
+        state_dtype=state_dtype,
+        config=config,
+        interpret=interpret,
+        name="gla_backward_walks",
+    )
+    return states, dstates, dh0
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,6 +453,11 @@ def _exact_key_grads_kernel(
             )
 
 
+def _tile_axis_first(spec):
+    """The same block, for a grid whose K tile axis comes first: (K tile, chunk, row * head)."""
+    return pl.BlockSpec(spec.block_shape, lambda t, c, bh: spec.index_map(c, bh, t))
+
+
 def query_key_grads(
     q, k, b, spans, v, do, states, dstates, dscores, *, chunk, scale, dg_dtype, config, interpret
 ):
@@ -441,21 +470,23 @@ def query_key_grads(
     rows_, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     block_k = min(config.grad_block_k, key_dim)
-    key = chunk_spec(chunk, heads, block_k, tiled=True)
-    value = chunk_spec(chunk, heads, value_dim)
-    state = state_spec(block_k, value_dim, heads, "k")
+    # The K tile is the grid's first (fastest-launched) axis: the K tiles of one chunk run side by
+    # side and share its v, do and dA in L2 instead of reading them from HBM once per tile.
+    key = _tile_axis_first(chunk_spec(chunk, heads, block_k, tiled=True))
+    value = _tile_axis_first(chunk_spec(chunk, heads, value_dim))
+    state = _tile_axis_first(state_spec(block_k, value_dim, heads, "k"))
     out = jax.ShapeDtypeStruct(q.shape, q.dtype)
     launch = functools.partial(
         pl.pallas_call,
         out_shape=(out, out, jax.ShapeDtypeStruct(q.shape, dg_dtype)),
-        grid=(padded_len // chunk, rows_ * heads, key_dim // block_k),
+        grid=(key_dim // block_k, padded_len // chunk, rows_ * heads),
         out_specs=(key, key, key),
         compiler_params=params(config.grad_warps, config.grad_stages),
         interpret=interpret,
     )
     kernel_options = dict(scale=scale, block_v=min(config.grad_block_v, value_dim), dtype=q.dtype)
     in_specs = [
-        span_spec(heads),
+        _tile_axis_first(span_spec(heads)),
         key,
         key,
         key,
@@ -463,7 +494,7 @@ def query_key_grads(
         value,
         state,
         state,
-        chunk_spec(chunk, heads, chunk),
+        _tile_axis_first(chunk_spec(chunk, heads, chunk)),
     ]
     inputs = (spans, q, k, b, v, do, states, dstates, dscores)
     factorized = launch(

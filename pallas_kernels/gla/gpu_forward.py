@@ -41,8 +41,10 @@ overflows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -204,7 +206,7 @@ def gate_cumsum(g, *, chunk, interpret):
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_states_kernel(
+def chunk_states_body(
     first_ref,
     last_ref,
     k_ref,
@@ -214,6 +216,9 @@ def _chunk_states_kernel(
     states_ref,
     final_ref,
     *,
+    bh,
+    kt,
+    vt,
     chunk,
     num_chunks,
     heads,
@@ -221,7 +226,6 @@ def _chunk_states_kernel(
     block_v,
     dtype,
 ):
-    bh, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     batch_row, head = bh // heads, bh % heads
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
@@ -245,83 +249,110 @@ def _chunk_states_kernel(
     lax.fori_loop(0, num_chunks, step, jnp.zeros((block_k, block_v), F32))
 
 
-def state_scan_call(
-    kernel_body,
-    key_side,
-    value_side,
-    b,
-    boundary,
-    first_seq,
-    last_seq,
-    *,
-    chunk,
-    state_dtype,
-    config,
-    interpret,
-    name,
-    **kernel_options,
-):
-    """Launches a walk over the chunks of every (row, head, K tile, V tile), in one program each.
+@dataclasses.dataclass(frozen=True)
+class StateWalk:
+    """One walk over the chunks for ``state_walks``.
+
+    body(first_ref, last_ref, key_ref, value_ref, b_ref, boundary_ref, per_chunk_ref,
+    boundary_out_ref, *, bh, kt, vt, chunk, num_chunks, heads, block_k, block_v, dtype, **options)
+    walks the chunks of (row * head) bh for the state tile (kt, vt). key_side [B', Tp, H, K],
+    value_side [B', Tp, H, V] and boundary [N, H, K, V] are its inputs."""
+
+    body: Callable
+    key_side: jax.Array
+    value_side: jax.Array
+    boundary: jax.Array
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+def state_walks(walks, b, first_seq, last_seq, *, chunk, state_dtype, config, interpret, name):
+    """Launches walks over the chunks of every (row, head, K tile, V tile), one program each, and
+    returns each walk's (per-chunk [B', NC, H, K, V] in ``state_dtype``, boundary [N, H, K, V]
+    float32) outputs.
 
     The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
-    dfinal -> state gradients, dh0) share this launch: [B', Tp, H, K]- and [B', Tp, H, V]-shaped
-    inputs, the gates, one [N, H, K, V] boundary input and output, [B', NC, H, K, V] per chunk.
-    """
-    rows_, padded_len, heads, key_dim = key_side.shape
-    value_dim = value_side.shape[-1]
+    dfinal -> state gradients, dh0) share this launch. Several independent walks go in one launch,
+    their programs interleaved: a walk is a chain of dependent steps that keeps a multiprocessor
+    far from busy, and with few long sequences one walk alone has too few programs to fill the
+    GPU, so two walks side by side take about the time of one."""
+    first = walks[0].key_side
+    rows_, padded_len, heads, key_dim = first.shape
+    value_dim = walks[0].value_side.shape[-1]
     num_chunks = padded_len // chunk
     block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
+    count = len(walks)
 
     def seq_spec(width_block, tile_axis):
-        def index(bh, kt, vt):
+        def index(i, kt, vt):
+            bh = i // count
             return (bh // heads, 0, bh % heads, kt if tile_axis == "k" else vt)
 
         return pl.BlockSpec((SQUEEZED, padded_len, SQUEEZED, width_block), index)
 
-    kernel = functools.partial(
-        kernel_body,
+    per_chunk_spec = pl.BlockSpec(
+        (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
+        lambda i, kt, vt: ((i // count) // heads, 0, (i // count) % heads, kt, vt),
+    )
+    common = dict(
         chunk=chunk,
         num_chunks=num_chunks,
         heads=heads,
         block_k=block_k,
         block_v=block_v,
-        dtype=key_side.dtype,
-        **kernel_options,
+        dtype=first.dtype,
     )
-    states_spec = pl.BlockSpec(
-        (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
-        lambda bh, kt, vt: (bh // heads, 0, bh % heads, kt, vt),
-    )
-    return pl.pallas_call(
-        kernel,
-        out_shape=(
+
+    def kernel(first_ref, last_ref, b_ref, *refs):
+        i, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        inputs, outputs = refs[: 3 * count], refs[3 * count :]
+        for w, walk in enumerate(walks):
+            key_ref, value_ref, boundary_ref = inputs[3 * w : 3 * w + 3]
+
+            def run(walk=walk, refs=(key_ref, value_ref, b_ref, boundary_ref), w=w):
+                walk.body(
+                    first_ref,
+                    last_ref,
+                    *refs,
+                    *outputs[2 * w : 2 * w + 2],
+                    bh=i // count,
+                    kt=kt,
+                    vt=vt,
+                    **common,
+                    **walk.options,
+                )
+
+            if count == 1:
+                run()
+            else:
+                pl.when(i % count == w)(run)
+
+    in_specs, inputs, out_specs, out_shape = [], [], [], []
+    for walk in walks:
+        in_specs += [seq_spec(block_k, "k"), seq_spec(block_v, "v"), whole(walk.boundary.shape)]
+        inputs += [walk.key_side, walk.value_side, walk.boundary]
+        out_specs += [per_chunk_spec, whole(walk.boundary.shape)]
+        out_shape += [
             jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
-            jax.ShapeDtypeStruct(boundary.shape, F32),
-        ),
-        grid=(rows_ * heads, key_dim // block_k, value_dim // block_v),
-        in_specs=[
-            whole(first_seq.shape),
-            whole(last_seq.shape),
-            seq_spec(block_k, "k"),
-            seq_spec(block_v, "v"),
-            seq_spec(block_k, "k"),
-            whole(boundary.shape),
-        ],
-        out_specs=(states_spec, whole(boundary.shape)),
+            jax.ShapeDtypeStruct(walk.boundary.shape, F32),
+        ]
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(count * rows_ * heads, key_dim // block_k, value_dim // block_v),
+        in_specs=[whole(first_seq.shape), whole(last_seq.shape), seq_spec(block_k, "k"), *in_specs],
+        out_specs=tuple(out_specs),
         compiler_params=params(config.state_warps, config.state_stages),
         interpret=interpret,
         name=name,
-    )(first_seq, last_seq, key_side, value_side, b, boundary)
+    )(first_seq, last_seq, b, *inputs)
+    return [tuple(outs[2 * w : 2 * w + 2]) for w in range(count)]
 
 
 def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
     """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32."""
-    return state_scan_call(
-        _chunk_states_kernel,
-        k,
-        v,
+    (result,) = state_walks(
+        [StateWalk(chunk_states_body, k, v, h0)],
         b,
-        h0,
         first_seq,
         last_seq,
         chunk=chunk,
@@ -330,6 +361,7 @@ def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config
         interpret=interpret,
         name="gla_chunk_states",
     )
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,26 +479,31 @@ def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     )(spans, q, k, b)
 
 
-def chunk_scores(span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype):
-    """The chunk's causal scores A [C, C] (zero above the diagonal) inside a kernel: where ``span``
-    allows, one matmul factorized around the middle row, K a piece at a time; else the rows
-    ``exact_scores`` wrote. The load branch is light, so the common path keeps its registers."""
-    chunk, key_dim = q_ref.shape
+def chunk_scores(
+    span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype, start=0, chunk=None
+):
+    """The causal scores A [C, C] (zero above the diagonal) of the chunk at rows
+    [start, start + chunk) of the refs (by default the refs are that chunk) inside a kernel:
+    where ``span`` allows, one matmul factorized around the middle row, K a piece at a time; else
+    the rows ``exact_scores`` wrote. The load branch is light, so the common path keeps its
+    registers."""
+    chunk = chunk or q_ref.shape[0]
+    key_dim = q_ref.shape[1]
 
     def factorized():
         scores = jnp.zeros((chunk, chunk), F32)
         for t in range(key_dim // block_k):
             ks = pl.ds(t * block_k, block_k)
             scores += factorized_scores(
-                q_ref[:, ks].astype(F32) * scale,
-                k_ref[:, ks].astype(F32),
-                b_ref[:, ks],
-                row(b_ref, chunk // 2, ks),
+                rows(q_ref, start, chunk, ks) * scale,
+                rows(k_ref, start, chunk, ks),
+                rows(b_ref, start, chunk, ks),
+                row(b_ref, start + chunk // 2, ks),
                 dtype,
             )
         return jnp.where(causal_mask(chunk), scores, 0.0)
 
-    return lax.cond(factorizable(span), factorized, lambda: exact_ref[...])
+    return lax.cond(factorizable(span), factorized, lambda: rows(exact_ref, start, chunk))
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,3 +561,136 @@ def chunk_outputs(q, k, b, spans, states, exact, v, *, chunk, scale, out_dtype, 
         interpret=interpret,
         name="gla_chunk_outputs",
     )(spans, q, k, b, states, exact, v)
+
+
+# --------------------------------------------------------------------------------------------
+# forward_walk: chunk_states and chunk_outputs in one walk
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_walk_kernel(
+    first_ref,
+    last_ref,
+    span_ref,
+    q_ref,
+    k_ref,
+    b_ref,
+    a_ref,
+    v_ref,
+    h0_ref,
+    o_ref,
+    final_ref,
+    *,
+    chunk,
+    num_chunks,
+    heads,
+    scale,
+    block_k,
+    dtype,
+):
+    vt, bh = pl.program_id(0), pl.program_id(1)
+    batch_row, head = bh // heads, bh % heads
+    key_dim, block_v = q_ref.shape[1], v_ref.shape[1]
+    vs = pl.ds(vt * block_v, block_v)
+    # The state [K, BV] is carried as K pieces, the operand size of its matmuls.
+    pieces = [pl.ds(t * block_k, block_k) for t in range(key_dim // block_k)]
+
+    def step(c, state):
+        seq = first_ref[batch_row, c]
+        # A sequence starts here: its initial state replaces the carried one.
+        state = lax.cond(
+            seq >= 0,
+            lambda: tuple(h0_ref[jnp.maximum(seq, 0), head, ks, vs] for ks in pieces),
+            lambda: state,
+        )
+        start = c * chunk
+        values = v_ref[pl.ds(start, chunk), :]
+        scores = chunk_scores(
+            span_ref[c],
+            q_ref,
+            k_ref,
+            b_ref,
+            a_ref,
+            scale=scale,
+            block_k=block_k,
+            dtype=dtype,
+            start=start,
+            chunk=chunk,
+        )
+        out = mm(scores, values, dtype)  # intra-chunk
+        leaving = []
+        for ks, h in zip(pieces, state, strict=True):
+            b = rows(b_ref, start, chunk, ks)
+            # mm rounds the state to the input dtype, as chunk_states' stored states are.
+            out += mm(rows(q_ref, start, chunk, ks) * (scale * decay(b)), h, dtype)
+            b_last = row(b_ref, start + chunk - 1, ks)
+            k_to_end = rows(k_ref, start, chunk, ks) * decay(b_last - b)
+            leaving.append(h * decay(b_last).T + mm_tn(k_to_end, values, dtype))
+        o_ref[pl.ds(start, chunk), :] = out.astype(o_ref.dtype)
+        seq_end = last_ref[batch_row, c]
+
+        @pl.when(seq_end >= 0)
+        def _():
+            for ks, h in zip(pieces, leaving, strict=True):
+                final_ref[jnp.maximum(seq_end, 0), head, ks, vs] = h
+
+        return tuple(leaving)
+
+    empty = tuple(jnp.zeros((block_k, block_v), F32) for _ in pieces)
+    lax.fori_loop(0, num_chunks, step, empty)
+
+
+def forward_walk(
+    q, k, b, spans, exact, v, h0, first_seq, last_seq, *, chunk, scale, out_dtype, config, interpret
+):
+    """o [B', Tp, H, V] and the final states [N, H, K, V] float32 in one launch: one program per
+    (V tile, row * head) walks the chunks in order, forms each chunk's output from the state it
+    carries (``chunk_outputs``' arithmetic) and then steps the state (``chunk_states``'), so the
+    states are never written to HBM or read back. The V tile is the grid's first axis: the
+    programs of one (row, head) run side by side and share its q, k and gates in L2."""
+    rows_, padded_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    num_chunks = padded_len // chunk
+    block_v = min(config.forward_block_v, value_dim)
+
+    def sequence(width, tiled=False):
+        return pl.BlockSpec(
+            (SQUEEZED, padded_len, SQUEEZED, width),
+            lambda vt, bh: (bh // heads, 0, bh % heads, vt if tiled else 0),
+        )
+
+    kernel = functools.partial(
+        _forward_walk_kernel,
+        chunk=chunk,
+        num_chunks=num_chunks,
+        heads=heads,
+        scale=scale,
+        block_k=min(config.forward_block_k, key_dim),
+        dtype=q.dtype,
+    )
+    span = pl.BlockSpec(
+        (SQUEEZED, num_chunks, SQUEEZED), lambda vt, bh: (bh // heads, 0, bh % heads)
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
+            jax.ShapeDtypeStruct(h0.shape, F32),
+        ),
+        grid=(value_dim // block_v, rows_ * heads),
+        in_specs=[
+            whole(first_seq.shape),
+            whole(last_seq.shape),
+            span,
+            sequence(key_dim),
+            sequence(key_dim),
+            sequence(key_dim),
+            sequence(chunk),
+            sequence(block_v, tiled=True),
+            whole(h0.shape),
+        ],
+        out_specs=(sequence(block_v, tiled=True), whole(h0.shape)),
+        compiler_params=params(config.forward_warps, config.forward_stages),
+        interpret=interpret,
+        name="gla_forward_walk",
+    )(first_seq, last_seq, spans, q, k, b, exact, v, h0)

@@ -37,6 +37,15 @@ class GpuConfig:
     grad_block_v: int = 64  # V piece of its do @ h^T, v @ dH^T loop
     grad_warps: int = 4
     grad_stages: int = 1
+    # The forward as one walk that keeps the states in registers (forward_walk) instead of
+    # chunk_states + chunk_outputs through stored states.
+    fused_forward: bool = True
+    forward_block_v: int = 32  # forward_walk's V tile (grid axis; the scores are formed per tile)
+    forward_block_k: int = 64  # K piece of its state and matmuls
+    forward_warps: int = 4
+    forward_stages: int = 2
+    # The backward's two walks (the state recompute and state_grads) in one launch, side by side.
+    paired_walks: bool = True
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
@@ -100,7 +109,13 @@ def _fill_state_grid(config: GpuConfig, key_dim: int, value_dim: int, sequences:
             block_v //= 2
         else:
             block_k //= 2
-    return dataclasses.replace(config, state_block_k=block_k, state_block_v=block_v)
+    # The forward walk's programs are (V tile, row * head): its V tile shrinks the same way.
+    forward_v = min(config.forward_block_v, value_dim)
+    while sequences * (value_dim // forward_v) < MIN_STATE_PROGRAMS and forward_v > 16:
+        forward_v //= 2
+    return dataclasses.replace(
+        config, state_block_k=block_k, state_block_v=block_v, forward_block_v=forward_v
+    )
 
 
 def config_for(
@@ -114,7 +129,12 @@ def config_for(
             for stage in stages
             for dim, size in (("k", key_dim), ("v", value_dim))
         }
-        return GpuConfig(**whole, score_block_v=value_dim)
+        return GpuConfig(
+            **whole,
+            score_block_v=value_dim,
+            forward_block_v=value_dim,
+            forward_block_k=key_dim,
+        )
     config = TUNED.get(_key(key_dim, value_dim, dtype)) or heuristic(key_dim, value_dim, dtype)
     return _fill_state_grid(config, key_dim, value_dim, sequences)
 
