@@ -8,7 +8,7 @@ logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png t
   PYTHONPATH=. python -m benchmarks.kernels --out $OUT [--ts 1024,2048,4096,8192,16384] [--check]
   PYTHONPATH=. python -m benchmarks.kernels --breakdown     # each pallas_gpu stage timed alone
   PYTHONPATH=. python -m benchmarks.kernels --gate_regimes  # the 340M layer: mild, resets, strong
-  ... --set fused_forward=false,paired_walks=false            # any of these with other settings
+  ... --set paired_walks=false,state_block_v=64                # any of these with other settings
 """
 
 from __future__ import annotations
@@ -189,13 +189,12 @@ def check_against_xla(seq_len=1024, batch=2, chunk_size=DEFAULT_CHUNK_SIZE):
         )
 
 
-# The stages kernel_stages times: every pallas_gpu kernel (forward_walk and backward_walks stand
-# in for the walks and outputs under the default settings).
+# The stages kernel_stages times: every pallas_gpu kernel (the backward runs backward_walks in
+# place of chunk_states + state_grads unless paired_walks is off).
 KERNEL_STAGES = (
     "gate_cumsum",
     "chunk_states",
     "exact_scores",
-    "forward_walk",
     "backward_walks",
     "chunk_outputs",
     "state_grads",
@@ -231,14 +230,6 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
         "gate_cumsum": (cumsum, (g,)),
         "chunk_states": (states, (k, v, b, h0, first, last)),
         "exact_scores": (exact, (q, k, b, spans)),
-        "forward_walk": (
-            jax.jit(
-                lambda q, k, b, s, a, v, h0, f, e: gpu_forward.forward_walk(
-                    q, k, b, s, a, v, h0, f, e, scale=scale, out_dtype=q.dtype, **common
-                )
-            ),
-            (q, k, b, spans, a, v, h0, first, last),
-        ),
         "backward_walks": (
             jax.jit(
                 lambda q, k, v, do, b, h0, d, f, e: gpu_backward.backward_walks(
@@ -303,8 +294,7 @@ def breakdown(
         return p.q, p.k, p.v, p.g, p.first_seq, p.last_seq, do_rows
 
     prepared = jax.jit(prepare)(q, k, v, g, do)
-    rows, _, _, kp = prepared[0].shape
-    config = tuning.config_for(kp, prepared[2].shape[-1], q.dtype, interpret, rows * heads)
+    config = tuning.config_for(prepared[0].shape[-1], prepared[2].shape[-1], q.dtype, interpret)
     stages = {
         "prepare (XLA: layout)": (jax.jit(prepare), (q, k, v, g, do)),
         **kernel_stages(
@@ -414,8 +404,8 @@ def main():
     parser.add_argument(
         "--set",
         default="",
-        help="pallas_gpu launch settings over the tuned ones, e.g. fused_forward=false,"
-        "forward_block_v=64 (GpuConfig fields; values in JSON)",
+        help="pallas_gpu launch settings over the tuned ones, e.g. paired_walks=false,"
+        "state_block_v=64 (GpuConfig fields; values in JSON)",
     )
     parser.add_argument(
         "--interpret",

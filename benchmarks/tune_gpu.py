@@ -3,11 +3,9 @@
 Each kernel family is timed on its own, with the others at the heuristic settings:
   state   (backward_walks; chunk_states + state_grads with paired_walks off):
                                            state_block_k, state_block_v, state_warps, state_stages
-  forward (forward_walk):                  forward_block_v, forward_block_k, forward_warps,
-                                           forward_stages
   scores  (exact_scores under gates strong enough to take it, + score_grads):
                                            scores_warps, score_block_v
-  output  (value_grads; + chunk_outputs with fused_forward off, both with their in-place scores):
+  output  (chunk_outputs + value_grads, with their in-place scores):
                                            output_/value_ block_v, block_k, warps, stages
   grad    (query_key_grads):               grad_block_k, grad_block_v, grad_warps, grad_stages
 The best candidate of each family goes into the table, keyed by padded (K, V, dtype).
@@ -49,20 +47,6 @@ FAMILIES = {
             (64, 64, 4, 4),
             (64, 128, 4, 3),
             (64, 128, 4, 4),
-        ]
-    ],
-    "forward": [
-        dict(forward_block_v=bv, forward_block_k=bk, forward_warps=w, forward_stages=s)
-        for bv, bk, w, s in [
-            (32, 64, 4, 2),
-            (16, 64, 4, 2),
-            (64, 64, 4, 2),
-            (64, 64, 8, 2),
-            (32, 128, 4, 2),
-            (32, 32, 4, 2),
-            (32, 64, 8, 2),
-            (32, 64, 4, 1),
-            (32, 64, 4, 3),
         ]
     ],
     "scores": [
@@ -111,9 +95,8 @@ def family_kernels(family, config):
     other per candidate."""
     return {
         "state": ("backward_walks",) if config.paired_walks else ("chunk_states", "state_grads"),
-        "forward": ("forward_walk",),
         "scores": ("exact_scores", "score_grads"),
-        "output": ("value_grads",) if config.fused_forward else ("chunk_outputs", "value_grads"),
+        "output": ("chunk_outputs", "value_grads"),
         "grad": ("query_key_grads",),
     }[family]
 
@@ -173,7 +156,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--shapes", default="16x128x128,4x256x512")
-    parser.add_argument("--families", default="state,forward,scores,output,grad")
+    parser.add_argument("--families", default="state,scores,output,grad")
     # How many programs the sequential state walks have, and so which tiles win, depends on
     # rows x heads, so tune a model's layer at its own tokens per call (B x T; the 340M layer is
     # 4x128x256 at 16384). Candidates are timed as given, before tuning.py's fill rule.

@@ -37,13 +37,9 @@ SMALL_TILES = tuning.GpuConfig(
     grad_block_v=16,
     grad_warps=4,
     grad_stages=1,
-    forward_block_v=16,
-    forward_block_k=16,
-    forward_stages=1,
 )
-# The paths the switches turn off: the forward through stored states (chunk_states, then
-# chunk_outputs) and the backward's two walks in two launches.
-UNFUSED = dict(fused_forward=False, paired_walks=False)
+# The backward's two walks in two launches (chunk_states, then state_grads).
+UNPAIRED = dict(paired_walks=False)
 
 
 def _check_against_oracle(case: Case, seed: int, config=None):
@@ -82,15 +78,15 @@ def _check_against_oracle(case: Case, seed: int, config=None):
     ],
     ids=lambda c: c.name,
 )
-@pytest.mark.parametrize("switches", [{}, UNFUSED], ids=["fused", "unfused"])
+@pytest.mark.parametrize("switches", [{}, UNPAIRED], ids=["paired", "unpaired"])
 def test_small_tiles_match_oracle(case, switches):
     _check_against_oracle(case, seed=5, config=dataclasses.replace(SMALL_TILES, **switches))
 
 
-def test_unfused_paths_match_oracle_at_whole_tiles():
-    case = Case("unfused", batch=2, seq_len=100, heads=2, key_dim=32, value_dim=48, gates="strong")
+def test_unpaired_walks_match_oracle_at_whole_tiles():
+    case = Case("unpaired", batch=2, seq_len=100, heads=2, key_dim=32, value_dim=48, gates="strong")
     config = tuning.config_for(32, 64, jnp.float32, interpret=True)
-    _check_against_oracle(case, seed=6, config=dataclasses.replace(config, **UNFUSED))
+    _check_against_oracle(case, seed=6, config=dataclasses.replace(config, **UNPAIRED))
 
 
 @pytest.mark.parametrize(
@@ -156,7 +152,7 @@ def _export_for_cuda(
     config = None
     if switches:
         padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
-        config = tuning.config_for(*padded, dtype, interpret=False, sequences=batch * heads)
+        config = tuning.config_for(*padded, dtype, interpret=False)
         config = dataclasses.replace(config, **switches)
 
     def forward_and_backward(q, k, v, g, h0, do, dfinal):
@@ -186,14 +182,15 @@ def _export_for_cuda(
 )
 def test_every_kernel_lowers_through_triton(shape):
     module = _export_for_cuda(*shape)
-    # Forward: gate_cumsum, exact_scores, forward_walk; backward: the first two recomputed, then
-    # backward_walks (the states and their gradients), value_grads, score_grads and
-    # query_key_grads (factorized and exact).
-    assert module.count("__gpu$xla.gpu.triton") == 10
+    # Forward: gate_cumsum, chunk_states, exact_scores, chunk_outputs; backward: gate_cumsum and
+    # exact_scores recomputed, then backward_walks (the states and their gradients), value_grads,
+    # score_grads and query_key_grads (factorized and exact).
+    assert module.count("__gpu$xla.gpu.triton") == 11
     for name in (
         "gla_gate_cumsum",
+        "gla_chunk_states",
         "gla_exact_scores",
-        "gla_forward_walk",
+        "gla_chunk_outputs",
         "gla_backward_walks",
         "gla_score_grads",
         "gla_value_grads",
@@ -204,20 +201,18 @@ def test_every_kernel_lowers_through_triton(shape):
 
 
 @pytest.mark.parametrize("shape", [(4, 1024, 16, 128, 128), (2, 100, 2, 20, 48)])
-def test_unfused_kernels_lower_through_triton(shape):
-    module = _export_for_cuda(*shape, jnp.bfloat16, switches=UNFUSED)
-    # Forward: gate_cumsum, exact_scores, chunk_states, chunk_outputs; backward: gate_cumsum,
-    # exact_scores, chunk_states, state_grads, value_grads, score_grads, query_key_grads x 2.
+def test_unpaired_walks_lower_through_triton(shape):
+    module = _export_for_cuda(*shape, jnp.bfloat16, switches=UNPAIRED)
+    # The backward's chunk_states and state_grads in two launches: one more than paired.
     assert module.count("__gpu$xla.gpu.triton") == 12
-    for name in ("gla_chunk_states", "gla_chunk_outputs", "gla_state_grads"):
-        assert name in module
+    assert "gla_state_grads" in module and "gla_backward_walks" not in module
 
 
 @pytest.mark.parametrize("shape", [(16, 2048, 16, 128, 128), (16, 2048, 4, 256, 512)])
 def test_every_kernel_lowers_through_triton_at_chunk_128(shape):
     """The benchmark shapes at chunk size 128 (``benchmarks/kernels.py --chunk_size 128``)."""
     module = _export_for_cuda(*shape, jnp.bfloat16, chunk=128)
-    assert module.count("__gpu$xla.gpu.triton") == 10
+    assert module.count("__gpu$xla.gpu.triton") == 11
 
 
 def test_gate_gradient_stays_accurate_over_long_bf16_sequences():
@@ -309,24 +304,17 @@ def test_dyadic_levels_cover_every_pair_below_the_diagonal_once(size):
 
 
 @pytest.mark.parametrize(
-    "sequences, expected",
+    "walks, expected",
     [
         (256, (64, 128)),  # 16 heads x 16 rows: 512 programs, the measured best tile
-        (32, (64, 64)),  # 32 (row, head) pairs: 64 x 128 gives 64 programs; V halves: 128
+        (64, (64, 128)),  # T = 16K's 32 (row, head) pairs, both backward walks: 128 programs
+        (32, (64, 64)),  # the forward walk alone there: 64 x 128 gives 64 programs; V halves
         (4, (32, 32)),  # a packed cu_seqlens row of 4 heads: shrinks to the 32 x 32 floor
     ],
 )
-def test_state_tiles_shrink_until_the_walks_fill_the_gpu(sequences, expected):
-    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False, sequences=sequences)
-    tiles = (config.state_block_k, config.state_block_v)
+def test_state_tiles_shrink_until_a_launch_fills_the_gpu(walks, expected):
+    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False)
+    tiles = tuning.state_tiles(config, 128, 128, walks)
     assert tiles == expected
-    programs = sequences * (128 // tiles[0]) * (128 // tiles[1])
+    programs = walks * (128 // tiles[0]) * (128 // tiles[1])
     assert programs >= tuning.MIN_STATE_PROGRAMS or tiles == (32, 32)
-
-
-@pytest.mark.parametrize("sequences, expected", [(256, 32), (32, 32), (16, 16), (4, 16)])
-def test_forward_walk_tile_shrinks_until_the_walks_fill_the_gpu(sequences, expected):
-    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False, sequences=sequences)
-    assert config.forward_block_v == expected
-    programs = sequences * (128 // expected)
-    assert programs >= tuning.MIN_STATE_PROGRAMS or expected == 16

@@ -41,7 +41,7 @@ def test_tuner_candidates_are_valid_settings():
     base = tuning.heuristic(128, 128, jnp.bfloat16)
     for family, candidates in tune_gpu.FAMILIES.items():
         assert candidates, family
-        for switches in ({}, dict(fused_forward=False, paired_walks=False)):
+        for switches in ({}, dict(paired_walks=False)):
             timed = tune_gpu.family_kernels(family, dataclasses.replace(base, **switches))
             assert timed and set(timed) <= set(kernels.KERNEL_STAGES), (family, timed)
         for fields in candidates:
@@ -69,8 +69,8 @@ def test_set_overrides_the_launch_settings_and_names_unknown_fields(monkeypatch)
     from pallas_kernels.gla import tuning
 
     monkeypatch.setattr(tuning, "config_for", tuning.config_for)  # restored after the test
-    kernels.override_config("fused_forward=false,forward_block_v=64")
-    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False, sequences=256)
-    assert config.fused_forward is False and config.forward_block_v == 64
-    with pytest.raises(SystemExit, match="fused_forwrd"):
-        kernels.override_config("fused_forwrd=false")
+    kernels.override_config("paired_walks=false,state_block_v=32")
+    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False)
+    assert config.paired_walks is False and config.state_block_v == 32
+    with pytest.raises(SystemExit, match="paired_walk"):
+        kernels.override_config("paired_walk=false")

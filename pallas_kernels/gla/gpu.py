@@ -2,7 +2,8 @@
 
 This file prepares the kernels' inputs and assembles their outputs; the kernels are in
 gpu_forward.py (gate_cumsum, chunk_states, exact_scores, chunk_outputs) and gpu_backward.py
-(state_grads, score_grads, value_grads, query_key_grads); block sizes come from tuning.py.
+(state_grads, or backward_walks for chunk_states and state_grads in one launch; score_grads,
+value_grads, query_key_grads); block sizes come from tuning.py.
 
 Inputs go to the time-major rows layout [B', Tp, H, D]: the chunk layout's head-major form
 transposed back, which XLA folds into nothing for equal-length rows with T a multiple of the chunk
@@ -103,8 +104,7 @@ def _state_dtype(dtype):
 def _config(p: Prepared, opts, config):
     if config is not None:
         return config
-    rows, _, heads, kp = p.q.shape
-    return tuning.config_for(kp, p.v.shape[-1], p.q.dtype, opts.interpret, rows * heads)
+    return tuning.config_for(p.q.shape[-1], p.v.shape[-1], p.q.dtype, opts.interpret)
 
 
 def _padded_h0(p: Prepared, initial_state):
@@ -143,41 +143,23 @@ def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
     b, spans, exact = _scores(p, opts, config)
     h0 = _padded_h0(p, initial_state)
-    if config.fused_forward:
-        o, final = gpu_forward.forward_walk(
-            p.q,
-            p.k,
-            b,
-            spans,
-            exact,
-            p.v,
-            h0,
-            p.first_seq,
-            p.last_seq,
-            chunk=chunk,
-            scale=scale,
-            out_dtype=q.dtype,
-            config=config,
-            interpret=interpret,
-        )
-    else:
-        states, final = gpu_forward.chunk_states(
-            p.k, p.v, b, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
-        )
-        o = gpu_forward.chunk_outputs(
-            p.q,
-            p.k,
-            b,
-            spans,
-            states,
-            exact,
-            p.v,
-            chunk=chunk,
-            scale=scale,
-            out_dtype=q.dtype,
-            config=config,
-            interpret=interpret,
-        )
+    states, final = gpu_forward.chunk_states(
+        p.k, p.v, b, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
+    )
+    o = gpu_forward.chunk_outputs(
+        p.q,
+        p.k,
+        b,
+        spans,
+        states,
+        exact,
+        p.v,
+        chunk=chunk,
+        scale=scale,
+        out_dtype=q.dtype,
+        config=config,
+        interpret=interpret,
+    )
     return _from_rows(p.layout, o, p.value_dim), _final_states(p, final, initial_state)
 
 

@@ -7,11 +7,12 @@ chunks' scores A (``exact_scores``) with the forward's kernels, then:
   the gradient of the state *leaving* chunk c: ``dfinal[seq]`` where chunk c is a sequence's last
   chunk, else the gradient entering chunk c + 1, which is
   ``exp(b_last) * dH + (q * scale * exp(b))^T @ do``. At a sequence's first chunk that entering
-  gradient is the gradient of its initial state.
+  gradient is the gradient of its initial state. ``backward_walks`` launches it together with
+  the recompute of the chunk states: two independent walks, side by side.
 * ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, in the factors' operand dtype.
 * ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head), A
   formed in place once per chunk as in the forward's chunk_outputs (``chunk_scores``).
-* ``query_key_grads``: per (chunk, row * head, K tile): the inter-chunk terms ``do @ h^T`` and
+* ``query_key_grads``: per (K tile, chunk, row * head): the inter-chunk terms ``do @ h^T`` and
   ``v @ dH^T``, then the intra-chunk terms from dA, and the gate gradient dg of the chunk. Like
   the forward's scores, two launches: one factorized matmul pair per chunk where the span allows,
   else secondary-level chunking (sub-chunks of 16; off-diagonal sub-blocks as matmuls around a

@@ -52,6 +52,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.gla import tuning
+
 SUB_CHUNK = 16
 LOG2E = math.log2(math.e)
 # The marker for a squeezed block dimension (older jax spelled it None).
@@ -279,8 +281,11 @@ def state_walks(walks, b, first_seq, last_seq, *, chunk, state_dtype, config, in
     rows_, padded_len, heads, key_dim = first.shape
     value_dim = walks[0].value_side.shape[-1]
     num_chunks = padded_len // chunk
-    block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
     count = len(walks)
+    if interpret:  # the tiles as configured: shrinking only adds grid steps to interpret
+        block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
+    else:
+        block_k, block_v = tuning.state_tiles(config, key_dim, value_dim, count * rows_ * heads)
 
     def seq_spec(width_block, tile_axis):
         def index(i, kt, vt):
@@ -479,31 +484,26 @@ def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     )(spans, q, k, b)
 
 
-def chunk_scores(
-    span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype, start=0, chunk=None
-):
-    """The causal scores A [C, C] (zero above the diagonal) of the chunk at rows
-    [start, start + chunk) of the refs (by default the refs are that chunk) inside a kernel:
-    where ``span`` allows, one matmul factorized around the middle row, K a piece at a time; else
-    the rows ``exact_scores`` wrote. The load branch is light, so the common path keeps its
-    registers."""
-    chunk = chunk or q_ref.shape[0]
-    key_dim = q_ref.shape[1]
+def chunk_scores(span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype):
+    """The chunk's causal scores A [C, C] (zero above the diagonal) inside a kernel: where ``span``
+    allows, one matmul factorized around the middle row, K a piece at a time; else the rows
+    ``exact_scores`` wrote. The load branch is light, so the common path keeps its registers."""
+    chunk, key_dim = q_ref.shape
 
     def factorized():
         scores = jnp.zeros((chunk, chunk), F32)
         for t in range(key_dim // block_k):
             ks = pl.ds(t * block_k, block_k)
             scores += factorized_scores(
-                rows(q_ref, start, chunk, ks) * scale,
-                rows(k_ref, start, chunk, ks),
-                rows(b_ref, start, chunk, ks),
-                row(b_ref, start + chunk // 2, ks),
+                q_ref[:, ks].astype(F32) * scale,
+                k_ref[:, ks].astype(F32),
+                b_ref[:, ks],
+                row(b_ref, chunk // 2, ks),
                 dtype,
             )
         return jnp.where(causal_mask(chunk), scores, 0.0)
 
-    return lax.cond(factorizable(span), factorized, lambda: rows(exact_ref, start, chunk))
+    return lax.cond(factorizable(span), factorized, lambda: exact_ref[...])
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,136 +561,3 @@ def chunk_outputs(q, k, b, spans, states, exact, v, *, chunk, scale, out_dtype, 
         interpret=interpret,
         name="gla_chunk_outputs",
     )(spans, q, k, b, states, exact, v)
-
-
-# --------------------------------------------------------------------------------------------
-# forward_walk: chunk_states and chunk_outputs in one walk
-# --------------------------------------------------------------------------------------------
-
-
-def _forward_walk_kernel(
-    first_ref,
-    last_ref,
-    span_ref,
-    q_ref,
-    k_ref,
-    b_ref,
-    a_ref,
-    v_ref,
-    h0_ref,
-    o_ref,
-    final_ref,
-    *,
-    chunk,
-    num_chunks,
-    heads,
-    scale,
-    block_k,
-    dtype,
-):
-    vt, bh = pl.program_id(0), pl.program_id(1)
-    batch_row, head = bh // heads, bh % heads
-    key_dim, block_v = q_ref.shape[1], v_ref.shape[1]
-    vs = pl.ds(vt * block_v, block_v)
-    # The state [K, BV] is carried as K pieces, the operand size of its matmuls.
-    pieces = [pl.ds(t * block_k, block_k) for t in range(key_dim // block_k)]
-
-    def step(c, state):
-        seq = first_ref[batch_row, c]
-        # A sequence starts here: its initial state replaces the carried one.
-        state = lax.cond(
-            seq >= 0,
-            lambda: tuple(h0_ref[jnp.maximum(seq, 0), head, ks, vs] for ks in pieces),
-            lambda: state,
-        )
-        start = c * chunk
-        values = v_ref[pl.ds(start, chunk), :]
-        scores = chunk_scores(
-            span_ref[c],
-            q_ref,
-            k_ref,
-            b_ref,
-            a_ref,
-            scale=scale,
-            block_k=block_k,
-            dtype=dtype,
-            start=start,
-            chunk=chunk,
-        )
-        out = mm(scores, values, dtype)  # intra-chunk
-        leaving = []
-        for ks, h in zip(pieces, state, strict=True):
-            b = rows(b_ref, start, chunk, ks)
-            # mm rounds the state to the input dtype, as chunk_states' stored states are.
-            out += mm(rows(q_ref, start, chunk, ks) * (scale * decay(b)), h, dtype)
-            b_last = row(b_ref, start + chunk - 1, ks)
-            k_to_end = rows(k_ref, start, chunk, ks) * decay(b_last - b)
-            leaving.append(h * decay(b_last).T + mm_tn(k_to_end, values, dtype))
-        o_ref[pl.ds(start, chunk), :] = out.astype(o_ref.dtype)
-        seq_end = last_ref[batch_row, c]
-
-        @pl.when(seq_end >= 0)
-        def _():
-            for ks, h in zip(pieces, leaving, strict=True):
-                final_ref[jnp.maximum(seq_end, 0), head, ks, vs] = h
-
-        return tuple(leaving)
-
-    empty = tuple(jnp.zeros((block_k, block_v), F32) for _ in pieces)
-    lax.fori_loop(0, num_chunks, step, empty)
-
-
-def forward_walk(
-    q, k, b, spans, exact, v, h0, first_seq, last_seq, *, chunk, scale, out_dtype, config, interpret
-):
-    """o [B', Tp, H, V] and the final states [N, H, K, V] float32 in one launch: one program per
-    (V tile, row * head) walks the chunks in order, forms each chunk's output from the state it
-    carries (``chunk_outputs``' arithmetic) and then steps the state (``chunk_states``'), so the
-    states are never written to HBM or read back. The V tile is the grid's first axis: the
-    programs of one (row, head) run side by side and share its q, k and gates in L2."""
-    rows_, padded_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    num_chunks = padded_len // chunk
-    block_v = min(config.forward_block_v, value_dim)
-
-    def sequence(width, tiled=False):
-        return pl.BlockSpec(
-            (SQUEEZED, padded_len, SQUEEZED, width),
-            lambda vt, bh: (bh // heads, 0, bh % heads, vt if tiled else 0),
-        )
-
-    kernel = functools.partial(
-        _forward_walk_kernel,
-        chunk=chunk,
-        num_chunks=num_chunks,
-        heads=heads,
-        scale=scale,
-        block_k=min(config.forward_block_k, key_dim),
-        dtype=q.dtype,
-    )
-    span = pl.BlockSpec(
-        (SQUEEZED, num_chunks, SQUEEZED), lambda vt, bh: (bh // heads, 0, bh % heads)
-    )
-    return pl.pallas_call(
-        kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
-            jax.ShapeDtypeStruct(h0.shape, F32),
-        ),
-        grid=(value_dim // block_v, rows_ * heads),
-        in_specs=[
-            whole(first_seq.shape),
-            whole(last_seq.shape),
-            span,
-            sequence(key_dim),
-            sequence(key_dim),
-            sequence(key_dim),
-            sequence(chunk),
-            sequence(block_v, tiled=True),
-            whole(h0.shape),
-        ],
-        out_specs=(sequence(block_v, tiled=True), whole(h0.shape)),
-        compiler_params=params(config.forward_warps, config.forward_stages),
-        interpret=interpret,
-        name="gla_forward_walk",
-    )(first_seq, last_seq, spans, q, k, b, exact, v, h0)

@@ -37,13 +37,6 @@ class GpuConfig:
     grad_block_v: int = 64  # V piece of its do @ h^T, v @ dH^T loop
     grad_warps: int = 4
     grad_stages: int = 1
-    # The forward as one walk that keeps the states in registers (forward_walk) instead of
-    # chunk_states + chunk_outputs through stored states.
-    fused_forward: bool = True
-    forward_block_v: int = 32  # forward_walk's V tile (grid axis; the scores are formed per tile)
-    forward_block_k: int = 64  # K piece of its state and matmuls
-    forward_warps: int = 4
-    forward_stages: int = 2
     # The backward's two walks (the state recompute and state_grads) in one launch, side by side.
     paired_walks: bool = True
 
@@ -89,39 +82,36 @@ def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
     )
 
 
-# The sequential state kernels run one program per (row, head, K tile, V tile); with few long
-# rows (a packed cu_seqlens row has only H) that is too few programs to fill the GPU's 132
-# multiprocessors, so tiles shrink until there are at least this many (down to 32 x 32). One per
-# multiprocessor: at the 340M layer's 32 (row, head) pairs, 128 programs of 64 x 128 walked faster
-# than 256 of 64 x 64 or 512 of 64 x 32 (above); at 16 x 128 with T = 16K (32 pairs, 256 chunks
-# to walk) 128 programs of 64 x 64 took 1.057 ms against 1.315 for 64 of 64 x 128.
+# The state walks run one program per (walk, row, head, K tile, V tile); with few long rows (a
+# packed cu_seqlens row has only H) that is too few programs to fill the GPU's 132
+# multiprocessors, so tiles shrink until a launch has at least this many (down to 32 x 32). One
+# per multiprocessor: at the 340M layer's 32 (row, head) pairs, 128 programs of 64 x 128 walked
+# faster than 256 of 64 x 64 or 512 of 64 x 32 (above); at 16 x 128 with T = 16K (32 pairs, 256
+# chunks to walk) 128 programs of 64 x 64 took 1.057 ms against 1.315 for 64 of 64 x 128 (the
+# forward and backward walks in two launches), and the backward's two walks in one launch took
+# 0.677 ms as 128 programs of 64 x 128, against 0.764 as 256 of 64 x 64.
 MIN_STATE_PROGRAMS = 128
 
 
-def _fill_state_grid(config: GpuConfig, key_dim: int, value_dim: int, sequences: int):
-    block_k, block_v = config.state_block_k, config.state_block_v
+def state_tiles(config: GpuConfig, key_dim: int, value_dim: int, walks: int) -> tuple[int, int]:
+    """The (K, V) state tile of a launch of ``walks`` (walk, row, head) triples: the configured
+    tile, halved (V first) until the launch has MIN_STATE_PROGRAMS programs or the tile is 32 x 32.
+    """
+    block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
 
     def programs():
-        return sequences * (key_dim // block_k) * (value_dim // block_v)
+        return walks * (key_dim // block_k) * (value_dim // block_v)
 
     while programs() < MIN_STATE_PROGRAMS and max(block_k, block_v) > 32:
         if block_v >= block_k:
             block_v //= 2
         else:
             block_k //= 2
-    # The forward walk's programs are (V tile, row * head): its V tile shrinks the same way.
-    forward_v = min(config.forward_block_v, value_dim)
-    while sequences * (value_dim // forward_v) < MIN_STATE_PROGRAMS and forward_v > 16:
-        forward_v //= 2
-    return dataclasses.replace(
-        config, state_block_k=block_k, state_block_v=block_v, forward_block_v=forward_v
-    )
+    return block_k, block_v
 
 
-def config_for(
-    key_dim: int, value_dim: int, dtype, interpret: bool, sequences: int = MIN_STATE_PROGRAMS
-) -> GpuConfig:
-    """key_dim, value_dim: the padded (power-of-two) head dims; sequences: rows * heads."""
+def config_for(key_dim: int, value_dim: int, dtype, interpret: bool) -> GpuConfig:
+    """key_dim, value_dim: the padded (power-of-two) head dims."""
     if interpret:  # whole dims: fewer grid steps and loop iterations to interpret
         stages = ("state", "output", "value", "grad")
         whole = {
@@ -129,14 +119,8 @@ def config_for(
             for stage in stages
             for dim, size in (("k", key_dim), ("v", value_dim))
         }
-        return GpuConfig(
-            **whole,
-            score_block_v=value_dim,
-            forward_block_v=value_dim,
-            forward_block_k=key_dim,
-        )
-    config = TUNED.get(_key(key_dim, value_dim, dtype)) or heuristic(key_dim, value_dim, dtype)
-    return _fill_state_grid(config, key_dim, value_dim, sequences)
+        return GpuConfig(**whole, score_block_v=value_dim)
+    return TUNED.get(_key(key_dim, value_dim, dtype)) or heuristic(key_dim, value_dim, dtype)
 
 
 def table_key(key_dim: int, value_dim: int, dtype) -> str:
