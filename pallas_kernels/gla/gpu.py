@@ -140,7 +140,6 @@ def _walk_options(p: Prepared, opts, config):
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
     b, spans, exact = _scores(p, opts, config)
     h0 = _padded_h0(p, initial_state)
     states, final = gpu_forward.chunk_states(
@@ -154,11 +153,11 @@ def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
         states,
         exact,
         p.v,
-        chunk=chunk,
-        scale=scale,
+        chunk=opts.chunk_size,
+        scale=opts.scale,
         out_dtype=q.dtype,
         config=config,
-        interpret=interpret,
+        interpret=opts.interpret,
     )
     return _from_rows(p.layout, o, p.value_dim), _final_states(p, final, initial_state)
 

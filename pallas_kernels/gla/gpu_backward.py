@@ -46,7 +46,6 @@ from pallas_kernels.gla.gpu_forward import (
     causal_mask,
     chunk_scores,
     chunk_spec,
-    chunk_states_body,
     decay,
     diagonal_span,
     factor_dtype,
@@ -62,6 +61,7 @@ from pallas_kernels.gla.gpu_forward import (
     split_rows,
     state_spec,
     state_walks,
+    states_walk,
     sub_chunk,
 )
 
@@ -117,46 +117,29 @@ def _state_grads_kernel(
     lax.fori_loop(0, num_chunks, step, jnp.zeros((block_k, block_v), F32))
 
 
-def state_grads(
-    q, do, b, dfinal, first_seq, last_seq, *, chunk, scale, state_dtype, config, interpret
-):
+def state_grads_walk(q, do, dfinal, scale):
+    """The reverse recurrence as a ``StateWalk``: q, do, dfinal -> dH, dh0."""
+    return StateWalk(_state_grads_kernel, q, do, dfinal, dict(scale=scale))
+
+
+def state_grads(q, do, b, dfinal, first_seq, last_seq, *, scale, **launch):
     """dH [B', NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V].
+    ``launch``: state_walks' chunk, state_dtype, config and interpret.
 
     dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
     """
-    (result,) = state_walks(
-        [StateWalk(_state_grads_kernel, q, do, dfinal, dict(scale=scale))],
-        b,
-        first_seq,
-        last_seq,
-        chunk=chunk,
-        state_dtype=state_dtype,
-        config=config,
-        interpret=interpret,
-        name="gla_state_grads",
-    )
+    walk = state_grads_walk(q, do, dfinal, scale)
+    (result,) = state_walks([walk], b, first_seq, last_seq, name="gla_state_grads", **launch)
     return result
 
 
-def backward_walks(
-    q, k, v, do, b, h0, dfinal, first_seq, last_seq, *, chunk, scale, state_dtype, config, interpret
-):
+def backward_walks(q, k, v, do, b, h0, dfinal, first_seq, last_seq, *, scale, **launch):
     """``chunk_states`` and ``state_grads`` in one launch, their programs side by side (they
     read different inputs and neither waits for the other): the states entering every chunk,
     dH and dh0 (as ``state_grads``)."""
+    walks = [states_walk(k, v, h0), state_grads_walk(q, do, dfinal, scale)]
     (states, _), (dstates, dh0) = state_walks(
-        [
-            StateWalk(chunk_states_body, k, v, h0),
-            StateWalk(_state_grads_kernel, q, do, dfinal, dict(scale=scale)),
-        ],
-        b,
-        first_seq,
-        last_seq,
-        chunk=chunk,
-        state_dtype=state_dtype,
-        config=config,
-        interpret=interpret,
-        name="gla_backward_walks",
+        walks, b, first_seq, last_seq, name="gla_backward_walks", **launch
     )
     return states, dstates, dh0
 

@@ -208,7 +208,7 @@ def gate_cumsum(g, *, chunk, interpret):
 # --------------------------------------------------------------------------------------------
 
 
-def chunk_states_body(
+def _chunk_states_kernel(
     first_ref,
     last_ref,
     k_ref,
@@ -353,18 +353,16 @@ def state_walks(walks, b, first_seq, last_seq, *, chunk, state_dtype, config, in
     return [tuple(outs[2 * w : 2 * w + 2]) for w in range(count)]
 
 
-def chunk_states(k, v, b, h0, first_seq, last_seq, *, chunk, state_dtype, config, interpret):
-    """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32."""
+def states_walk(k, v, h0):
+    """The forward state recurrence as a ``StateWalk``: k, v, h0 -> states, final states."""
+    return StateWalk(_chunk_states_kernel, k, v, h0)
+
+
+def chunk_states(k, v, b, h0, first_seq, last_seq, **launch):
+    """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32.
+    ``launch``: state_walks' chunk, state_dtype, config and interpret."""
     (result,) = state_walks(
-        [StateWalk(chunk_states_body, k, v, h0)],
-        b,
-        first_seq,
-        last_seq,
-        chunk=chunk,
-        state_dtype=state_dtype,
-        config=config,
-        interpret=interpret,
-        name="gla_chunk_states",
+        [states_walk(k, v, h0)], b, first_seq, last_seq, name="gla_chunk_states", **launch
     )
     return result
 
