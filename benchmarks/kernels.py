@@ -192,7 +192,7 @@ def check_against_xla(seq_len=1024, batch=2, chunk_size=DEFAULT_CHUNK_SIZE):
 # The stages kernel_stages times: every pallas_gpu kernel (the backward runs backward_walks in
 # place of chunk_states + state_grads unless paired_walks is off).
 KERNEL_STAGES = (
-    "gate_cumsum",
+    "gate_spans",
     "chunk_states",
     "exact_scores",
     "backward_walks",
@@ -202,6 +202,17 @@ KERNEL_STAGES = (
     "value_grads",
     "query_key_grads",
 )
+
+
+def every_chunk_b(g, chunk):
+    """b of every chunk (log2 units), as gate_spans writes it for the exact chunks only: the exact
+    kernels' input for any spans a caller passes (tune_gpu's scores family sends every chunk
+    there)."""
+    from pallas_kernels.gla.gpu_forward import LOG2E
+
+    rows, padded_len, heads, key_dim = g.shape
+    by_chunk = g.astype(jnp.float32).reshape(rows, padded_len // chunk, chunk, heads, key_dim)
+    return (jnp.cumsum(by_chunk, axis=2) * LOG2E).reshape(g.shape)
 
 
 def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, interpret):
@@ -214,62 +225,63 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
     rows, _, heads, key_dim = q.shape
     h0 = jnp.zeros((rows, heads, key_dim, v.shape[-1]), jnp.float32)
     common = dict(chunk=chunk, config=config, interpret=interpret)
-    cumsum = jax.jit(lambda g: gpu_forward.gate_cumsum(g, chunk=chunk, interpret=interpret))
-    b, spans = cumsum(g)
+    gate_spans = jax.jit(lambda g: gpu_forward.gate_spans(g, chunk=chunk, interpret=interpret))
+    spans, _ = gate_spans(g)
+    b = jax.jit(every_chunk_b, static_argnums=1)(g, chunk)
     states = jax.jit(
-        lambda k, v, b, h0, f, e: gpu_forward.chunk_states(
-            k, v, b, h0, f, e, state_dtype=q.dtype, **common
+        lambda k, v, g, h0, f, e: gpu_forward.chunk_states(
+            k, v, g, h0, f, e, state_dtype=q.dtype, **common
         )[0]
     )
-    hs = states(k, v, b, h0, first, last)
+    hs = states(k, v, g, h0, first, last)
     exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale, **common))
     a = exact(q, k, b, spans)
     dscores = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))
     da = dscores(do_rows, v)
     return {
-        "gate_cumsum": (cumsum, (g,)),
-        "chunk_states": (states, (k, v, b, h0, first, last)),
+        "gate_spans": (gate_spans, (g,)),
+        "chunk_states": (states, (k, v, g, h0, first, last)),
         "exact_scores": (exact, (q, k, b, spans)),
         "backward_walks": (
             jax.jit(
-                lambda q, k, v, do, b, h0, d, f, e: gpu_backward.backward_walks(
-                    q, k, v, do, b, h0, d, f, e, scale=scale, state_dtype=q.dtype, **common
+                lambda q, k, v, do, g, h0, d, f, e: gpu_backward.backward_walks(
+                    q, k, v, do, g, h0, d, f, e, scale=scale, state_dtype=q.dtype, **common
                 )
             ),
-            (q, k, v, do_rows, b, h0, h0, first, last),
+            (q, k, v, do_rows, g, h0, h0, first, last),
         ),
         "chunk_outputs": (
             jax.jit(
-                lambda q, k, b, s, h, a, v: gpu_forward.chunk_outputs(
-                    q, k, b, s, h, a, v, scale=scale, out_dtype=q.dtype, **common
+                lambda q, k, g, s, h, a, v: gpu_forward.chunk_outputs(
+                    q, k, g, s, h, a, v, scale=scale, out_dtype=q.dtype, **common
                 )
             ),
-            (q, k, b, spans, hs, a, v),
+            (q, k, g, spans, hs, a, v),
         ),
         "state_grads": (
             jax.jit(
-                lambda q, do, b, d, f, e: gpu_backward.state_grads(
-                    q, do, b, d, f, e, scale=scale, state_dtype=q.dtype, **common
+                lambda q, do, g, d, f, e: gpu_backward.state_grads(
+                    q, do, g, d, f, e, scale=scale, state_dtype=q.dtype, **common
                 )
             ),
-            (q, do_rows, b, h0, first, last),
+            (q, do_rows, g, h0, first, last),
         ),
         "score_grads": (dscores, (do_rows, v)),
         "value_grads": (
             jax.jit(
-                lambda q, k, b, s, a, do, dh: gpu_backward.value_grads(
-                    q, k, b, s, a, do, dh, scale=scale, out_dtype=k.dtype, **common
+                lambda q, k, g, s, a, do, dh: gpu_backward.value_grads(
+                    q, k, g, s, a, do, dh, scale=scale, out_dtype=k.dtype, **common
                 )
             ),
-            (q, k, b, spans, a, do_rows, hs),
+            (q, k, g, spans, a, do_rows, hs),
         ),
         "query_key_grads": (
             jax.jit(
-                lambda q, k, b, s, v, do, h, dh, da: gpu_backward.query_key_grads(
-                    q, k, b, s, v, do, h, dh, da, scale=scale, dg_dtype=g.dtype, **common
+                lambda q, k, g, b, s, v, do, h, dh, da: gpu_backward.query_key_grads(
+                    q, k, g, b, s, v, do, h, dh, da, scale=scale, dg_dtype=g.dtype, **common
                 )
             ),
-            (q, k, b, spans, v, do_rows, hs, hs, da),
+            (q, k, g, b, spans, v, do_rows, hs, hs, da),
         ),
     }
 

@@ -182,12 +182,12 @@ def _export_for_cuda(
 )
 def test_every_kernel_lowers_through_triton(shape):
     module = _export_for_cuda(*shape)
-    # Forward: gate_cumsum, chunk_states, exact_scores, chunk_outputs; backward: gate_cumsum and
+    # Forward: gate_spans, chunk_states, exact_scores, chunk_outputs; backward: gate_spans and
     # exact_scores recomputed, then backward_walks (the states and their gradients), value_grads,
     # score_grads and query_key_grads (factorized and exact).
     assert module.count("__gpu$xla.gpu.triton") == 11
     for name in (
-        "gla_gate_cumsum",
+        "gla_gate_spans",
         "gla_chunk_states",
         "gla_exact_scores",
         "gla_chunk_outputs",
@@ -243,7 +243,7 @@ def _chunk_spans(g, chunk=64):
     from pallas_kernels.gla import gpu_forward
 
     prepared = gpu.prepare(g, g, g, g, None, chunk)
-    return gpu_forward.gate_cumsum(prepared.g, chunk=chunk, interpret=True)[1]
+    return gpu_forward.gate_spans(prepared.g, chunk=chunk, interpret=True)[0]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])

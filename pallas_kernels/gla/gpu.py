@@ -1,7 +1,7 @@
 """The 'pallas_gpu' backend: chunkwise GLA in Pallas kernels lowered through Triton.
 
 This file prepares the kernels' inputs and assembles their outputs; the kernels are in
-gpu_forward.py (gate_cumsum, chunk_states, exact_scores, chunk_outputs) and gpu_backward.py
+gpu_forward.py (gate_spans, chunk_states, exact_scores, chunk_outputs) and gpu_backward.py
 (state_grads, or backward_walks for chunk_states and state_grads in one launch; score_grads,
 value_grads, query_key_grads); block sizes come from tuning.py.
 
@@ -118,14 +118,14 @@ def _final_states(p: Prepared, final, initial_state):
 
 
 def _scores(p: Prepared, opts, config):
-    """What forward and backward both start from: b and the chunks' factorization spans, and the
+    """What forward and backward both start from: the chunks' factorization spans, and b and the
     scores A of the chunks that take the exact path."""
     chunk, interpret = opts.chunk_size, opts.interpret
-    b, spans = gpu_forward.gate_cumsum(p.g, chunk=chunk, interpret=interpret)
+    spans, exact_b = gpu_forward.gate_spans(p.g, chunk=chunk, interpret=interpret)
     exact = gpu_forward.exact_scores(
-        p.q, p.k, b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
+        p.q, p.k, exact_b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
     )
-    return b, spans, exact
+    return spans, exact_b, exact
 
 
 def _walk_options(p: Prepared, opts, config):
@@ -140,15 +140,15 @@ def _walk_options(p: Prepared, opts, config):
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    b, spans, exact = _scores(p, opts, config)
+    spans, _, exact = _scores(p, opts, config)
     h0 = _padded_h0(p, initial_state)
     states, final = gpu_forward.chunk_states(
-        p.k, p.v, b, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
+        p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
     )
     o = gpu_forward.chunk_outputs(
         p.q,
         p.k,
-        b,
+        p.g,
         spans,
         states,
         exact,
@@ -162,7 +162,7 @@ def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     return _from_rows(p.layout, o, p.value_dim), _final_states(p, final, initial_state)
 
 
-def _backward_states(p: Prepared, b, initial_state, do_rows, dfinal, opts, config):
+def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config):
     """The states entering every chunk, dH and dh0: the backward's two walks."""
     h0 = _padded_h0(p, initial_state)
     dfinal_padded = _pad_state(dfinal.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
@@ -173,7 +173,7 @@ def _backward_states(p: Prepared, b, initial_state, do_rows, dfinal, opts, confi
             p.k,
             p.v,
             do_rows,
-            b,
+            p.g,
             h0,
             dfinal_padded,
             p.first_seq,
@@ -181,9 +181,9 @@ def _backward_states(p: Prepared, b, initial_state, do_rows, dfinal, opts, confi
             scale=opts.scale,
             **walk,
         )
-    states, _ = gpu_forward.chunk_states(p.k, p.v, b, h0, p.first_seq, p.last_seq, **walk)
+    states, _ = gpu_forward.chunk_states(p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **walk)
     dstates, dh0 = gpu_backward.state_grads(
-        p.q, do_rows, b, dfinal_padded, p.first_seq, p.last_seq, scale=opts.scale, **walk
+        p.q, do_rows, p.g, dfinal_padded, p.first_seq, p.last_seq, scale=opts.scale, **walk
     )
     return states, dstates, dh0
 
@@ -192,13 +192,13 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
-    b, spans, exact = _scores(p, opts, config)
+    spans, exact_b, exact = _scores(p, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), p.v.shape[-1])
-    states, dstates, dh0 = _backward_states(p, b, initial_state, do_rows, dfinal, opts, config)
+    states, dstates, dh0 = _backward_states(p, initial_state, do_rows, dfinal, opts, config)
     dv = gpu_backward.value_grads(
         p.q,
         p.k,
-        b,
+        p.g,
         spans,
         exact,
         do_rows,
@@ -215,7 +215,8 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     dq, dk, dg = gpu_backward.query_key_grads(
         p.q,
         p.k,
-        b,
+        p.g,
+        exact_b,
         spans,
         p.v,
         do_rows,

@@ -1,7 +1,8 @@
 """Backward Pallas kernels for chunkwise GLA, lowered through Triton.
 
-The backward recomputes b (``gate_cumsum``), the chunk states (``chunk_states``) and the exact
-chunks' scores A (``exact_scores``) with the forward's kernels, then:
+The backward recomputes the chunks' spans (``gate_spans``), the chunk states (``chunk_states``)
+and the exact chunks' scores A (``exact_scores``) with the forward's kernels, then (each kernel
+forming the sums of its chunks' log gates that it needs, as in the forward: ``gate_sums``):
 
 * ``state_grads``: per (row, head, K tile, V tile), a reverse walk over the chunks computes dH_c,
   the gradient of the state *leaving* chunk c: ``dfinal[seq]`` where chunk c is a sequence's last
@@ -50,6 +51,8 @@ from pallas_kernels.gla.gpu_forward import (
     diagonal_span,
     factor_dtype,
     factorizable,
+    gate_sums,
+    gate_total,
     mm,
     mm_nt,
     mm_tn,
@@ -75,7 +78,7 @@ def _state_grads_kernel(
     last_ref,
     q_ref,
     do_ref,
-    b_ref,
+    g_ref,
     dfinal_ref,
     dstates_ref,
     dh0_ref,
@@ -102,9 +105,10 @@ def _state_grads_kernel(
         )
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
         start = c * chunk
-        b_last = row(b_ref, start + chunk - 1)
-        q_decayed = rows(q_ref, start, chunk) * (scale * decay(rows(b_ref, start, chunk)))
-        grad = grad * decay(b_last).T + mm_tn(q_decayed, do_ref[pl.ds(start, chunk), :], dtype)
+        g = g_ref[pl.ds(start, chunk), :]
+        q_decayed = rows(q_ref, start, chunk) * (scale * decay(gate_sums(g, "from_start")))
+        do = do_ref[pl.ds(start, chunk), :]
+        grad = grad * decay(gate_total(g)).T + mm_tn(q_decayed, do, dtype)
         seq = first_ref[batch_row, c]
 
         @pl.when(seq >= 0)
@@ -122,24 +126,24 @@ def state_grads_walk(q, do, dfinal, scale):
     return StateWalk(_state_grads_kernel, q, do, dfinal, dict(scale=scale))
 
 
-def state_grads(q, do, b, dfinal, first_seq, last_seq, *, scale, **launch):
+def state_grads(q, do, g, dfinal, first_seq, last_seq, *, scale, **launch):
     """dH [B', NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V].
     ``launch``: state_walks' chunk, state_dtype, config and interpret.
 
     dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
     """
     walk = state_grads_walk(q, do, dfinal, scale)
-    (result,) = state_walks([walk], b, first_seq, last_seq, name="gla_state_grads", **launch)
+    (result,) = state_walks([walk], g, first_seq, last_seq, name="gla_state_grads", **launch)
     return result
 
 
-def backward_walks(q, k, v, do, b, h0, dfinal, first_seq, last_seq, *, scale, **launch):
+def backward_walks(q, k, v, do, g, h0, dfinal, first_seq, last_seq, *, scale, **launch):
     """``chunk_states`` and ``state_grads`` in one launch, their programs side by side (they
     read different inputs and neither waits for the other): the states entering every chunk,
     dH and dh0 (as ``state_grads``)."""
     walks = [states_walk(k, v, h0), state_grads_walk(q, do, dfinal, scale)]
     (states, _), (dstates, dh0) = state_walks(
-        walks, b, first_seq, last_seq, name="gla_backward_walks", **launch
+        walks, g, first_seq, last_seq, name="gla_backward_walks", **launch
     )
     return states, dstates, dh0
 
@@ -185,24 +189,23 @@ def score_grads(do, v, *, chunk, config, interpret):
 
 
 def _value_grads_kernel(
-    span_ref, q_ref, k_ref, b_ref, a_ref, do_ref, dh_ref, dv_ref, *, scale, block_v, block_k, dtype
+    span_ref, q_ref, k_ref, g_ref, a_ref, do_ref, dh_ref, dv_ref, *, scale, block_v, block_k, dtype
 ):
-    chunk, key_dim = k_ref.shape
+    key_dim = k_ref.shape[1]
     scores = chunk_scores(
-        span_ref[...], q_ref, k_ref, b_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
+        span_ref[...], q_ref, k_ref, g_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
     )
     for u in range(do_ref.shape[1] // block_v):  # V tiles, all sharing the scores
         vs = pl.ds(u * block_v, block_v)
         dv = mm_tn(scores, do_ref[:, vs], dtype)  # intra-chunk: A^T @ do
         for t in range(key_dim // block_k):  # through the state leaving the chunk
             ks = pl.ds(t * block_k, block_k)
-            b_last = row(b_ref, chunk - 1, ks)
-            k_to_end = k_ref[:, ks].astype(F32) * decay(b_last - b_ref[:, ks])
+            k_to_end = k_ref[:, ks].astype(F32) * decay(gate_sums(g_ref[:, ks], "to_end"))
             dv += mm(k_to_end, dh_ref[ks, vs], dtype)
         dv_ref[:, vs] = dv.astype(dv_ref.dtype)
 
 
-def value_grads(q, k, b, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):
+def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):
     """dv [B', Tp, H, V] per (chunk, row * head), V a tile at a time; A as in chunk_outputs
     (formed in place once per chunk, or read from ``exact``)."""
     rows_, padded_len, heads, key_dim = k.shape
@@ -232,7 +235,7 @@ def value_grads(q, k, b, spans, exact, do, dstates, *, chunk, scale, out_dtype, 
         compiler_params=params(config.value_warps, config.value_stages),
         interpret=interpret,
         name="gla_value_grads",
-    )(spans, q, k, b, exact, do, dstates)
+    )(spans, q, k, g, exact, do, dstates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +269,8 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
     base, sub = own.start, own.size
 
     def factorized():
-        return _factorized_grads(da_ref[own, own], q, k, b, row(b_ref, base + sub // 2), dtype)
+        from_mid = b - row(b_ref, base + sub // 2)
+        return _factorized_grads(da_ref[own, own], q, k, from_mid, dtype)
 
     def column(c, grads):
         dq, dk = grads
@@ -284,8 +288,9 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
     return lax.cond(factorizable(diagonal_span(b_ref, base, sub)), factorized, log_space)
 
 
-def _factorized_grads(da, q, k, b, b_mid, dtype):
-    """dq, dk and dL/db of a block of dA factorized around b_mid (q scaled).
+def _factorized_grads(da, q, k, from_mid, dtype):
+    """dq, dk and dL/db of a block of dA factorized around a reference row m, from_mid =
+    b - b_m (q scaled).
 
     dL/db_i sums +t_ij over the block's pairs with i as the query and -t_ji with i as the key, so
     pairs cancel inside a chunk and dg is what remains across it. Rounding the two factors to the
@@ -293,24 +298,21 @@ def _factorized_grads(da, q, k, b, b_mid, dtype):
     of each pair) and strong gates, under which little remains, would amplify it; so dL/db is
     formed from the rounded factors themselves, the same on both sides of every pair."""
     operands = factor_dtype(dtype)
-    q_hat = (q * decay(b - b_mid)).astype(operands).astype(F32)
-    k_hat = (k * decay(b_mid - b)).astype(operands).astype(F32)
+    q_hat = (q * decay(from_mid)).astype(operands).astype(F32)
+    k_hat = (k * decay(-from_mid)).astype(operands).astype(F32)
     dq_hat, dk_hat = mm(da, k_hat, operands), mm_tn(da, q_hat, operands)
-    return (dq_hat * decay(b - b_mid), dk_hat * decay(b_mid - b), q_hat * dq_hat - k_hat * dk_hat)
+    return (dq_hat * decay(from_mid), dk_hat * decay(-from_mid), q_hat * dq_hat - k_hat * dk_hat)
 
 
-def _inter_chunk_start(q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
+def _inter_chunk_start(k, v_ref, do_ref, h_ref, dh_ref, gates, block_v, dtype):
     """The inter-chunk parts of dq (for the scaled query) and dk [C, BK], and dL/db_last [1, BK]
-    (the chunk's total decay: module docstring)."""
-    chunk = q_ref.shape[0]
+    (the chunk's total decay: module docstring). ``gates``: the chunk's b, b_last - b and b_last
+    (log2 units)."""
+    from_start, to_end, total = gates
     dq_inter, dk_inter, h_dh = _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype)
-    b = b_ref[...]
-    b_last = row(b_ref, chunk - 1)
-    dq_inter = dq_inter * decay(b)
-    dk_inter = dk_inter * decay(b_last - b)
-    d_last = decay(b_last) * h_dh + jnp.sum(
-        k_ref[...].astype(F32) * dk_inter, axis=0, keepdims=True
-    )
+    dq_inter = dq_inter * decay(from_start)
+    dk_inter = dk_inter * decay(to_end)
+    d_last = decay(total) * h_dh + jnp.sum(k * dk_inter, axis=0, keepdims=True)
     return dq_inter, dk_inter, d_last
 
 
@@ -328,7 +330,7 @@ def _factorized_key_grads_kernel(
     span_ref,
     q_ref,
     k_ref,
-    b_ref,
+    g_ref,
     v_ref,
     do_ref,
     h_ref,
@@ -347,12 +349,12 @@ def _factorized_key_grads_kernel(
     @pl.when(factorizable(span_ref[...]))
     def _():
         chunk = q_ref.shape[0]
-        dq, dk, d_last = _inter_chunk_start(
-            q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, block_v, dtype
-        )
+        g = g_ref[...]
         q, k = q_ref[...].astype(F32) * scale, k_ref[...].astype(F32)
+        gates = (gate_sums(g, "from_start"), gate_sums(g, "to_end"), gate_total(g))
+        dq, dk, d_last = _inter_chunk_start(k, v_ref, do_ref, h_ref, dh_ref, gates, block_v, dtype)
         dq_intra, dk_intra, db_intra = _factorized_grads(
-            da_ref[...], q, k, b_ref[...], row(b_ref, chunk // 2), dtype
+            da_ref[...], q, k, gate_sums(g, "from_mid"), dtype
         )
         _store_grads(
             pl.ds(0, chunk),
@@ -395,8 +397,16 @@ def _exact_key_grads_kernel(
         chunk = q_ref.shape[0]
         sub = sub_chunk(chunk)
         parts = chunk // sub
+        b, b_last = b_ref[...], row(b_ref, chunk - 1)
         dq_inter, dk_inter, carry = _inter_chunk_start(
-            q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, block_v, dtype
+            k_ref[...].astype(F32),
+            v_ref,
+            do_ref,
+            h_ref,
+            dh_ref,
+            (b, b_last - b, b_last),
+            block_v,
+            dtype,
         )
         dq_parts, dk_parts = split_rows(dq_inter, parts), split_rows(dk_inter, parts)
 
@@ -443,14 +453,30 @@ def _tile_axis_first(spec):
 
 
 def query_key_grads(
-    q, k, b, spans, v, do, states, dstates, dscores, *, chunk, scale, dg_dtype, config, interpret
+    q,
+    k,
+    g,
+    exact_b,
+    spans,
+    v,
+    do,
+    states,
+    dstates,
+    dscores,
+    *,
+    chunk,
+    scale,
+    dg_dtype,
+    config,
+    interpret,
 ):
     """dq, dk [B', Tp, H, K] in q's dtype and dg [B', Tp, H, K] in ``dg_dtype`` (the gates'
     dtype, which the op returns it in: summed in float32, rounded once on the store, so a
     bfloat16 g costs no float32 write and conversion pass).
 
-    Like the forward's scores: a factorized launch, then an exact launch for the chunks
-    whose span rules the factorization out, writing into the same buffers."""
+    Like the forward's scores: a factorized launch, which forms its gate sums from g, then an
+    exact launch for the chunks whose span rules the factorization out, which reads their b from
+    ``exact_b`` (``gate_spans``), writing into the same buffers."""
     rows_, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     block_k = min(config.grad_block_k, key_dim)
@@ -480,15 +506,15 @@ def query_key_grads(
         state,
         _tile_axis_first(chunk_spec(chunk, heads, chunk)),
     ]
-    inputs = (spans, q, k, b, v, do, states, dstates, dscores)
+    others = (v, do, states, dstates, dscores)
     factorized = launch(
         functools.partial(_factorized_key_grads_kernel, **kernel_options),
         in_specs=in_specs,
         name="gla_query_key_grads",
-    )(*inputs)
+    )(spans, q, k, g, *others)
     return launch(
         functools.partial(_exact_key_grads_kernel, **kernel_options),
         in_specs=in_specs + [key, key, key],
         input_output_aliases={9: 0, 10: 1, 11: 2},
         name="gla_query_key_grads_exact",
-    )(*inputs, *factorized)
+    )(spans, q, k, exact_b, *others, *factorized)

@@ -5,12 +5,16 @@ layout; for equal-length rows whose T is a multiple of the chunk size it is the 
 itself, so no transpose or copy is made). One program owns one chunk of one (row, head), or a tile
 of it, so every chunk is read from HBM once per kernel and the chunk axis is parallel.
 
-Four kernels make the forward:
+Four kernels make the forward. None reads a precomputed cumulative sum of the gates: each forms
+the sums of its chunk's log gates that it needs (b, the chunk-local inclusive cumulative sum, and
+its differences), in float32 and in log2 units (``b = log2(e) * cumsum(g)``), as tensor-core
+matmuls of the gates with constant matrices of 0s, 1s and -1s (``gate_sums``), so that every
+decay is one ``exp2``: the hardware's fast exponential, where ``exp`` would be a multi-instruction
+library routine.
 
-* ``gate_cumsum``: b, the chunk-local inclusive cumulative sum of the log gates, in float32 and in
-  log2 units (``b = log2(e) * cumsum(g)``), so that every decay is one ``exp2``: the hardware's
-  fast exponential, where ``exp`` would be a multi-instruction library routine. It also stores
-  each chunk's span, the largest ``|b_i - b_mid|`` over its positions and K.
+* ``gate_spans``: each chunk's span, the largest ``|b_i - b_mid|`` over its positions and K, which
+  decides whether its intra-chunk scores are factorized; and b for the chunks that are not, which
+  the exact kernels read (they index b by row, which a value in registers cannot be).
 * ``chunk_states``: one program per (row, head, K tile, V tile) walks the chunks in order and
   stores the state entering every chunk (``[B', NC, H, K, V]``), resetting to a sequence's initial
   state at the chunk where it starts and writing each sequence's final state at its last chunk.
@@ -169,37 +173,93 @@ def params(warps, stages):
 
 
 # --------------------------------------------------------------------------------------------
-# gate_cumsum
+# Gate sums, formed where they are used; gate_spans
 # --------------------------------------------------------------------------------------------
 
+# Every kernel needs sums of a chunk's log gates along time: b_i from the chunk's start,
+# b_last - b_i to its end, b_i - b_mid from its middle row, and b_last. Each [C, BK] sum is one
+# tensor-core matmul of a constant [C, C] matrix of 0s, 1s and -1s with the gates, so the kernels
+# read the log gates as given (bfloat16 for bfloat16 callers) rather than a float32 b that a
+# separate pass wrote and every kernel read back: twice the gates' bytes, read by five launches.
+# The products are exact and the sums float32, as a float32 cumulative sum; gates of other dtypes
+# go in as three bfloat16 parts whose sum is exactly the float32 gate.
+GATE_SUMS = ("from_start", "to_end", "from_mid")
 
-def _gate_cumsum_kernel(g_ref, b_ref, span_ref):
-    b = jnp.cumsum(g_ref[...].astype(F32) * LOG2E, axis=0)
-    b_ref[...] = b
-    # The chunk's factorization span: the largest |b_i - b_mid| over positions and K. (The middle
-    # row is picked out with a mask: Triton has no general value slicing.)
-    at_mid = lax.broadcasted_iota(jnp.int32, b.shape, 0) == b.shape[0] // 2
-    b_mid = jnp.sum(jnp.where(at_mid, b, 0.0), axis=0, keepdims=True)
-    span_ref[...] = jnp.max(jnp.abs(b - b_mid))
+
+def _time_weights(chunk: int, kind: str):
+    """[C, C] bfloat16: row i weighs the gates at the positions t that ``kind``'s sum takes."""
+    i = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    t = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    if kind == "from_start":  # b_i = sum_{t <= i} g_t
+        weights = (t <= i).astype(F32)
+    elif kind == "to_end":  # b_last - b_i = sum_{t > i} g_t
+        weights = (t > i).astype(F32)
+    elif kind == "from_mid":  # b_i - b_mid
+        weights = (t <= i).astype(F32) - (t <= chunk // 2).astype(F32)
+    else:
+        raise ValueError(f"gate sum must be one of {GATE_SUMS}, got {kind!r}")
+    return weights.astype(jnp.bfloat16)
 
 
-def gate_cumsum(g, *, chunk, interpret):
-    """b [B', Tp, H, K] float32: chunk-local inclusive cumsum of the log gates, log2 units; and
-    spans [B', NC, H] float32: each chunk's largest |b_i - b_mid| (see ``factorizable``)."""
+def _bfloat16_parts(g):
+    """bfloat16 values that add up to g exactly (three carry float32's 24 significant bits)."""
+    if g.dtype == jnp.bfloat16:
+        return [g]
+    rest, parts = g.astype(F32), []
+    for _ in range(3):
+        part = rest.astype(jnp.bfloat16)
+        parts.append(part)
+        rest = rest - part.astype(F32)
+    return parts
+
+
+def gate_sums(g, kind: str):
+    """[C, BK] float32 sums along time of a chunk's log gates g [C, BK], in log2 units (so each
+    decay is one ``exp2``): ``kind`` is 'from_start' (b), 'to_end' (b_last - b, <= 0) or
+    'from_mid' (b - b_mid, the factorizations' exponent)."""
+    weights = _time_weights(g.shape[0], kind)
+    total = None
+    for part in _bfloat16_parts(g):
+        term = mm(weights, part, jnp.bfloat16)
+        total = term if total is None else total + term
+    return total * LOG2E
+
+
+def gate_total(g):
+    """[1, BK] float32: b_last, the chunk's whole decay in log2 units."""
+    return jnp.sum(g.astype(F32), axis=0, keepdims=True) * LOG2E
+
+
+def _gate_spans_kernel(g_ref, span_ref, b_ref):
+    g = g_ref[...]
+    # The chunk's factorization span: the largest |b_i - b_mid| over positions and K.
+    span = jnp.max(jnp.abs(gate_sums(g, "from_mid")))
+    span_ref[...] = span
+
+    @pl.when(jnp.logical_not(factorizable(span)))
+    def _():
+        b_ref[...] = gate_sums(g, "from_start")
+
+
+def gate_spans(g, *, chunk, interpret):
+    """spans [B', NC, H] float32: each chunk's largest |b_i - b_mid| (see ``factorizable``); and
+    exact_b [B', Tp, H, K] float32, b in log2 units, written for the chunks that are not
+    factorizable only: the exact kernels read it there; every other kernel forms its own gate
+    sums, and the other rows of this buffer are left unwritten."""
     rows_, padded_len, heads, key_dim = g.shape
     spec = chunk_spec(chunk, heads, key_dim)
     return pl.pallas_call(
-        _gate_cumsum_kernel,
+        _gate_spans_kernel,
         out_shape=(
-            jax.ShapeDtypeStruct(g.shape, F32),
             jax.ShapeDtypeStruct((rows_, padded_len // chunk, heads), F32),
+            jax.ShapeDtypeStruct(g.shape, F32),
         ),
         grid=(padded_len // chunk, rows_ * heads),
         in_specs=[spec],
-        out_specs=(spec, span_spec(heads)),
+        out_specs=(span_spec(heads), spec),
         compiler_params=params(4, 1),
         interpret=interpret,
-        name="gla_gate_cumsum",
+        name="gla_gate_spans",
     )(g)
 
 
@@ -213,7 +273,7 @@ def _chunk_states_kernel(
     last_ref,
     k_ref,
     v_ref,
-    b_ref,
+    g_ref,
     h0_ref,
     states_ref,
     final_ref,
@@ -237,9 +297,10 @@ def _chunk_states_kernel(
         state = lax.cond(seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state)
         states_ref[c] = state.astype(states_ref.dtype)
         start = c * chunk
-        b_last = row(b_ref, start + chunk - 1)  # [1, BK]
-        k_to_end = rows(k_ref, start, chunk) * decay(b_last - rows(b_ref, start, chunk))
-        state = state * decay(b_last).T + mm_tn(k_to_end, v_ref[pl.ds(start, chunk), :], dtype)
+        g = g_ref[pl.ds(start, chunk), :]
+        k_to_end = rows(k_ref, start, chunk) * decay(gate_sums(g, "to_end"))
+        v = v_ref[pl.ds(start, chunk), :]
+        state = state * decay(gate_total(g)).T + mm_tn(k_to_end, v, dtype)
         seq_end = last_ref[batch_row, c]
 
         @pl.when(seq_end >= 0)
@@ -255,7 +316,7 @@ def _chunk_states_kernel(
 class StateWalk:
     """One walk over the chunks for ``state_walks``.
 
-    body(first_ref, last_ref, key_ref, value_ref, b_ref, boundary_ref, per_chunk_ref,
+    body(first_ref, last_ref, key_ref, value_ref, g_ref, boundary_ref, per_chunk_ref,
     boundary_out_ref, *, bh, kt, vt, chunk, num_chunks, heads, block_k, block_v, dtype, **options)
     walks the chunks of (row * head) bh for the state tile (kt, vt). key_side [B', Tp, H, K],
     value_side [B', Tp, H, V] and boundary [N, H, K, V] are its inputs."""
@@ -267,7 +328,7 @@ class StateWalk:
     options: dict = dataclasses.field(default_factory=dict)
 
 
-def state_walks(walks, b, first_seq, last_seq, *, chunk, state_dtype, config, interpret, name):
+def state_walks(walks, g, first_seq, last_seq, *, chunk, state_dtype, config, interpret, name):
     """Launches walks over the chunks of every (row, head, K tile, V tile), one program each, and
     returns each walk's (per-chunk [B', NC, H, K, V] in ``state_dtype``, boundary [N, H, K, V]
     float32) outputs.
@@ -307,13 +368,13 @@ def state_walks(walks, b, first_seq, last_seq, *, chunk, state_dtype, config, in
         dtype=first.dtype,
     )
 
-    def kernel(first_ref, last_ref, b_ref, *refs):
+    def kernel(first_ref, last_ref, g_ref, *refs):
         i, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         inputs, outputs = refs[: 3 * count], refs[3 * count :]
         for w, walk in enumerate(walks):
             key_ref, value_ref, boundary_ref = inputs[3 * w : 3 * w + 3]
 
-            def run(walk=walk, refs=(key_ref, value_ref, b_ref, boundary_ref), w=w):
+            def run(walk=walk, refs=(key_ref, value_ref, g_ref, boundary_ref), w=w):
                 walk.body(
                     first_ref,
                     last_ref,
@@ -349,7 +410,7 @@ def state_walks(walks, b, first_seq, last_seq, *, chunk, state_dtype, config, in
         compiler_params=params(config.state_warps, config.state_stages),
         interpret=interpret,
         name=name,
-    )(first_seq, last_seq, b, *inputs)
+    )(first_seq, last_seq, g, *inputs)
     return [tuple(outs[2 * w : 2 * w + 2]) for w in range(count)]
 
 
@@ -358,11 +419,11 @@ def states_walk(k, v, h0):
     return StateWalk(_chunk_states_kernel, k, v, h0)
 
 
-def chunk_states(k, v, b, h0, first_seq, last_seq, **launch):
+def chunk_states(k, v, g, h0, first_seq, last_seq, **launch):
     """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32.
     ``launch``: state_walks' chunk, state_dtype, config and interpret."""
     (result,) = state_walks(
-        [states_walk(k, v, h0)], b, first_seq, last_seq, name="gla_chunk_states", **launch
+        [states_walk(k, v, h0)], g, first_seq, last_seq, name="gla_chunk_states", **launch
     )
     return result
 
@@ -392,10 +453,10 @@ def factor_dtype(dtype):
     return F32 if jnp.dtype(dtype) == jnp.float16 else dtype
 
 
-def factorized_scores(q, k, b, b_mid, dtype):
-    """Unmasked scores sum_d q_id k_jd 2 ** (b_id - b_jd) of a block as one matmul around the
-    reference row b_mid (the caller has checked the span: ``factorizable``)."""
-    return mm_nt(q * decay(b - b_mid), k * decay(b_mid - b), factor_dtype(dtype))
+def factorized_scores(q, k, from_mid, dtype):
+    """Unmasked scores sum_d q_id k_jd 2 ** (b_id - b_jd) of a block as one matmul around a
+    reference row m, from_mid = b - b_m (the caller has checked the span: ``factorizable``)."""
+    return mm_nt(q * decay(from_mid), k * decay(-from_mid), factor_dtype(dtype))
 
 
 def diagonal_span(b_ref, base, sub):
@@ -482,7 +543,7 @@ def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     )(spans, q, k, b)
 
 
-def chunk_scores(span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype):
+def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype):
     """The chunk's causal scores A [C, C] (zero above the diagonal) inside a kernel: where ``span``
     allows, one matmul factorized around the middle row, K a piece at a time; else the rows
     ``exact_scores`` wrote. The load branch is light, so the common path keeps its registers."""
@@ -495,8 +556,7 @@ def chunk_scores(span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype)
             scores += factorized_scores(
                 q_ref[:, ks].astype(F32) * scale,
                 k_ref[:, ks].astype(F32),
-                b_ref[:, ks],
-                row(b_ref, chunk // 2, ks),
+                gate_sums(g_ref[:, ks], "from_mid"),
                 dtype,
             )
         return jnp.where(causal_mask(chunk), scores, 0.0)
@@ -510,23 +570,25 @@ def chunk_scores(span, q_ref, k_ref, b_ref, exact_ref, *, scale, block_k, dtype)
 
 
 def _chunk_outputs_kernel(
-    span_ref, q_ref, k_ref, b_ref, h_ref, a_ref, v_ref, o_ref, *, scale, block_v, block_k, dtype
+    span_ref, q_ref, k_ref, g_ref, h_ref, a_ref, v_ref, o_ref, *, scale, block_v, block_k, dtype
 ):
     key_dim = q_ref.shape[1]
     scores = chunk_scores(
-        span_ref[...], q_ref, k_ref, b_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
+        span_ref[...], q_ref, k_ref, g_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
     )
     for u in range(v_ref.shape[1] // block_v):  # V tiles, all sharing the scores
         vs = pl.ds(u * block_v, block_v)
         out = mm(scores, v_ref[:, vs], dtype)  # intra-chunk
         for t in range(key_dim // block_k):  # inter-chunk, K a piece at a time
             ks = pl.ds(t * block_k, block_k)
-            q_decayed = q_ref[:, ks].astype(F32) * (scale * decay(b_ref[:, ks]))
+            q_decayed = q_ref[:, ks].astype(F32) * (
+                scale * decay(gate_sums(g_ref[:, ks], "from_start"))
+            )
             out += mm(q_decayed, h_ref[ks, vs], dtype)
         o_ref[:, vs] = out.astype(o_ref.dtype)
 
 
-def chunk_outputs(q, k, b, spans, states, exact, v, *, chunk, scale, out_dtype, config, interpret):
+def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, config, interpret):
     """o [B', Tp, H, V] per (chunk, row * head), V a tile at a time, from the states entering each
     chunk and the intra-chunk scores (``exact``: ``exact_scores``' output, read only for the
     chunks that are not factorizable)."""
@@ -558,4 +620,4 @@ def chunk_outputs(q, k, b, spans, states, exact, v, *, chunk, scale, out_dtype, 
         compiler_params=params(config.output_warps, config.output_stages),
         interpret=interpret,
         name="gla_chunk_outputs",
-    )(spans, q, k, b, states, exact, v)
+    )(spans, q, k, g, states, exact, v)
