@@ -8,6 +8,7 @@ logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png t
   PYTHONPATH=. python -m benchmarks.kernels --out $OUT [--ts 1024,2048,4096,8192,16384] [--check]
   PYTHONPATH=. python -m benchmarks.kernels --breakdown     # each pallas_gpu stage timed alone
   PYTHONPATH=. python -m benchmarks.kernels --gate_regimes  # the 340M layer: mild, resets, strong
+  PYTHONPATH=. python -m benchmarks.kernels --profile --ts 2048  # each kernel's time in the op
   ... --set paired_walks=false,state_block_v=64                # any of these with other settings
 """
 
@@ -324,6 +325,74 @@ def breakdown(
         )
 
 
+def kernel_times(events, calls: int) -> list[dict]:
+    """Per-kernel device time of one call from a trace: ``events`` are (name, duration ns) of the
+    GPU kernels that ``calls`` calls launched. Rows sorted by time, each with its launches per
+    call, its ms per call and its share of the sum."""
+    totals, counts = {}, {}
+    for name, duration_ns in events:
+        totals[name] = totals.get(name, 0.0) + duration_ns
+        counts[name] = counts.get(name, 0) + 1
+    whole = sum(totals.values()) or 1.0
+    return [
+        dict(
+            kernel=name,
+            launches=counts[name] / calls,
+            ms=totals[name] / calls / 1e6,
+            share=totals[name] / whole,
+        )
+        for name in sorted(totals, key=totals.get, reverse=True)
+    ]
+
+
+def traced_kernels(trace_dir: str) -> list[tuple[str, float]]:
+    """(name, duration ns) of every kernel on a GPU stream in the trace jax.profiler wrote."""
+    import glob
+
+    from jax.profiler import ProfileData
+
+    events = []
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:  # "Stream #n": the kernels; other lines group them again
+                if line.name.startswith("Stream"):
+                    events += [(event.name, event.duration_ns) for event in line.events]
+    return events
+
+
+def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, calls=10):
+    """Where the op's forward+backward spends its time on the device: each kernel's time inside
+    the real op (one jitted call, as in the table), not alone, from a jax.profiler trace. Timing
+    a kernel alone (``--breakdown``) adds the dispatch of a jitted call, which a short kernel
+    cannot hide; inside the op it is queued behind the others."""
+    import tempfile
+
+    for seq_len in ts:
+        shapes = [(16, 128, 128)] + ([(4, 256, 512)] if paper else [])
+        for heads, key_dim, value_dim in shapes:
+            q, k, v, g, do = gla_inputs(TOKENS // seq_len, seq_len, heads, key_dim, value_dim)
+            _, fwd_bwd = gla_fns("pallas_gpu", chunk_size)
+            wall_ms = time_ms(fwd_bwd, q, k, v, g, do)
+            with tempfile.TemporaryDirectory() as trace_dir:
+                with jax.profiler.trace(trace_dir):
+                    for _ in range(calls):
+                        out = fwd_bwd(q, k, v, g, do)
+                    jax.block_until_ready(out)
+                rows = kernel_times(traced_kernels(trace_dir), calls)
+            device_ms = sum(r["ms"] for r in rows)
+            print(
+                f"\nT = {seq_len}, {heads} x {key_dim} x {value_dim}: fwd+bwd {wall_ms:.3f} ms "
+                f"wall, {device_ms:.3f} ms in kernels\n"
+                "| kernel | launches per call | ms per call | share |\n|---|---|---|---|"
+            )
+            for r in rows:
+                print(f"| {r['kernel']} | {r['launches']:g} | {r['ms']:.3f} | {r['share']:.1%} |")
+            shape = dict(T=seq_len, H=heads, K=key_dim, V=value_dim)
+            print(json.dumps(dict(profile=rows, wall_ms=wall_ms, **shape)), flush=True)
+
+
 def table(rows):
     lines = [
         "| op | H | K | V | T | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |",
@@ -409,6 +478,11 @@ def main():
         help="only time each pallas_gpu stage alone (T = 2K, both shapes)",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only trace pallas_gpu's forward+backward at --ts: each kernel's device time",
+    )
+    parser.add_argument(
         "--gate_regimes",
         action="store_true",
         help="only time pallas_gpu at the 340M layer's shape: mild gates, resets, strong gates",
@@ -435,6 +509,9 @@ def main():
             return
         breakdown()
         breakdown(heads=4, key_dim=256, value_dim=512)
+        return
+    if args.profile:
+        profile([int(t) for t in args.ts.split(",")], not args.no_paper, args.chunk_size)
         return
     if args.gate_regimes:
         gate_regimes(args.chunk_size)

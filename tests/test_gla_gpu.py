@@ -40,6 +40,8 @@ SMALL_TILES = tuning.GpuConfig(
 )
 # The backward's two walks in two launches (chunk_states, then state_grads).
 UNPAIRED = dict(paired_walks=False)
+# Single walks that load each chunk as they reach it (small launches load the next one ahead).
+NO_PREFETCH = dict(prefetch_max_programs=0)
 
 
 def _check_against_oracle(case: Case, seed: int, config=None):
@@ -78,7 +80,11 @@ def _check_against_oracle(case: Case, seed: int, config=None):
     ],
     ids=lambda c: c.name,
 )
-@pytest.mark.parametrize("switches", [{}, UNPAIRED], ids=["paired", "unpaired"])
+@pytest.mark.parametrize(
+    "switches",
+    [{}, UNPAIRED, {**UNPAIRED, **NO_PREFETCH}],
+    ids=["paired", "unpaired", "unpaired_no_prefetch"],
+)
 def test_small_tiles_match_oracle(case, switches):
     _check_against_oracle(case, seed=5, config=dataclasses.replace(SMALL_TILES, **switches))
 
@@ -318,3 +324,17 @@ def test_state_tiles_shrink_until_a_launch_fills_the_gpu(walks, expected):
     assert tiles == expected
     programs = walks * (128 // tiles[0]) * (128 // tiles[1])
     assert programs >= tuning.MIN_STATE_PROGRAMS or tiles == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "walks, programs, expected",
+    [
+        (1, 128, True),  # T = 16K's forward walk at 16 x 128: one program per multiprocessor
+        (1, 512, False),  # T = 2K's: four per multiprocessor already hide the loads' wait
+        (2, 128, False),  # the backward's pair: two walks' carried tiles spill registers
+    ],
+)
+def test_only_small_single_walk_launches_prefetch(walks, programs, expected):
+    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False)
+    assert tuning.prefetches(config, walks, programs) is expected
+    assert not tuning.prefetches(dataclasses.replace(config, **NO_PREFETCH), walks, programs)

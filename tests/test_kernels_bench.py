@@ -1,8 +1,10 @@
-"""The kernel benchmark's gate regimes (benchmarks/kernels.py --gate_regimes): the gates each one
-promises, checked on the CPU (the timing itself needs a GPU)."""
+"""The kernel benchmark's parts that run on the CPU (the timing itself needs a GPU): the gates each
+--gate_regimes regime promises, the tuner's candidates, --breakdown in interpret mode, --set and
+--profile's trace reading."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -74,3 +76,28 @@ def test_set_overrides_the_launch_settings_and_names_unknown_fields(monkeypatch)
     assert config.paired_walks is False and config.state_block_v == 32
     with pytest.raises(SystemExit, match="paired_walk"):
         kernels.override_config("paired_walk=false")
+
+
+def test_profile_sums_each_kernels_time_per_call():
+    """``--profile``: a trace of 2 calls, each launching a twice and b once, gives a's and b's
+    time per call, their launches per call and shares, the longest first."""
+    from benchmarks.kernels import kernel_times
+
+    events = [("a", 1e6), ("b", 3e6), ("a", 2e6), ("a", 1e6), ("b", 6e6), ("a", 4e6)]
+    rows = kernel_times(events, calls=2)
+    assert [r["kernel"] for r in rows] == ["b", "a"]
+    assert rows[0] == dict(kernel="b", launches=1.0, ms=4.5, share=9 / 17)
+    assert rows[1] == dict(kernel="a", launches=2.0, ms=4.0, share=8 / 17)
+    assert kernel_times([], calls=3) == []
+
+
+def test_profile_finds_no_gpu_kernels_in_a_cpu_trace(tmp_path):
+    from benchmarks.kernels import traced_kernels
+
+    f = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path)):
+        f(x).block_until_ready()
+    assert list(tmp_path.rglob("*.xplane.pb"))
+    assert traced_kernels(str(tmp_path)) == []

@@ -45,6 +45,7 @@ from pallas_kernels.gla.gpu_forward import (
     F32,
     StateWalk,
     causal_mask,
+    chunk_rows,
     chunk_scores,
     chunk_spec,
     decay,
@@ -66,6 +67,7 @@ from pallas_kernels.gla.gpu_forward import (
     state_walks,
     states_walk,
     sub_chunk,
+    walk_chunks,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -93,21 +95,22 @@ def _state_grads_kernel(
     block_v,
     scale,
     dtype,
+    prefetch,
 ):
     batch_row, head = bh // heads, bh % heads
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
-    def step(i, grad):
-        c = num_chunks - 1 - i
+    def load(c):
+        return chunk_rows((g_ref, q_ref, do_ref), c, chunk)
+
+    def step(c, grad, loaded):
+        g, q, do = loaded
         seq_end = last_ref[batch_row, c]
         grad = lax.cond(
             seq_end >= 0, lambda: dfinal_ref[jnp.maximum(seq_end, 0), head, ks, vs], lambda: grad
         )
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
-        start = c * chunk
-        g = g_ref[pl.ds(start, chunk), :]
-        q_decayed = rows(q_ref, start, chunk) * (scale * decay(gate_sums(g, "from_start")))
-        do = do_ref[pl.ds(start, chunk), :]
+        q_decayed = q.astype(F32) * (scale * decay(gate_sums(g, "from_start")))
         grad = grad * decay(gate_total(g)).T + mm_tn(q_decayed, do, dtype)
         seq = first_ref[batch_row, c]
 
@@ -118,7 +121,8 @@ def _state_grads_kernel(
         # The chunk before a sequence's first chunk ends another sequence: nothing flows back.
         return jnp.where(seq >= 0, 0.0, grad)
 
-    lax.fori_loop(0, num_chunks, step, jnp.zeros((block_k, block_v), F32))
+    init = jnp.zeros((block_k, block_v), F32)
+    walk_chunks(num_chunks, load, step, init, prefetch=prefetch, reverse=True)
 
 
 def state_grads_walk(q, do, dfinal, scale):

@@ -287,19 +287,21 @@ def _chunk_states_kernel(
     block_k,
     block_v,
     dtype,
+    prefetch,
 ):
     batch_row, head = bh // heads, bh % heads
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
-    def step(c, state):
+    def load(c):
+        return chunk_rows((g_ref, k_ref, v_ref), c, chunk)
+
+    def step(c, state, loaded):
+        g, k, v = loaded
         seq = first_ref[batch_row, c]
         # A sequence starts here: its initial state replaces the carried one.
         state = lax.cond(seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state)
         states_ref[c] = state.astype(states_ref.dtype)
-        start = c * chunk
-        g = g_ref[pl.ds(start, chunk), :]
-        k_to_end = rows(k_ref, start, chunk) * decay(gate_sums(g, "to_end"))
-        v = v_ref[pl.ds(start, chunk), :]
+        k_to_end = k.astype(F32) * decay(gate_sums(g, "to_end"))
         state = state * decay(gate_total(g)).T + mm_tn(k_to_end, v, dtype)
         seq_end = last_ref[batch_row, c]
 
@@ -309,7 +311,38 @@ def _chunk_states_kernel(
 
         return state
 
-    lax.fori_loop(0, num_chunks, step, jnp.zeros((block_k, block_v), F32))
+    walk_chunks(num_chunks, load, step, jnp.zeros((block_k, block_v), F32), prefetch=prefetch)
+
+
+def chunk_rows(refs, c, chunk):
+    """Chunk c's rows of each [Tp, width] ref, as stored."""
+    return tuple(ref[pl.ds(c * chunk, chunk), :] for ref in refs)
+
+
+def walk_chunks(num_chunks, load, step, init, *, prefetch, reverse=False):
+    """Runs carry = step(c, carry, load(c)) over the chunks in order (reverse: the last first).
+
+    With ``prefetch`` each step issues the next chunk's loads before its own arithmetic and
+    carries them into the next step, so the walk waits on memory once rather than once per
+    chunk. Only worth it where nothing else hides that wait: a walk is one chain of dependent
+    steps, and a launch of one program per multiprocessor (long rows, few of them) has nothing to
+    switch to; where several programs share a multiprocessor, the carried tiles cost the
+    registers that let them (``tuning.prefetches``)."""
+
+    def chunk_at(i):
+        return num_chunks - 1 - i if reverse else i
+
+    if not prefetch:
+        return lax.fori_loop(
+            0, num_chunks, lambda i, carry: step(chunk_at(i), carry, load(chunk_at(i))), init
+        )
+
+    def ahead_step(i, carry_and_loaded):
+        carry, loaded = carry_and_loaded
+        ahead = load(chunk_at(jnp.minimum(i + 1, num_chunks - 1)))
+        return step(chunk_at(i), carry, loaded), ahead
+
+    return lax.fori_loop(0, num_chunks, ahead_step, (init, load(chunk_at(0))))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +380,7 @@ def state_walks(walks, g, first_seq, last_seq, *, chunk, state_dtype, config, in
         block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
     else:
         block_k, block_v = tuning.state_tiles(config, key_dim, value_dim, count * rows_ * heads)
+    programs = count * rows_ * heads * (key_dim // block_k) * (value_dim // block_v)
 
     def seq_spec(width_block, tile_axis):
         def index(i, kt, vt):
@@ -366,6 +400,7 @@ def state_walks(walks, g, first_seq, last_seq, *, chunk, state_dtype, config, in
         block_k=block_k,
         block_v=block_v,
         dtype=first.dtype,
+        prefetch=tuning.prefetches(config, count, programs),
     )
 
     def kernel(first_ref, last_ref, g_ref, *refs):
