@@ -327,14 +327,15 @@ def test_state_tiles_shrink_until_a_launch_fills_the_gpu(walks, expected):
 
 
 @pytest.mark.parametrize(
-    "walks, programs, expected",
+    "walks, programs, tile, expected",
     [
-        (1, 128, True),  # T = 16K's forward walk at 16 x 128: one program per multiprocessor
-        (1, 512, False),  # T = 2K's: four per multiprocessor already hide the loads' wait
-        (2, 128, False),  # the backward's pair: two walks' carried tiles spill registers
+        (1, 128, (64, 64), True),  # T = 16K's forward walk at 16 x 128: one per multiprocessor
+        (1, 512, (64, 128), False),  # T = 2K's: four per multiprocessor hide the loads' wait
+        (1, 128, (64, 128), False),  # T = 8K's: a wider tile's carried loads spill
+        (2, 128, (64, 64), False),  # the backward's pair: two walks' carried tiles spill
     ],
 )
-def test_only_small_single_walk_launches_prefetch(walks, programs, expected):
+def test_only_small_single_walk_launches_prefetch(walks, programs, tile, expected):
     config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False)
-    assert tuning.prefetches(config, walks, programs) is expected
-    assert not tuning.prefetches(dataclasses.replace(config, **NO_PREFETCH), walks, programs)
+    assert tuning.prefetches(config, walks, programs, tile) is expected
+    assert not tuning.prefetches(dataclasses.replace(config, **NO_PREFETCH), walks, programs, tile)

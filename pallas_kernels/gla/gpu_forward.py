@@ -400,7 +400,7 @@ def state_walks(walks, g, first_seq, last_seq, *, chunk, state_dtype, config, in
         block_k=block_k,
         block_v=block_v,
         dtype=first.dtype,
-        prefetch=tuning.prefetches(config, count, programs),
+        prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
     )
 
     def kernel(first_ref, last_ref, g_ref, *refs):

@@ -113,13 +113,24 @@ def state_tiles(config: GpuConfig, key_dim: int, value_dim: int, walks: int) -> 
     return block_k, block_v
 
 
-def prefetches(config: GpuConfig, walks: int, programs: int) -> bool:
-    """Whether a state-walk launch of ``walks`` walks and ``programs`` programs loads each next
-    chunk ahead. Timed at 16 x 128 (H200, December 4): one walk of 128 programs at T = 16K ran
-    16% faster with it (chunk_states 0.508 -> 0.424 ms, state_grads 0.520 -> 0.458); at T = 2K,
-    four programs per multiprocessor, the forward lost 0.23 ms, and two walks in one launch
-    (the backward's pair) took twice as long at 16K: the carried tiles cost registers."""
-    return walks == 1 and programs <= config.prefetch_max_programs
+# The largest state tile (elements) a prefetching walk carries: with the next chunk's [C, BK] keys
+# and gates and [C, BV] values held across a step beside the float32 [BK, BV] state, a 64 x 128
+# tile spills (below).
+PREFETCH_MAX_TILE = 64 * 64
+
+
+def prefetches(config: GpuConfig, walks: int, programs: int, tile: tuple[int, int]) -> bool:
+    """Whether a state-walk launch of ``walks`` walks, ``programs`` programs and (K, V) ``tile``
+    loads each next chunk ahead. Timed on the H200 (December 4): the forward walk at 16 x 128,
+    T = 16K (one walk, 128 programs of 64 x 64) ran 16% faster with it (0.508 -> 0.424 ms;
+    forward 1.008 -> 0.918 ms in the op), but at T = 8K (128 programs of 64 x 128) the forward
+    lost 0.31 ms and the paper shape's at 16K (128 of 64 x 128) 0.56; at T = 2K (512 programs)
+    0.23, and two walks in one launch (the backward's pair) took twice as long at 16K."""
+    return (
+        walks == 1
+        and programs <= config.prefetch_max_programs
+        and tile[0] * tile[1] <= PREFETCH_MAX_TILE
+    )
 
 
 def config_for(key_dim: int, value_dim: int, dtype, interpret: bool) -> GpuConfig:
