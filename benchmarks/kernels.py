@@ -9,6 +9,7 @@ logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png t
   PYTHONPATH=. python -m benchmarks.kernels --breakdown     # each pallas_gpu stage timed alone
   PYTHONPATH=. python -m benchmarks.kernels --gate_regimes  # the 340M layer: mild, resets, strong
   PYTHONPATH=. python -m benchmarks.kernels --profile --ts 2048  # each kernel's time in the op
+  ... --packed                    # the GLA calls' rows packed into one with cu_seqlens
   ... --set paired_walks=false,state_block_v=64                # any of these with other settings
 """
 
@@ -98,9 +99,17 @@ def op_name(backend, chunk_size):
     return backend if chunk_size == DEFAULT_CHUNK_SIZE else f"{backend} C={chunk_size}"
 
 
-def gla_fns(backend, chunk_size=DEFAULT_CHUNK_SIZE):
+def packed(batch, seq_len, *arrays):
+    """The B rows of each [B, T, ...] array as one row of B sequences, and its cu_seqlens."""
+    rows = [x.reshape(1, batch * seq_len, *x.shape[2:]) for x in arrays]
+    return rows, jnp.arange(batch + 1, dtype=jnp.int32) * seq_len
+
+
+def gla_fns(backend, chunk_size=DEFAULT_CHUNK_SIZE, cu_seqlens=None):
     def fwd(q, k, v, g):
-        return chunk_gla(q, k, v, g, chunk_size=chunk_size, backend=backend)[0]
+        return chunk_gla(q, k, v, g, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens)[
+            0
+        ]
 
     def fwd_bwd(q, k, v, g, do):
         o, vjp = jax.vjp(fwd, q, k, v, g)
@@ -133,17 +142,22 @@ def measure(name, fns, fwd_args, bwd_args, **shape):
     return row
 
 
-def run(ts, backends, paper, chunk_size=DEFAULT_CHUNK_SIZE):
+def run(ts, backends, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False):
+    """The table's rows. ``pack``: each GLA call takes its B sequences packed into one row
+    (cu_seqlens), as a varlen training batch does; cuDNN's rows stay batched."""
     rows = []
     for seq_len in ts:
         batch = TOKENS // seq_len
         shapes = [(16, 128, 128)] + ([(4, 256, 512)] if paper else [])
         for heads, key_dim, value_dim in shapes:
             q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
+            cu_seqlens = None
+            if pack:
+                (q, k, v, g, do), cu_seqlens = packed(batch, seq_len, q, k, v, g, do)
             shape = dict(B=batch, T=seq_len, H=heads, K=key_dim, V=value_dim)
             for backend in backends:
-                fns = gla_fns(backend, chunk_size)
-                name = op_name(backend, chunk_size)
+                fns = gla_fns(backend, chunk_size, cu_seqlens)
+                name = op_name(backend, chunk_size) + (" packed" if pack else "")
                 rows.append(measure(name, fns, (q, k, v, g), (q, k, v, g, do), **shape))
         q, k, v, _, do = gla_inputs(batch, seq_len, 16, 128, 128)
         rows.append(
@@ -478,6 +492,11 @@ def main():
         help="only time each pallas_gpu stage alone (T = 2K, both shapes)",
     )
     parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="each GLA call's B sequences packed into one row with cu_seqlens",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="only trace pallas_gpu's forward+backward at --ts: each kernel's device time",
@@ -519,7 +538,7 @@ def main():
     if args.check:
         check_against_xla(chunk_size=args.chunk_size)
     ts = [int(t) for t in args.ts.split(",")]
-    rows = run(ts, args.backends.split(","), not args.no_paper, args.chunk_size)
+    rows = run(ts, args.backends.split(","), not args.no_paper, args.chunk_size, args.packed)
     print(table(rows))
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, rows=rows), f, indent=1)

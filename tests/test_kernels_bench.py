@@ -101,3 +101,18 @@ def test_profile_finds_no_gpu_kernels_in_a_cpu_trace(tmp_path):
         f(x).block_until_ready()
     assert list(tmp_path.rglob("*.xplane.pb"))
     assert traced_kernels(str(tmp_path)) == []
+
+
+def test_packed_rows_hold_the_same_sequences():
+    """``--packed``: one row of B sequences, whose cu_seqlens mark the original rows; the op on
+    it gives the batched op's outputs."""
+    from benchmarks.kernels import gla_fns, gla_inputs, packed
+
+    q, k, v, g, _ = gla_inputs(3, 20, 2, 16, 8)
+    (pq, pk, pv, pg), cu = packed(3, 20, q, k, v, g)
+    assert pq.shape == (1, 60, 2, 16) and pv.shape == (1, 60, 2, 8)
+    assert cu.tolist() == [0, 20, 40, 60]
+    batched = gla_fns("xla")[0](q, k, v, g)
+    one_row = gla_fns("xla", cu_seqlens=cu)[0](pq, pk, pv, pg)
+    err = jnp.max(jnp.abs(one_row.reshape(batched.shape).astype(float) - batched.astype(float)))
+    assert float(err) < 2e-2, err
