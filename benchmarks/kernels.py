@@ -376,7 +376,7 @@ def traced_kernels(trace_dir: str) -> list[tuple[str, float]]:
     return events
 
 
-def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, calls=10):
+def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False, calls=10):
     """Where the op's forward+backward spends its time on the device: each kernel's time inside
     the real op (one jitted call, as in the table), not alone, from a jax.profiler trace. Timing
     a kernel alone (``--breakdown``) adds the dispatch of a jitted call, which a short kernel
@@ -386,8 +386,12 @@ def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, calls=10):
     for seq_len in ts:
         shapes = [(16, 128, 128)] + ([(4, 256, 512)] if paper else [])
         for heads, key_dim, value_dim in shapes:
-            q, k, v, g, do = gla_inputs(TOKENS // seq_len, seq_len, heads, key_dim, value_dim)
-            _, fwd_bwd = gla_fns("pallas_gpu", chunk_size)
+            batch = TOKENS // seq_len
+            q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
+            cu_seqlens = None
+            if pack:
+                (q, k, v, g, do), cu_seqlens = packed(batch, seq_len, q, k, v, g, do)
+            _, fwd_bwd = gla_fns("pallas_gpu", chunk_size, cu_seqlens)
             wall_ms = time_ms(fwd_bwd, q, k, v, g, do)
             with tempfile.TemporaryDirectory() as trace_dir:
                 with jax.profiler.trace(trace_dir):
@@ -397,13 +401,14 @@ def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, calls=10):
                 rows = kernel_times(traced_kernels(trace_dir), calls)
             device_ms = sum(r["ms"] for r in rows)
             print(
-                f"\nT = {seq_len}, {heads} x {key_dim} x {value_dim}: fwd+bwd {wall_ms:.3f} ms "
+                f"\nT = {seq_len}{' packed' if pack else ''}, {heads} x {key_dim} x {value_dim}: "
+                f"fwd+bwd {wall_ms:.3f} ms "
                 f"wall, {device_ms:.3f} ms in kernels\n"
                 "| kernel | launches per call | ms per call | share |\n|---|---|---|---|"
             )
             for r in rows:
                 print(f"| {r['kernel']} | {r['launches']:g} | {r['ms']:.3f} | {r['share']:.1%} |")
-            shape = dict(T=seq_len, H=heads, K=key_dim, V=value_dim)
+            shape = dict(T=seq_len, H=heads, K=key_dim, V=value_dim, packed=pack)
             print(json.dumps(dict(profile=rows, wall_ms=wall_ms, **shape)), flush=True)
 
 
@@ -530,7 +535,8 @@ def main():
         breakdown(heads=4, key_dim=256, value_dim=512)
         return
     if args.profile:
-        profile([int(t) for t in args.ts.split(",")], not args.no_paper, args.chunk_size)
+        ts = [int(t) for t in args.ts.split(",")]
+        profile(ts, not args.no_paper, args.chunk_size, args.packed)
         return
     if args.gate_regimes:
         gate_regimes(args.chunk_size)
