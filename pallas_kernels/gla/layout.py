@@ -12,8 +12,9 @@ into one row. ``ChunkLayout`` maps both onto one internal form:
 * ``seq_last_chunk[n]``: the flat index ``b * NC + c`` of sequence ``n``'s last chunk, or -1 when
   the sequence is empty (its final state is then its initial state).
 
-``to_chunked`` is an injective gather, so its transpose is ``from_chunked``: a hand-written backward
-maps output cotangents in with ``to_chunked`` and input gradients out with ``from_chunked``.
+``to_chunked`` is an injective gather (each padded slot reads its caller token, or zero), so its
+transpose is ``from_chunked``: a hand-written backward maps output cotangents in with
+``to_chunked`` and input gradients out with ``from_chunked``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ class ChunkLayout(NamedTuple):
     chunk_size: int
     seq_len: int  # T of the caller's arrays
     padded_len: int  # Tp
-    # For packed input: the padded position of each caller token, [T]; None when not packed.
+    # For packed input: the padded position of each caller token, [T], and the caller token of
+    # each padded position, [Tp] (T for the gaps and the tail); None when not packed.
     token_position: jax.Array | None
+    position_token: jax.Array | None
     chunk_first_seq: jax.Array  # [B', NC] int32
     seq_last_chunk: jax.Array  # [N] int32
 
@@ -42,8 +45,9 @@ class ChunkLayout(NamedTuple):
         if self.token_position is None:
             x = jnp.pad(x, ((0, 0), (0, self.padded_len - self.seq_len), (0, 0), (0, 0)))
         else:
-            buffer = jnp.zeros((1, self.padded_len) + x.shape[2:], x.dtype)
-            x = buffer.at[:, self.token_position].set(x, unique_indices=True)
+            # A gather, one pass writing each slot once; a scatter into a zeroed buffer would write
+            # the buffer twice (the zeros, then the tokens).
+            x = x.at[:, self.position_token].get(mode="fill", fill_value=0)
         return jnp.swapaxes(x, 1, 2)
 
     def from_chunked(self, x: jax.Array) -> jax.Array:
@@ -85,7 +89,9 @@ def make_layout(batch: int, seq_len: int, chunk_size: int, cu_seqlens=None) -> C
         )
         if seq_len == 0:
             seq_last_chunk = jnp.full((batch,), -1, jnp.int32)
-        return ChunkLayout(chunk_size, seq_len, padded_len, None, chunk_first_seq, seq_last_chunk)
+        return ChunkLayout(
+            chunk_size, seq_len, padded_len, None, None, chunk_first_seq, seq_last_chunk
+        )
 
     num_seqs = cu_seqlens.shape[0] - 1
     cu = cu_seqlens.astype(jnp.int32)
@@ -99,6 +105,14 @@ def make_layout(batch: int, seq_len: int, chunk_size: int, cu_seqlens=None) -> C
     tokens = jnp.arange(seq_len, dtype=jnp.int32)
     seq_of_token = jnp.clip(jnp.searchsorted(cu[1:], tokens, side="right"), 0, num_seqs - 1)
     token_position = tokens - cu[seq_of_token] + padded_starts[seq_of_token]
+    positions = jnp.arange(padded_len, dtype=jnp.int32)
+    seq_of_position = jnp.clip(
+        jnp.searchsorted(padded_starts[1:], positions, side="right"), 0, num_seqs - 1
+    )
+    offset = positions - padded_starts[seq_of_position]
+    position_token = jnp.where(
+        offset < lengths[seq_of_position], cu[seq_of_position] + offset, seq_len
+    )
 
     first_chunk = jnp.where(lengths > 0, padded_starts[:-1] // chunk_size, num_chunks)
     chunk_first_seq = jnp.full((num_chunks,), -1, jnp.int32)
@@ -111,6 +125,7 @@ def make_layout(batch: int, seq_len: int, chunk_size: int, cu_seqlens=None) -> C
         seq_len,
         padded_len,
         token_position,
+        position_token,
         chunk_first_seq[None, :],
         seq_last_chunk.astype(jnp.int32),
     )
