@@ -42,6 +42,8 @@ SMALL_TILES = tuning.GpuConfig(
 UNPAIRED = dict(paired_walks=False)
 # Single walks that load each chunk as they reach it (small launches load the next one ahead).
 NO_PREFETCH = dict(prefetch_max_programs=0)
+# A packed row's walks one program per sequence.
+SEQUENCE_WALKS = dict(sequence_walks=True)
 
 
 def _check_against_oracle(case: Case, seed: int, config=None):
@@ -77,13 +79,36 @@ def _check_against_oracle(case: Case, seed: int, config=None):
             chunk_size=32,
         ),
         Case("tiled_rows", batch=2, seq_len=40, key_dim=32, value_dim=32, chunk_size=16),
+        Case(
+            "packed_empty_ends",
+            batch=1,
+            seq_len=70,
+            key_dim=16,
+            value_dim=32,
+            cu_seqlens=(0, 0, 25, 70, 70),
+            chunk_size=16,
+        ),
     ],
     ids=lambda c: c.name,
 )
 @pytest.mark.parametrize(
     "switches",
-    [{}, UNPAIRED, {**UNPAIRED, **NO_PREFETCH}],
-    ids=["paired", "unpaired", "unpaired_no_prefetch"],
+    [
+        {},
+        UNPAIRED,
+        {**UNPAIRED, **NO_PREFETCH},
+        SEQUENCE_WALKS,
+        {**SEQUENCE_WALKS, **UNPAIRED},
+        {**SEQUENCE_WALKS, **UNPAIRED, **NO_PREFETCH},
+    ],
+    ids=[
+        "paired",
+        "unpaired",
+        "unpaired_no_prefetch",
+        "sequence_walks",
+        "sequence_walks_unpaired",
+        "sequence_walks_unpaired_no_prefetch",
+    ],
 )
 def test_small_tiles_match_oracle(case, switches):
     _check_against_oracle(case, seed=5, config=dataclasses.replace(SMALL_TILES, **switches))
@@ -339,3 +364,31 @@ def test_only_small_single_walk_launches_prefetch(walks, programs, tile, expecte
     config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False)
     assert tuning.prefetches(config, walks, programs, tile) is expected
     assert not tuning.prefetches(dataclasses.replace(config, **NO_PREFETCH), walks, programs, tile)
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
+def test_sequence_walks_lower_through_triton(prefetch):
+    """A packed row's walks, one program per sequence: loops whose bounds are data (the
+    sequence's chunk range) lower through Triton, with and without the prefetching walk."""
+    heads, dim, num_seqs = 4, 128, 3
+    opts = api.Options("pallas_gpu", dim**-0.5, api.DEFAULT_CHUNK_SIZE, False)
+    config = dataclasses.replace(
+        tuning.config_for(dim, dim, jnp.bfloat16, interpret=False),
+        sequence_walks=True,
+        prefetch_max_programs=1024 if prefetch else 0,  # the forward's 192 programs of 32 x 32
+    )
+
+    def forward_and_backward(q, k, v, g, h0, do, dfinal, cu_seqlens):
+        out = gpu.forward(q, k, v, g, h0, cu_seqlens, opts, config)
+        return out, gpu.backward(q, k, v, g, h0, cu_seqlens, do, dfinal, opts, config)
+
+    sd = jax.ShapeDtypeStruct
+    keys = sd((1, 1000, heads, dim), jnp.bfloat16)
+    state = sd((num_seqs, heads, dim, dim), jnp.float32)
+    exported = jax.export.export(
+        jax.jit(forward_and_backward),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(keys, keys, keys, sd(keys.shape, jnp.float32), state, keys, state, sd((4,), jnp.int32))
+    module = exported.mlir_module()
+    assert "gla_chunk_states" in module and "gla_backward_walks" in module

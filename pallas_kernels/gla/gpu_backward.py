@@ -85,19 +85,18 @@ def _state_grads_kernel(
     dstates_ref,
     dh0_ref,
     *,
-    bh,
+    row,
+    head,
     kt,
     vt,
     chunk,
-    num_chunks,
-    heads,
+    chunks,
     block_k,
     block_v,
     scale,
     dtype,
     prefetch,
 ):
-    batch_row, head = bh // heads, bh % heads
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
     def load(c):
@@ -105,14 +104,14 @@ def _state_grads_kernel(
 
     def step(c, grad, loaded):
         g, q, do = loaded
-        seq_end = last_ref[batch_row, c]
+        seq_end = last_ref[row, c]
         grad = lax.cond(
             seq_end >= 0, lambda: dfinal_ref[jnp.maximum(seq_end, 0), head, ks, vs], lambda: grad
         )
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
         q_decayed = q.astype(F32) * (scale * decay(gate_sums(g, "from_start")))
         grad = grad * decay(gate_total(g)).T + mm_tn(q_decayed, do, dtype)
-        seq = first_ref[batch_row, c]
+        seq = first_ref[row, c]
 
         @pl.when(seq >= 0)
         def _():
@@ -122,7 +121,7 @@ def _state_grads_kernel(
         return jnp.where(seq >= 0, 0.0, grad)
 
     init = jnp.zeros((block_k, block_v), F32)
-    walk_chunks(num_chunks, load, step, init, prefetch=prefetch, reverse=True)
+    walk_chunks(chunks, load, step, init, prefetch=prefetch, reverse=True)
 
 
 def state_grads_walk(q, do, dfinal, scale):
@@ -132,7 +131,7 @@ def state_grads_walk(q, do, dfinal, scale):
 
 def state_grads(q, do, g, dfinal, first_seq, last_seq, *, scale, **launch):
     """dH [B', NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V].
-    ``launch``: state_walks' chunk, state_dtype, config and interpret.
+    ``launch``: state_walks' chunk, state_dtype, config, interpret and seq_chunks.
 
     dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
     """

@@ -278,18 +278,17 @@ def _chunk_states_kernel(
     states_ref,
     final_ref,
     *,
-    bh,
+    row,
+    head,
     kt,
     vt,
     chunk,
-    num_chunks,
-    heads,
+    chunks,
     block_k,
     block_v,
     dtype,
     prefetch,
 ):
-    batch_row, head = bh // heads, bh % heads
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
     def load(c):
@@ -297,13 +296,13 @@ def _chunk_states_kernel(
 
     def step(c, state, loaded):
         g, k, v = loaded
-        seq = first_ref[batch_row, c]
+        seq = first_ref[row, c]
         # A sequence starts here: its initial state replaces the carried one.
         state = lax.cond(seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state)
         states_ref[c] = state.astype(states_ref.dtype)
         k_to_end = k.astype(F32) * decay(gate_sums(g, "to_end"))
         state = state * decay(gate_total(g)).T + mm_tn(k_to_end, v, dtype)
-        seq_end = last_ref[batch_row, c]
+        seq_end = last_ref[row, c]
 
         @pl.when(seq_end >= 0)
         def _():
@@ -311,7 +310,7 @@ def _chunk_states_kernel(
 
         return state
 
-    walk_chunks(num_chunks, load, step, jnp.zeros((block_k, block_v), F32), prefetch=prefetch)
+    walk_chunks(chunks, load, step, jnp.zeros((block_k, block_v), F32), prefetch=prefetch)
 
 
 def chunk_rows(refs, c, chunk):
@@ -319,8 +318,10 @@ def chunk_rows(refs, c, chunk):
     return tuple(ref[pl.ds(c * chunk, chunk), :] for ref in refs)
 
 
-def walk_chunks(num_chunks, load, step, init, *, prefetch, reverse=False):
-    """Runs carry = step(c, carry, load(c)) over the chunks in order (reverse: the last first).
+def walk_chunks(chunks, load, step, init, *, prefetch, reverse=False):
+    """Runs carry = step(c, carry, load(c)) over the chunks ``chunks`` = (first, count, in_row)
+    names in order (reverse: the last first): ``count`` chunks from ``first``, of a row of
+    ``in_row``. first and count are static for whole rows, data for a packed row's sequences.
 
     With ``prefetch`` each step issues the next chunk's loads before its own arithmetic and
     carries them into the next step, so the walk waits on memory once rather than once per
@@ -328,21 +329,27 @@ def walk_chunks(num_chunks, load, step, init, *, prefetch, reverse=False):
     steps, and a launch of one program per multiprocessor (long rows, few of them) has nothing to
     switch to; where several programs share a multiprocessor, the carried tiles cost the
     registers that let them (``tuning.prefetches``)."""
+    first, count, in_row = chunks
 
     def chunk_at(i):
-        return num_chunks - 1 - i if reverse else i
+        return first + (count - 1 - i if reverse else i)
+
+    def load_at(c):
+        if isinstance(count, int):  # a whole row: every chunk index is in it
+            return load(c)
+        return load(jnp.clip(c, 0, in_row - 1))  # an empty sequence reads nothing outside the row
 
     if not prefetch:
         return lax.fori_loop(
-            0, num_chunks, lambda i, carry: step(chunk_at(i), carry, load(chunk_at(i))), init
+            0, count, lambda i, carry: step(chunk_at(i), carry, load_at(chunk_at(i))), init
         )
 
     def ahead_step(i, carry_and_loaded):
         carry, loaded = carry_and_loaded
-        ahead = load(chunk_at(jnp.minimum(i + 1, num_chunks - 1)))
+        ahead = load_at(chunk_at(jnp.minimum(i + 1, count - 1)))
         return step(chunk_at(i), carry, loaded), ahead
 
-    return lax.fori_loop(0, num_chunks, ahead_step, (init, load(chunk_at(0))))[0]
+    return lax.fori_loop(0, count, ahead_step, (init, load_at(chunk_at(0))))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,9 +357,10 @@ class StateWalk:
     """One walk over the chunks for ``state_walks``.
 
     body(first_ref, last_ref, key_ref, value_ref, g_ref, boundary_ref, per_chunk_ref,
-    boundary_out_ref, *, bh, kt, vt, chunk, num_chunks, heads, block_k, block_v, dtype, **options)
-    walks the chunks of (row * head) bh for the state tile (kt, vt). key_side [B', Tp, H, K],
-    value_side [B', Tp, H, V] and boundary [N, H, K, V] are its inputs."""
+    boundary_out_ref, *, row, head, kt, vt, chunk, chunks, block_k, block_v, dtype, prefetch,
+    **options) walks the chunks ``chunks`` (``walk_chunks``) of row ``row`` and head ``head`` for
+    the state tile (kt, vt). key_side [B', Tp, H, K], value_side [B', Tp, H, V] and boundary
+    [N, H, K, V] are its inputs."""
 
     body: Callable
     key_side: jax.Array
@@ -361,10 +369,26 @@ class StateWalk:
     options: dict = dataclasses.field(default_factory=dict)
 
 
-def state_walks(walks, g, first_seq, last_seq, *, chunk, state_dtype, config, interpret, name):
+def state_walks(
+    walks,
+    g,
+    first_seq,
+    last_seq,
+    *,
+    chunk,
+    state_dtype,
+    config,
+    interpret,
+    name,
+    seq_chunks=None,
+):
     """Launches walks over the chunks of every (row, head, K tile, V tile), one program each, and
     returns each walk's (per-chunk [B', NC, H, K, V] in ``state_dtype``, boundary [N, H, K, V]
-    float32) outputs.
+    float32) outputs. ``seq_chunks`` [N, 2] int32 (first chunk, chunk count of each sequence of
+    a packed row, B' = 1): one program per sequence instead, walking only its own chunks, so the
+    sequences of a packed row are walked side by side rather than as one chain (the states reset
+    at each sequence's start anyway); the chunks after the last sequence are left unwritten (their
+    outputs are padding, dropped).
 
     The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
     dfinal -> state gradients, dh0) share this launch. Several independent walks go in one launch,
@@ -376,35 +400,44 @@ def state_walks(walks, g, first_seq, last_seq, *, chunk, state_dtype, config, in
     value_dim = walks[0].value_side.shape[-1]
     num_chunks = padded_len // chunk
     count = len(walks)
+    per_sequence = seq_chunks is not None
+    if per_sequence and rows_ != 1:
+        raise ValueError(f"seq_chunks is for one packed row, got {rows_} rows")
+    lanes = seq_chunks.shape[0] if per_sequence else rows_  # walks per head
     if interpret:  # the tiles as configured: shrinking only adds grid steps to interpret
         block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
     else:
-        block_k, block_v = tuning.state_tiles(config, key_dim, value_dim, count * rows_ * heads)
-    programs = count * rows_ * heads * (key_dim // block_k) * (value_dim // block_v)
+        block_k, block_v = tuning.state_tiles(config, key_dim, value_dim, count * lanes * heads)
+    programs = count * lanes * heads * (key_dim // block_k) * (value_dim // block_v)
+
+    def row_of(i):  # program i's row: its lane's, or the packed row
+        return 0 if per_sequence else (i // count) // heads
 
     def seq_spec(width_block, tile_axis):
         def index(i, kt, vt):
-            bh = i // count
-            return (bh // heads, 0, bh % heads, kt if tile_axis == "k" else vt)
+            return (row_of(i), 0, (i // count) % heads, kt if tile_axis == "k" else vt)
 
         return pl.BlockSpec((SQUEEZED, padded_len, SQUEEZED, width_block), index)
 
     per_chunk_spec = pl.BlockSpec(
         (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
-        lambda i, kt, vt: ((i // count) // heads, 0, (i // count) % heads, kt, vt),
+        lambda i, kt, vt: (row_of(i), 0, (i // count) % heads, kt, vt),
     )
     common = dict(
         chunk=chunk,
-        num_chunks=num_chunks,
-        heads=heads,
         block_k=block_k,
         block_v=block_v,
         dtype=first.dtype,
         prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
     )
 
-    def kernel(first_ref, last_ref, g_ref, *refs):
+    def kernel(first_ref, last_ref, chunks_ref, g_ref, *refs):
         i, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        lane = (i // count) // heads
+        if per_sequence:
+            chunks = (chunks_ref[lane, 0], chunks_ref[lane, 1], num_chunks)
+        else:
+            chunks = (0, num_chunks, num_chunks)
         inputs, outputs = refs[: 3 * count], refs[3 * count :]
         for w, walk in enumerate(walks):
             key_ref, value_ref, boundary_ref = inputs[3 * w : 3 * w + 3]
@@ -415,9 +448,11 @@ def state_walks(walks, g, first_seq, last_seq, *, chunk, state_dtype, config, in
                     last_ref,
                     *refs,
                     *outputs[2 * w : 2 * w + 2],
-                    bh=i // count,
+                    row=row_of(i),
+                    head=(i // count) % heads,
                     kt=kt,
                     vt=vt,
+                    chunks=chunks,
                     **common,
                     **walk.options,
                 )
@@ -436,16 +471,24 @@ def state_walks(walks, g, first_seq, last_seq, *, chunk, state_dtype, config, in
             jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
             jax.ShapeDtypeStruct(walk.boundary.shape, F32),
         ]
+    # Whole rows read no chunk ranges: a placeholder keeps one kernel signature.
+    ranges = seq_chunks if per_sequence else jnp.zeros((1, 2), jnp.int32)
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
-        grid=(count * rows_ * heads, key_dim // block_k, value_dim // block_v),
-        in_specs=[whole(first_seq.shape), whole(last_seq.shape), seq_spec(block_k, "k"), *in_specs],
+        grid=(count * lanes * heads, key_dim // block_k, value_dim // block_v),
+        in_specs=[
+            whole(first_seq.shape),
+            whole(last_seq.shape),
+            whole(ranges.shape),
+            seq_spec(block_k, "k"),
+            *in_specs,
+        ],
         out_specs=tuple(out_specs),
         compiler_params=params(config.state_warps, config.state_stages),
         interpret=interpret,
         name=name,
-    )(first_seq, last_seq, g, *inputs)
+    )(first_seq, last_seq, ranges, g, *inputs)
     return [tuple(outs[2 * w : 2 * w + 2]) for w in range(count)]
 
 
@@ -456,7 +499,7 @@ def states_walk(k, v, h0):
 
 def chunk_states(k, v, g, h0, first_seq, last_seq, **launch):
     """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32.
-    ``launch``: state_walks' chunk, state_dtype, config and interpret."""
+    ``launch``: state_walks' chunk, state_dtype, config, interpret and seq_chunks."""
     (result,) = state_walks(
         [states_walk(k, v, h0)], g, first_seq, last_seq, name="gla_chunk_states", **launch
     )

@@ -42,6 +42,9 @@ class GpuConfig:
     # A launch of one walk loads each next chunk ahead (``gpu_forward.walk_chunks``) when it has
     # at most this many programs: one per multiprocessor of the H200. 0: never.
     prefetch_max_programs: int = 132
+    # A packed row's state walks: one program per sequence, walking its own chunks (True), or one
+    # per row, through every sequence in turn (False). Off until timed on the GPU.
+    sequence_walks: bool = False
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
