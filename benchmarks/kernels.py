@@ -105,11 +105,25 @@ def packed(batch, seq_len, *arrays):
     return rows, jnp.arange(batch + 1, dtype=jnp.int32) * seq_len
 
 
+def gla_shapes(paper):
+    """(H, K, V) of the table: 16 heads of 128, and the paper's 1.3B layer."""
+    return [(16, 128, 128)] + ([(4, 256, 512)] if paper else [])
+
+
+def op_inputs(seq_len, heads, key_dim, value_dim, pack):
+    """(q, k, v, g, do) of a call of TOKENS tokens, and its cu_seqlens (None unless ``pack``:
+    the B rows as one packed row)."""
+    batch = TOKENS // seq_len
+    arrays = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
+    if not pack:
+        return arrays, None
+    return packed(batch, seq_len, *arrays)
+
+
 def gla_fns(backend, chunk_size=DEFAULT_CHUNK_SIZE, cu_seqlens=None):
     def fwd(q, k, v, g):
-        return chunk_gla(q, k, v, g, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens)[
-            0
-        ]
+        o, _ = chunk_gla(q, k, v, g, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens)
+        return o
 
     def fwd_bwd(q, k, v, g, do):
         o, vjp = jax.vjp(fwd, q, k, v, g)
@@ -148,12 +162,8 @@ def run(ts, backends, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False):
     rows = []
     for seq_len in ts:
         batch = TOKENS // seq_len
-        shapes = [(16, 128, 128)] + ([(4, 256, 512)] if paper else [])
-        for heads, key_dim, value_dim in shapes:
-            q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
-            cu_seqlens = None
-            if pack:
-                (q, k, v, g, do), cu_seqlens = packed(batch, seq_len, q, k, v, g, do)
+        for heads, key_dim, value_dim in gla_shapes(paper):
+            (q, k, v, g, do), cu_seqlens = op_inputs(seq_len, heads, key_dim, value_dim, pack)
             shape = dict(B=batch, T=seq_len, H=heads, K=key_dim, V=value_dim)
             for backend in backends:
                 fns = gla_fns(backend, chunk_size, cu_seqlens)
@@ -384,13 +394,8 @@ def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False, calls=10):
     import tempfile
 
     for seq_len in ts:
-        shapes = [(16, 128, 128)] + ([(4, 256, 512)] if paper else [])
-        for heads, key_dim, value_dim in shapes:
-            batch = TOKENS // seq_len
-            q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
-            cu_seqlens = None
-            if pack:
-                (q, k, v, g, do), cu_seqlens = packed(batch, seq_len, q, k, v, g, do)
+        for heads, key_dim, value_dim in gla_shapes(paper):
+            (q, k, v, g, do), cu_seqlens = op_inputs(seq_len, heads, key_dim, value_dim, pack)
             _, fwd_bwd = gla_fns("pallas_gpu", chunk_size, cu_seqlens)
             wall_ms = time_ms(fwd_bwd, q, k, v, g, do)
             with tempfile.TemporaryDirectory() as trace_dir:

@@ -37,3 +37,12 @@ def test_packed_tokens_move_to_their_chunks_and_back(seed):
     expected = _padded_by_loop(x, cu, chunk, layout.padded_len)
     np.testing.assert_array_equal(np.asarray(jnp.swapaxes(chunked, 1, 2)), expected)
     np.testing.assert_array_equal(np.asarray(layout.from_chunked(chunked)), x)
+
+    # Each sequence's first and last chunk hold its first and last token (-1: empty).
+    positions = np.asarray(layout.token_position)
+    for n, length in enumerate(lengths):
+        first, last = int(layout.seq_first_chunk[n]), int(layout.seq_last_chunk[n])
+        if length == 0:
+            assert first == last == -1
+        else:
+            assert first == positions[cu[n]] // chunk and last == positions[cu[n + 1] - 1] // chunk

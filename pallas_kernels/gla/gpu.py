@@ -131,17 +131,9 @@ def _scores(p: Prepared, opts, config):
 def _sequence_chunks(p: Prepared):
     """[N, 2] int32: each sequence's first chunk and chunk count in the packed row (0, 0 when
     empty)."""
-    num_chunks = p.first_seq.shape[1]
-    num_seqs = p.layout.seq_last_chunk.shape[0]
-    starts = p.first_seq[0]
-    first = (
-        jnp.zeros((num_seqs,), jnp.int32)
-        .at[jnp.where(starts >= 0, starts, num_seqs)]
-        .set(jnp.arange(num_chunks, dtype=jnp.int32), mode="drop")
-    )
-    last = p.layout.seq_last_chunk
+    first, last = p.layout.seq_first_chunk, p.layout.seq_last_chunk
     count = jnp.where(last >= 0, last - first + 1, 0)
-    return jnp.stack([first, count], axis=1).astype(jnp.int32)
+    return jnp.stack([jnp.maximum(first, 0), count], axis=1)
 
 
 def _walk_options(p: Prepared, opts, config):

@@ -431,12 +431,14 @@ def state_walks(
         prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
     )
 
-    def kernel(first_ref, last_ref, chunks_ref, g_ref, *refs):
+    def kernel(first_ref, last_ref, *refs):
         i, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        lane = (i // count) // heads
         if per_sequence:
+            chunks_ref, g_ref, *refs = refs
+            lane = (i // count) // heads
             chunks = (chunks_ref[lane, 0], chunks_ref[lane, 1], num_chunks)
         else:
+            g_ref, *refs = refs
             chunks = (0, num_chunks, num_chunks)
         inputs, outputs = refs[: 3 * count], refs[3 * count :]
         for w, walk in enumerate(walks):
@@ -471,8 +473,7 @@ def state_walks(
             jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
             jax.ShapeDtypeStruct(walk.boundary.shape, F32),
         ]
-    # Whole rows read no chunk ranges: a placeholder keeps one kernel signature.
-    ranges = seq_chunks if per_sequence else jnp.zeros((1, 2), jnp.int32)
+    ranges = [seq_chunks] if per_sequence else []
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
@@ -480,7 +481,7 @@ def state_walks(
         in_specs=[
             whole(first_seq.shape),
             whole(last_seq.shape),
-            whole(ranges.shape),
+            *[whole(r.shape) for r in ranges],
             seq_spec(block_k, "k"),
             *in_specs,
         ],
@@ -488,7 +489,7 @@ def state_walks(
         compiler_params=params(config.state_warps, config.state_stages),
         interpret=interpret,
         name=name,
-    )(first_seq, last_seq, ranges, g, *inputs)
+    )(first_seq, last_seq, *ranges, g, *inputs)
     return [tuple(outs[2 * w : 2 * w + 2]) for w in range(count)]
 
 

@@ -9,8 +9,9 @@ into one row. ``ChunkLayout`` maps both onto one internal form:
   tail are zeros, which a zero key/value and a zero log-gate make inert),
 * ``chunk_first_seq[b, c]``: the sequence whose first chunk is chunk ``c`` of row ``b`` (its state
   starts from that sequence's initial state), or -1 where the chunk continues the previous one,
-* ``seq_last_chunk[n]``: the flat index ``b * NC + c`` of sequence ``n``'s last chunk, or -1 when
-  the sequence is empty (its final state is then its initial state).
+* ``seq_first_chunk[n]`` / ``seq_last_chunk[n]``: the flat index ``b * NC + c`` of sequence
+  ``n``'s first / last chunk, or -1 when the sequence is empty (its final state is then its
+  initial state).
 
 ``to_chunked`` is an injective gather (each padded slot reads its caller token, or zero), so its
 transpose is ``from_chunked``: a hand-written backward maps output cotangents in with
@@ -34,6 +35,7 @@ class ChunkLayout(NamedTuple):
     token_position: jax.Array | None
     position_token: jax.Array | None
     chunk_first_seq: jax.Array  # [B', NC] int32
+    seq_first_chunk: jax.Array  # [N] int32
     seq_last_chunk: jax.Array  # [N] int32
 
     @property
@@ -84,13 +86,19 @@ def make_layout(batch: int, seq_len: int, chunk_size: int, cu_seqlens=None) -> C
         num_chunks = padded_len // chunk_size
         chunk_first_seq = jnp.full((batch, num_chunks), -1, jnp.int32)
         chunk_first_seq = chunk_first_seq.at[:, 0].set(jnp.arange(batch, dtype=jnp.int32))
-        seq_last_chunk = jnp.arange(batch, dtype=jnp.int32) * num_chunks + (
-            round_up(seq_len, chunk_size) // chunk_size - 1
-        )
+        seq_first_chunk = jnp.arange(batch, dtype=jnp.int32) * num_chunks
+        seq_last_chunk = seq_first_chunk + (round_up(seq_len, chunk_size) // chunk_size - 1)
         if seq_len == 0:
-            seq_last_chunk = jnp.full((batch,), -1, jnp.int32)
+            seq_first_chunk = seq_last_chunk = jnp.full((batch,), -1, jnp.int32)
         return ChunkLayout(
-            chunk_size, seq_len, padded_len, None, None, chunk_first_seq, seq_last_chunk
+            chunk_size,
+            seq_len,
+            padded_len,
+            None,
+            None,
+            chunk_first_seq,
+            seq_first_chunk,
+            seq_last_chunk,
         )
 
     num_seqs = cu_seqlens.shape[0] - 1
@@ -127,5 +135,6 @@ def make_layout(batch: int, seq_len: int, chunk_size: int, cu_seqlens=None) -> C
         token_position,
         position_token,
         chunk_first_seq[None, :],
+        jnp.where(lengths > 0, first_chunk, -1).astype(jnp.int32),
         seq_last_chunk.astype(jnp.int32),
     )
