@@ -11,6 +11,8 @@ logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png t
   PYTHONPATH=. python -m benchmarks.kernels --profile --ts 2048  # each kernel's time in the op
   ... --packed                    # the GLA calls' rows packed into one with cu_seqlens
   ... --set paired_walks=false,state_block_v=64                # any of these with other settings
+  ncu --clock-control none --kernel-name regex:gla --csv \
+      python -m benchmarks.kernels --single_call --ts 2048  # registers, occupancy, stalls
 """
 
 from __future__ import annotations
@@ -417,6 +419,17 @@ def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False, calls=10):
             print(json.dumps(dict(profile=rows, wall_ms=wall_ms, **shape)), flush=True)
 
 
+def single_call(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False):
+    """One forward+backward of pallas_gpu per shape, nothing timed: the launches an external
+    profiler (Nsight Compute's ncu) records, each kernel once per shape."""
+    for seq_len in ts:
+        for heads, key_dim, value_dim in gla_shapes(paper):
+            (q, k, v, g, do), cu_seqlens = op_inputs(seq_len, heads, key_dim, value_dim, pack)
+            _, fwd_bwd = gla_fns("pallas_gpu", chunk_size, cu_seqlens)
+            jax.block_until_ready(fwd_bwd(q, k, v, g, do))
+            print(f"ran T = {seq_len}, {heads} x {key_dim} x {value_dim}", flush=True)
+
+
 def table(rows):
     lines = [
         "| op | H | K | V | T | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |",
@@ -512,6 +525,11 @@ def main():
         help="only trace pallas_gpu's forward+backward at --ts: each kernel's device time",
     )
     parser.add_argument(
+        "--single_call",
+        action="store_true",
+        help="only run pallas_gpu's forward+backward once per shape at --ts (for ncu)",
+    )
+    parser.add_argument(
         "--gate_regimes",
         action="store_true",
         help="only time pallas_gpu at the 340M layer's shape: mild gates, resets, strong gates",
@@ -542,6 +560,10 @@ def main():
     if args.profile:
         ts = [int(t) for t in args.ts.split(",")]
         profile(ts, not args.no_paper, args.chunk_size, args.packed)
+        return
+    if args.single_call:
+        ts = [int(t) for t in args.ts.split(",")]
+        single_call(ts, not args.no_paper, args.chunk_size, args.packed)
         return
     if args.gate_regimes:
         gate_regimes(args.chunk_size)
