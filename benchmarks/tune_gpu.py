@@ -5,8 +5,8 @@ Each kernel family is timed on its own, with the others at the heuristic setting
                                            state_block_k, state_block_v, state_warps, state_stages
   scores  (exact_scores under gates strong enough to take it, + score_grads):
                                            scores_warps, score_block_v
-  output  (chunk_outputs + value_grads, with their in-place scores):
-                                           output_/value_ block_v, block_k, warps, stages
+  output  (chunk_outputs, with its in-place scores): output_ block_v, block_k, warps, stages
+  value   (value_grads, likewise):          value_ block_v, block_k, warps, stages
   grad    (query_key_grads):               grad_block_k, grad_block_v, grad_warps, grad_stages
 The best candidate of each family goes into the table, keyed by padded (K, V, dtype).
 
@@ -27,6 +27,20 @@ import jax.numpy as jnp
 from benchmarks.kernels import TOKENS, gla_inputs, kernel_stages, time_ms
 from pallas_kernels.gla import gpu, tuning
 from pallas_kernels.gla.api import CHUNK_SIZES, DEFAULT_CHUNK_SIZE
+
+# (V tile, K piece, warps, stages) candidates of chunk_outputs and of value_grads.
+OUTPUT_TILES = [
+    (64, 64, 4, 1),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (128, 64, 4, 1),
+    (128, 64, 4, 2),
+    (128, 64, 4, 3),
+    (128, 64, 8, 2),
+    (128, 128, 8, 2),
+    (64, 32, 4, 2),
+    (128, 32, 4, 2),
+]
 
 FAMILIES = {
     "state": [
@@ -52,25 +66,15 @@ FAMILIES = {
     "scores": [
         dict(scores_warps=w, score_block_v=bv) for w, bv in itertools.product((2, 4, 8), (64, 128))
     ],
+    # chunk_outputs and value_grads loop over V tiles (tile_loop): stages > 1 prefetch the next
+    # tile's state and value rows, at the cost of shared memory for each stage in flight.
     "output": [
-        dict(
-            output_block_v=bv,
-            output_block_k=bk,
-            output_warps=w,
-            output_stages=2,
-            value_block_v=bv,
-            value_block_k=bk,
-            value_warps=w,
-            value_stages=2,
-        )
-        for bv, bk, w in [
-            (64, 64, 4),
-            (128, 64, 4),
-            (128, 64, 8),
-            (128, 128, 8),
-            (64, 32, 4),
-            (128, 32, 4),
-        ]
+        dict(output_block_v=bv, output_block_k=bk, output_warps=w, output_stages=s)
+        for bv, bk, w, s in OUTPUT_TILES
+    ],
+    "value": [
+        dict(value_block_v=bv, value_block_k=bk, value_warps=w, value_stages=s)
+        for bv, bk, w, s in OUTPUT_TILES
     ],
     "grad": [
         dict(grad_block_k=bk, grad_block_v=bv, grad_warps=w, grad_stages=s)
@@ -80,11 +84,19 @@ FAMILIES = {
             (32, 64, 4, 1),
             (32, 128, 4, 1),
             (64, 64, 8, 1),
+            # the V pieces are a loop: stages > 1 prefetch the next piece of v, do, h and dH
             (64, 64, 4, 2),
+            (64, 64, 4, 3),
+            (32, 64, 4, 2),
+            (32, 64, 4, 3),
+            (32, 128, 4, 2),
+            (64, 128, 4, 2),
+            (64, 32, 4, 3),
             # one K tile per chunk at K = 128: v, do and dA read once, at the cost of registers
             (128, 64, 8, 1),
             (128, 64, 4, 1),
             (128, 32, 8, 1),
+            (128, 64, 8, 2),
         ]
     ],
 }
@@ -96,7 +108,8 @@ def family_kernels(family, config):
     return {
         "state": ("backward_walks",) if config.paired_walks else ("chunk_states", "state_grads"),
         "scores": ("exact_scores", "score_grads"),
-        "output": ("chunk_outputs", "value_grads"),
+        "output": ("chunk_outputs",),
+        "value": ("value_grads",),
         "grad": ("query_key_grads",),
     }[family]
 
@@ -156,7 +169,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--shapes", default="16x128x128,4x256x512")
-    parser.add_argument("--families", default="state,scores,output,grad")
+    parser.add_argument("--families", default="state,scores,output,value,grad")
     # How many programs the sequential state walks have, and so which tiles win, depends on
     # rows x heads, so tune a model's layer at its own tokens per call (B x T; the 340M layer is
     # 4x128x256 at 16384). Candidates are timed as given, before tuning.py's fill rule.

@@ -42,8 +42,9 @@ SMALL_TILES = tuning.GpuConfig(
 UNPAIRED = dict(paired_walks=False)
 # Single walks that load each chunk as they reach it (small launches load the next one ahead).
 NO_PREFETCH = dict(prefetch_max_programs=0)
-# A packed row's walks one program per sequence.
-SEQUENCE_WALKS = dict(sequence_walks=True)
+# A packed row's walks one program per row, through its sequences in turn (the default is one
+# program per sequence).
+ROW_WALKS = dict(sequence_walks=False)
 
 
 def _check_against_oracle(case: Case, seed: int, config=None):
@@ -97,17 +98,17 @@ def _check_against_oracle(case: Case, seed: int, config=None):
         {},
         UNPAIRED,
         {**UNPAIRED, **NO_PREFETCH},
-        SEQUENCE_WALKS,
-        {**SEQUENCE_WALKS, **UNPAIRED},
-        {**SEQUENCE_WALKS, **UNPAIRED, **NO_PREFETCH},
+        ROW_WALKS,
+        {**ROW_WALKS, **UNPAIRED},
+        {**ROW_WALKS, **UNPAIRED, **NO_PREFETCH},
     ],
     ids=[
         "paired",
         "unpaired",
         "unpaired_no_prefetch",
-        "sequence_walks",
-        "sequence_walks_unpaired",
-        "sequence_walks_unpaired_no_prefetch",
+        "row_walks",
+        "row_walks_unpaired",
+        "row_walks_unpaired_no_prefetch",
     ],
 )
 def test_small_tiles_match_oracle(case, switches):

@@ -54,6 +54,7 @@ from pallas_kernels.gla.gpu_forward import (
     factorizable,
     gate_sums,
     gate_total,
+    key_pieces,
     mm,
     mm_nt,
     mm_tn,
@@ -67,6 +68,7 @@ from pallas_kernels.gla.gpu_forward import (
     state_walks,
     states_walk,
     sub_chunk,
+    tile_loop,
     walk_chunks,
 )
 
@@ -194,18 +196,32 @@ def score_grads(do, v, *, chunk, config, interpret):
 def _value_grads_kernel(
     span_ref, q_ref, k_ref, g_ref, a_ref, do_ref, dh_ref, dv_ref, *, scale, block_v, block_k, dtype
 ):
-    key_dim = k_ref.shape[1]
-    scores = chunk_scores(
-        span_ref[...], q_ref, k_ref, g_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
-    )
-    for u in range(do_ref.shape[1] // block_v):  # V tiles, all sharing the scores
-        vs = pl.ds(u * block_v, block_v)
-        dv = mm_tn(scores, do_ref[:, vs], dtype)  # intra-chunk: A^T @ do
-        for t in range(key_dim // block_k):  # through the state leaving the chunk
-            ks = pl.ds(t * block_k, block_k)
-            k_to_end = k_ref[:, ks].astype(F32) * decay(gate_sums(g_ref[:, ks], "to_end"))
-            dv += mm(k_to_end, dh_ref[ks, vs], dtype)
+    scores_t = chunk_scores(
+        span_ref[...],
+        q_ref,
+        k_ref,
+        g_ref,
+        a_ref,
+        scale=scale,
+        block_k=block_k,
+        dtype=dtype,
+        transposed=True,
+    ).astype(dtype)
+    # The keys decayed to the chunk's end, per K piece, formed once for all V tiles.
+    pieces = key_pieces(k_ref.shape[1], block_k)
+    k_to_end = [
+        (k_ref[:, ks].astype(F32) * decay(gate_sums(g_ref[:, ks], "to_end"))).astype(dtype)
+        for ks in pieces
+    ]
+
+    def v_tile(vs, carry):
+        dv = mm(scores_t, do_ref[:, vs], dtype)  # intra-chunk: A^T @ do
+        for ks, k_piece in zip(pieces, k_to_end, strict=True):  # through the state leaving it
+            dv += mm(k_piece, dh_ref[ks, vs], dtype)
         dv_ref[:, vs] = dv.astype(dv_ref.dtype)
+        return carry
+
+    tile_loop(do_ref.shape[1], block_v, v_tile)
 
 
 def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):
@@ -247,19 +263,24 @@ def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, 
 
 
 def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
-    """Over all V tiles: do @ h^T, v @ dH^T [C, BK] and rowsum(h * dH) [1, BK]."""
+    """Over all V pieces: do @ h^T, v @ dH^T [C, BK] and rowsum(h * dH) [1, BK]."""
     chunk, value_dim = v_ref.shape
     block_k = h_ref.shape[0]
-    dq = jnp.zeros((chunk, block_k), F32)
-    dk = jnp.zeros((chunk, block_k), F32)
-    h_dh = jnp.zeros((1, block_k), F32)
-    for t in range(value_dim // block_v):
-        vs = pl.ds(t * block_v, block_v)
+
+    def v_piece(vs, sums):
+        dq, dk, h_dh = sums
         h, dh = h_ref[:, vs], dh_ref[:, vs]
         dq += mm_nt(do_ref[:, vs], h, dtype)
         dk += mm_nt(v_ref[:, vs], dh, dtype)
         h_dh += jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)[None, :]
-    return dq, dk, h_dh
+        return dq, dk, h_dh
+
+    zeros = (
+        jnp.zeros((chunk, block_k), F32),
+        jnp.zeros((chunk, block_k), F32),
+        jnp.zeros((1, block_k), F32),
+    )
+    return tile_loop(value_dim, block_v, v_piece, zeros)
 
 
 def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):

@@ -162,10 +162,30 @@ def span_spec(heads):
     )
 
 
-def causal_mask(size):
-    return lax.broadcasted_iota(jnp.int32, (size, size), 0) >= lax.broadcasted_iota(
-        jnp.int32, (size, size), 1
-    )
+def tile_loop(size: int, block: int, body, carry=None):
+    """carry = body(slice, carry) over the [block]-wide tiles of [0, size). Several tiles run as
+    a loop, not unrolled: its loads then index by the loop counter, and Triton's pipeliner (the
+    launch's ``num_stages``) issues the next tile's loads while the current one computes; unrolled
+    tiles wait on each load in turn."""
+    count = size // block
+    if count == 1:
+        return body(pl.ds(0, block), carry)
+
+    def step(t, carry):
+        return body(pl.ds(pl.multiple_of(t * block, block), block), carry)
+
+    return lax.fori_loop(0, count, step, carry)
+
+
+def key_pieces(key_dim: int, block_k: int):
+    """The static K slices of a loop over K pieces (unrolled: each piece's value is kept)."""
+    return [pl.ds(t * block_k, block_k) for t in range(key_dim // block_k)]
+
+
+def causal_mask(size, transposed=False):
+    """[size, size]: row >= column (the scores' positions j <= i), or row <= column for A^T."""
+    rows_, cols = (lax.broadcasted_iota(jnp.int32, (size, size), axis) for axis in (0, 1))
+    return rows_ <= cols if transposed else rows_ >= cols
 
 
 def params(warps, stages):
@@ -622,25 +642,31 @@ def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     )(spans, q, k, b)
 
 
-def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype):
+def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype, transposed=False):
     """The chunk's causal scores A [C, C] (zero above the diagonal) inside a kernel: where ``span``
     allows, one matmul factorized around the middle row, K a piece at a time; else the rows
-    ``exact_scores`` wrote. The load branch is light, so the common path keeps its registers."""
+    ``exact_scores`` wrote. The load branch is light, so the common path keeps its registers.
+    ``transposed``: A^T, formed as such (keys on the left) rather than transposed afterwards, for
+    value_grads' A^T @ do."""
     chunk, key_dim = q_ref.shape
 
     def factorized():
         scores = jnp.zeros((chunk, chunk), F32)
         for t in range(key_dim // block_k):
             ks = pl.ds(t * block_k, block_k)
-            scores += factorized_scores(
-                q_ref[:, ks].astype(F32) * scale,
-                k_ref[:, ks].astype(F32),
-                gate_sums(g_ref[:, ks], "from_mid"),
-                dtype,
-            )
-        return jnp.where(causal_mask(chunk), scores, 0.0)
+            q = q_ref[:, ks].astype(F32) * scale
+            k = k_ref[:, ks].astype(F32)
+            from_mid = gate_sums(g_ref[:, ks], "from_mid")
+            if transposed:  # sum_d k_jd q_id 2 ** (b_id - b_jd): the same factors, swapped
+                scores += mm_nt(k * decay(-from_mid), q * decay(from_mid), factor_dtype(dtype))
+            else:
+                scores += factorized_scores(q, k, from_mid, dtype)
+        return jnp.where(causal_mask(chunk, transposed), scores, 0.0)
 
-    return lax.cond(factorizable(span), factorized, lambda: exact_ref[...])
+    def exact():
+        return exact_ref[...].T if transposed else exact_ref[...]
+
+    return lax.cond(factorizable(span), factorized, exact)
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,20 +677,27 @@ def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype)
 def _chunk_outputs_kernel(
     span_ref, q_ref, k_ref, g_ref, h_ref, a_ref, v_ref, o_ref, *, scale, block_v, block_k, dtype
 ):
-    key_dim = q_ref.shape[1]
     scores = chunk_scores(
         span_ref[...], q_ref, k_ref, g_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
-    )
-    for u in range(v_ref.shape[1] // block_v):  # V tiles, all sharing the scores
-        vs = pl.ds(u * block_v, block_v)
+    ).astype(dtype)
+    # The decayed queries of each K piece, formed once for all V tiles, in the matmul operand
+    # dtype (the rounding the product applies anyway).
+    pieces = key_pieces(q_ref.shape[1], block_k)
+    q_decayed = [
+        (q_ref[:, ks].astype(F32) * (scale * decay(gate_sums(g_ref[:, ks], "from_start")))).astype(
+            dtype
+        )
+        for ks in pieces
+    ]
+
+    def v_tile(vs, carry):
         out = mm(scores, v_ref[:, vs], dtype)  # intra-chunk
-        for t in range(key_dim // block_k):  # inter-chunk, K a piece at a time
-            ks = pl.ds(t * block_k, block_k)
-            q_decayed = q_ref[:, ks].astype(F32) * (
-                scale * decay(gate_sums(g_ref[:, ks], "from_start"))
-            )
-            out += mm(q_decayed, h_ref[ks, vs], dtype)
+        for ks, q_piece in zip(pieces, q_decayed, strict=True):  # inter-chunk, through h
+            out += mm(q_piece, h_ref[ks, vs], dtype)
         o_ref[:, vs] = out.astype(o_ref.dtype)
+        return carry
+
+    tile_loop(v_ref.shape[1], block_v, v_tile)
 
 
 def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, config, interpret):

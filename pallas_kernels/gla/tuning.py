@@ -43,8 +43,9 @@ class GpuConfig:
     # at most this many programs: one per multiprocessor of the H200. 0: never.
     prefetch_max_programs: int = 132
     # A packed row's state walks: one program per sequence, walking its own chunks (True), or one
-    # per row, through every sequence in turn (False). Off until timed on the GPU.
-    sequence_walks: bool = False
+    # per row, through every sequence in turn (False). 16 sequences of 2K in one row, 16 x 128
+    # (H100, December 5): forward+backward 4.20 ms against 5.05, forward 1.40 against 1.82.
+    sequence_walks: bool = True
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
@@ -63,7 +64,9 @@ TUNED = _load_tuned()
 
 def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
     """Untuned default: tiles that keep every float32 accumulator of a program in registers."""
-    del dtype
+    # Pipeline stages hold the next V tile's operands in shared memory; 4-byte operands take
+    # twice the room, so float32 callers keep one stage (one tile in flight).
+    half = jnp.dtype(dtype).itemsize <= 2
     return GpuConfig(
         # The state walks (chunk_states + state_grads alone, T = 2K, H200): a 64 x 128 tile with
         # 4 warps took 0.583 ms at 16 x 128 (64 x 64: 0.861, 128 x 128 with 8 warps: 0.643) and
@@ -71,15 +74,22 @@ def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
         # gates are read once per V tile, so wide V tiles read less.
         state_block_k=min(key_dim, 64),
         state_block_v=min(value_dim, 128),
-        output_block_v=min(value_dim, 128),
+        # chunk_outputs and value_grads loop over V tiles (tune_gpu, T = 2K, H100, December 5):
+        # chunk_outputs with 64-wide tiles and 2 stages took 0.396 ms at 16 x 128 (128 wide:
+        # 0.465) and 0.465 at 256 x 512 (0.547); value_grads 0.471 / 0.832 ms with 128-wide tiles
+        # and 1 stage (2 stages do not fit in shared memory at 256 x 512; 0.474 at 16 x 128).
+        output_block_v=min(value_dim, 64),
         output_block_k=min(key_dim, 64),
+        output_stages=2 if half else 1,
         value_block_v=min(value_dim, 128),
         value_block_k=min(key_dim, 64),
-        # Measured for query_key_grads alone (T = 2K, H200): K tile 64 at 16 x 128 (1.25 ms, 32:
-        # 1.57), 32 at the paper's 256 x 512 (1.62 ms, 64: 1.74); V piece 128 at 4 x 128 x 256
-        # (0.221 ms, 64: 0.239), either at 16 x 128 (1.244, 1.235).
-        grad_block_k=min(key_dim, 64 if key_dim <= 128 else 32),
-        grad_block_v=min(value_dim, 128 if key_dim <= 128 else 64),
+        value_stages=1,
+        # query_key_grads, its V pieces a loop (same run): K tile 64, V piece 64, 2 stages at
+        # 16 x 128 (0.981 ms; 1 stage 1.086, V piece 128 1.122) and 3 at 256 x 512 (0.745 ms;
+        # 2 stages 0.843, 1 stage 0.995, the earlier K tile 32 without stages 1.368).
+        grad_block_k=min(key_dim, 64),
+        grad_block_v=min(value_dim, 64),
+        grad_stages=(3 if value_dim > 128 else 2) if half else 1,
         score_block_v=min(value_dim, 64),
         # exact_scores + score_grads with every chunk on the exact path (16 x 128, T = 2K, H200):
         # 8 warps 1.30 ms, 4 warps 2.12, 2 warps 9.70; the 340M layer under strong gates ran
