@@ -75,15 +75,15 @@ def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
         state_block_k=min(key_dim, 64),
         state_block_v=min(value_dim, 128),
         # chunk_outputs and value_grads loop over V tiles (tune_gpu, T = 2K, H100, December 5):
-        # chunk_outputs with 64-wide tiles and 2 stages took 0.396 ms at 16 x 128 (128 wide:
-        # 0.465) and 0.465 at 256 x 512 (0.547); value_grads 0.471 / 0.832 ms with 128-wide tiles
-        # and 1 stage (2 stages do not fit in shared memory at 256 x 512; 0.474 at 16 x 128).
+        # 64-wide tiles with 2 stages. chunk_outputs 0.396 ms at 16 x 128 (128 wide: 0.465) and
+        # 0.465 at 256 x 512 (0.547); value_grads 0.479 / 0.448 ms (128 wide, 1 stage: 0.479 /
+        # 0.476; 0.832 at 256 x 512 before it formed A^T directly, when 2 stages did not fit).
         output_block_v=min(value_dim, 64),
         output_block_k=min(key_dim, 64),
         output_stages=2 if half else 1,
-        value_block_v=min(value_dim, 128),
+        value_block_v=min(value_dim, 64),
         value_block_k=min(key_dim, 64),
-        value_stages=1,
+        value_stages=2 if half else 1,
         # query_key_grads, its V pieces a loop (same run): K tile 64, V piece 64, 2 stages at
         # 16 x 128 (0.981 ms; 1 stage 1.086, V piece 128 1.122) and 3 at 256 x 512 (0.745 ms;
         # 2 stages 0.843, 1 stage 0.995, the earlier K tile 32 without stages 1.368).
