@@ -11,8 +11,9 @@ forming the sums of its chunks' log gates that it needs, as in the forward: ``ga
   gradient is the gradient of its initial state. ``backward_walks`` launches it together with
   the recompute of the chunk states: two independent walks, side by side.
 * ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, in the factors' operand dtype.
-* ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head), A
-  formed in place once per chunk as in the forward's chunk_outputs (``chunk_scores``).
+* ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head), A^T
+  formed in place once per chunk (``chunk_scores(transposed=True)``), as the forward's
+  chunk_outputs forms A, and the decayed keys once for all V tiles.
 * ``query_key_grads``: per (K tile, chunk, row * head): the inter-chunk terms ``do @ h^T`` and
   ``v @ dH^T``, then the intra-chunk terms from dA, and the gate gradient dg of the chunk. Like
   the forward's scores, two launches: one factorized matmul pair per chunk where the span allows,
