@@ -657,8 +657,8 @@ def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype,
             q = q_ref[:, ks].astype(F32) * scale
             k = k_ref[:, ks].astype(F32)
             from_mid = gate_sums(g_ref[:, ks], "from_mid")
-            if transposed:  # sum_d k_jd q_id 2 ** (b_id - b_jd): the same factors, swapped
-                scores += mm_nt(k * decay(-from_mid), q * decay(from_mid), factor_dtype(dtype))
+            if transposed:  # the same factors, keys on the left
+                scores += factorized_scores(k, q, -from_mid, dtype)
             else:
                 scores += factorized_scores(q, k, from_mid, dtype)
         return jnp.where(causal_mask(chunk, transposed), scores, 0.0)
