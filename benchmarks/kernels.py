@@ -557,12 +557,11 @@ def main():
         breakdown()
         breakdown(heads=4, key_dim=256, value_dim=512)
         return
+    ts = [int(t) for t in args.ts.split(",")]
     if args.profile:
-        ts = [int(t) for t in args.ts.split(",")]
         profile(ts, not args.no_paper, args.chunk_size, args.packed)
         return
     if args.single_call:
-        ts = [int(t) for t in args.ts.split(",")]
         single_call(ts, not args.no_paper, args.chunk_size, args.packed)
         return
     if args.gate_regimes:
@@ -570,7 +569,6 @@ def main():
         return
     if args.check:
         check_against_xla(chunk_size=args.chunk_size)
-    ts = [int(t) for t in args.ts.split(",")]
     rows = run(ts, args.backends.split(","), not args.no_paper, args.chunk_size, args.packed)
     print(table(rows))
     with open(os.path.join(args.out, "kernels.json"), "w") as f:

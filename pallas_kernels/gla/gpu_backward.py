@@ -55,6 +55,7 @@ from pallas_kernels.gla.gpu_forward import (
     factorizable,
     gate_sums,
     gate_total,
+    intra_and_state_tiles,
     key_pieces,
     mm,
     mm_nt,
@@ -215,14 +216,7 @@ def _value_grads_kernel(
         for ks in pieces
     ]
 
-    def v_tile(vs, carry):
-        dv = mm(scores_t, do_ref[:, vs], dtype)  # intra-chunk: A^T @ do
-        for ks, k_piece in zip(pieces, k_to_end, strict=True):  # through the state leaving it
-            dv += mm(k_piece, dh_ref[ks, vs], dtype)
-        dv_ref[:, vs] = dv.astype(dv_ref.dtype)
-        return carry
-
-    tile_loop(do_ref.shape[1], block_v, v_tile)
+    intra_and_state_tiles(scores_t, do_ref, k_to_end, pieces, dh_ref, dv_ref, block_v, dtype)
 
 
 def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):

@@ -605,8 +605,7 @@ def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, block_k
             lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
         )
         scores = jnp.zeros((chunk, chunk), F32)
-        for t in range(key_dim // block_k):
-            ks = pl.ds(t * block_k, block_k)
+        for ks in key_pieces(key_dim, block_k):
             q = q_ref[:, ks].astype(F32) * scale
             k = k_ref[:, ks].astype(F32)
             b = b_ref[:, ks]
@@ -652,8 +651,7 @@ def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype,
 
     def factorized():
         scores = jnp.zeros((chunk, chunk), F32)
-        for t in range(key_dim // block_k):
-            ks = pl.ds(t * block_k, block_k)
+        for ks in key_pieces(key_dim, block_k):
             q = q_ref[:, ks].astype(F32) * scale
             k = k_ref[:, ks].astype(F32)
             from_mid = gate_sums(g_ref[:, ks], "from_mid")
@@ -690,14 +688,23 @@ def _chunk_outputs_kernel(
         for ks in pieces
     ]
 
+    intra_and_state_tiles(scores, v_ref, q_decayed, pieces, h_ref, o_ref, block_v, dtype)
+
+
+def intra_and_state_tiles(scores, rows_ref, factors, pieces, state_ref, out_ref, block_v, dtype):
+    """out = scores @ rows + sum over K pieces of factor @ state[piece], a V tile at a time (a
+    ``tile_loop``): chunk_outputs' o = A @ v + (q * exp(b)) @ h and value_grads'
+    dv = A^T @ do + (k * exp(b_last - b)) @ dH. ``scores`` [C, C] and the per-piece ``factors``
+    [C, BK] are formed once by the caller and shared by the tiles."""
+
     def v_tile(vs, carry):
-        out = mm(scores, v_ref[:, vs], dtype)  # intra-chunk
-        for ks, q_piece in zip(pieces, q_decayed, strict=True):  # inter-chunk, through h
-            out += mm(q_piece, h_ref[ks, vs], dtype)
-        o_ref[:, vs] = out.astype(o_ref.dtype)
+        out = mm(scores, rows_ref[:, vs], dtype)  # intra-chunk
+        for ks, factor in zip(pieces, factors, strict=True):  # inter-chunk, through the state
+            out += mm(factor, state_ref[ks, vs], dtype)
+        out_ref[:, vs] = out.astype(out_ref.dtype)
         return carry
 
-    tile_loop(v_ref.shape[1], block_v, v_tile)
+    tile_loop(rows_ref.shape[1], block_v, v_tile)
 
 
 def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, config, interpret):
