@@ -434,14 +434,14 @@ def state_walks(
         return 0 if per_sequence else (i // count) // heads
 
     def seq_spec(width_block, tile_axis):
-        def index(i, kt, vt):
+        def index(kt, vt, i):
             return (row_of(i), 0, (i // count) % heads, kt if tile_axis == "k" else vt)
 
         return pl.BlockSpec((SQUEEZED, padded_len, SQUEEZED, width_block), index)
 
     per_chunk_spec = pl.BlockSpec(
         (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
-        lambda i, kt, vt: (row_of(i), 0, (i // count) % heads, kt, vt),
+        lambda kt, vt, i: (row_of(i), 0, (i // count) % heads, kt, vt),
     )
     common = dict(
         chunk=chunk,
@@ -452,7 +452,7 @@ def state_walks(
     )
 
     def kernel(first_ref, last_ref, *refs):
-        i, kt, vt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        kt, vt, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         if per_sequence:
             chunks_ref, g_ref, *refs = refs
             lane = (i // count) // heads
@@ -497,7 +497,12 @@ def state_walks(
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
-        grid=(count * lanes * heads, key_dim // block_k, value_dim // block_v),
+        # The tiles first (CUDA launches grid axis 0 fastest): the tiles of one (walk, row, head)
+        # run side by side, so the K tiles share each chunk's values and the V tiles its keys
+        # and gates in L2, each read from HBM about once. With the tiles last, a launch of more
+        # programs than fit at once ran the tiles of one head in different waves, and the
+        # V tiles each read the keys and gates again.
+        grid=(key_dim // block_k, value_dim // block_v, count * lanes * heads),
         in_specs=[
             whole(first_seq.shape),
             whole(last_seq.shape),
