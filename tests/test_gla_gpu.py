@@ -322,6 +322,57 @@ def test_every_factorization_path_matches_oracle(dtype):
         assert all(err <= TOLERANCE[dtype] for err in errors.values()), errors
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_exact_scores_match_oracle(dtype):
+    """exact_scores with 8 chunks per program (``exact_group``), only some of them past
+    FACTORIZE_SPAN (resets in chunks 1, 2 and 6 of the first row): each program must write its
+    exact chunks' scores at their own rows and leave its factorizable chunks to the kernels that
+    form their scores in place. Forward and gradients: the backward runs exact_scores again."""
+    from pallas_kernels.gla import gpu_forward
+
+    chunk = 32
+    case = Case("grouped", batch=2, seq_len=256, heads=2, key_dim=32, value_dim=32, dtype=dtype)
+    q, k, v, g, h0, do, dfinal = _make_inputs(case, 12)
+    resets = jnp.zeros(case.seq_len, bool).at[jnp.array([40, 77, 200])].set(True)
+    in_first_row = (jnp.arange(case.batch) == 0)[:, None, None, None]
+    g = jnp.where(resets[None, :, None, None] & in_first_row, -120.0, g.astype(jnp.float32))
+    g = g.astype(dtype)
+    exact = _chunk_spans(g, chunk) > gpu_forward.FACTORIZE_SPAN  # [B, NC, H]
+    assert exact.shape[1] == 8 and not bool(jnp.any(exact[1]))
+    assert [int(c) for c in jnp.nonzero(jnp.any(exact[0], axis=1))[0]] == [1, 2, 6]
+    config = dataclasses.replace(
+        tuning.config_for(32, 32, dtype, interpret=True), exact_min_programs=1
+    )
+    assert gpu_forward.exact_group(8, case.batch * case.heads, config.exact_min_programs) == 8
+    scale = case.key_dim**-0.5
+    opts = api.Options("pallas_gpu", scale, chunk, True)
+    o, final = gpu.forward(q, k, v, g, h0, None, opts, config)
+    grads = gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config)
+    expected = gla_oracle(q, k, v, g, scale=scale, initial_state=h0, do=do, dfinal=dfinal)
+    actual = dict(
+        o=o, final_state=final, **dict(zip(("dq", "dk", "dv", "dg", "dh0"), grads, strict=True))
+    )
+    errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
+    assert all(err <= TOLERANCE[dtype] for err in errors.values()), errors
+
+
+@pytest.mark.parametrize(
+    "num_chunks, lanes, min_programs, expected",
+    [
+        (32, 256, 1024, 8),  # 16 x 128 at T = 2K: 8192 chunks, 1024 programs of 8
+        (32, 64, 1024, 2),  # the paper shape at 2K: 2048 chunks, 1024 programs of 2
+        (256, 2, 1024, 1),  # few long rows: a program per chunk keeps the GPU filled
+        (12, 64, 1, 4),  # the group divides the row's chunk count
+        (7, 64, 1, 1),
+        (32, 256, 0, 1),  # 0: grouping off
+    ],
+)
+def test_exact_group_keeps_enough_programs(num_chunks, lanes, min_programs, expected):
+    from pallas_kernels.gla import gpu_forward
+
+    assert gpu_forward.exact_group(num_chunks, lanes, min_programs) == expected
+
+
 @pytest.mark.parametrize("size", [16, 32, 64, 128])
 def test_dyadic_levels_cover_every_pair_below_the_diagonal_once(size):
     """exact_scores sums one matmul per dyadic level: the levels' pairs must partition the

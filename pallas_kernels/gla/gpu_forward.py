@@ -27,8 +27,9 @@ library routine.
   gates, and each level is one tensor-core matmul over the whole chunk (six at C = 64, per K
   piece of 64). That replaced 16-row sub-chunks with log-space diagonal blocks, whose many small
   products and column loop made an exact chunk slow: under document resets at the 340M layer's
-  shape the forward's extra time over mild gates fell from 0.079 to 0.040 ms (H200). Its
-  programs for the other chunks exit at once.
+  shape the forward's extra time over mild gates fell from 0.079 to 0.040 ms (H200). A program
+  takes a group of up to 8 consecutive chunks and passes over the factorizable ones
+  (``exact_group``).
 * ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head), V a tile
   at a time. For a chunk whose span is at most ``FACTORIZE_SPAN`` (every chunk under ordinary
   gates) A is computed in place as one tensor-core matmul,
@@ -582,13 +583,14 @@ def dyadic_pairs(size: int, h: int):
     return (i // (2 * h) == j // (2 * h)) & (i % (2 * h) >= h) & (j % (2 * h) < h)
 
 
-def dyadic_reference(b_ref, size: int, h: int, cols):
-    """[size, BK]: for each row, b at its level-h reference position, the first row of its
-    2h-block's later half (a strided load, repeated over each block). With gates <= 0, b falls
-    along the chunk, so for a level-h pair b_i <= b_ref <= b_j: both factors 2 ** (b_i - b_ref)
-    and 2 ** (b_ref - b_j) are <= 1 whatever the gates, and their product is the pair's decay."""
+def dyadic_reference(b_ref, size: int, h: int, cols, base=0):
+    """[size, BK]: for each row of the block at rows [base, base + size) of ``b_ref``, b at its
+    level-h reference position, the first row of its 2h-block's later half (a strided load,
+    repeated over each block). With gates <= 0, b falls along the chunk, so for a level-h pair
+    b_i <= b_ref <= b_j: both factors 2 ** (b_i - b_ref) and 2 ** (b_ref - b_j) are <= 1
+    whatever the gates, and their product is the pair's decay."""
     blocks = size // (2 * h)
-    references = b_ref[pl.ds(h, blocks, stride=2 * h), cols]
+    references = b_ref[pl.ds(base + h, blocks, stride=2 * h), cols]
     width = references.shape[-1]
     repeated = jnp.broadcast_to(references[:, None, :], (blocks, 2 * h, width))
     return repeated.reshape(size, width)
@@ -599,36 +601,81 @@ EXACT_BLOCK_K = 64
 
 
 def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, block_k, dtype):
-    """The chunk's scores in dyadic levels, for the chunks whose span rules the factorization
-    out: the diagonal (decay 1) elementwise and each level's pairs as one tensor-core matmul of
-    factors that are at most 1: six matmuls per K piece at C = 64, whatever the gates."""
+    """The scores of each of the program's chunks whose span rules the factorization out."""
+    chunk = a_ref.shape[-1]
 
-    @pl.when(jnp.logical_not(factorizable(span_ref[...])))
-    def _():
-        chunk, key_dim = q_ref.shape
-        on_diagonal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) == (
-            lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-        )
-        scores = jnp.zeros((chunk, chunk), F32)
-        for ks in key_pieces(key_dim, block_k):
-            q = q_ref[:, ks].astype(F32) * scale
-            k = k_ref[:, ks].astype(F32)
-            b = b_ref[:, ks]
-            scores += jnp.where(on_diagonal, jnp.sum(q * k, axis=1, keepdims=True), 0.0)
-            for h in dyadic_levels(chunk):
-                b_r = dyadic_reference(b_ref, chunk, h, ks)
-                level = mm_nt(q * safe_decay(b - b_r), k * safe_decay(b_r - b), factor_dtype(dtype))
-                scores += jnp.where(dyadic_pairs(chunk, h), level, 0.0)
-        a_ref[...] = scores
+    def one_chunk(c, carry):
+        @pl.when(jnp.logical_not(factorizable(span_ref[c])))
+        def _():
+            rows_ = pl.ds(c * chunk, chunk)
+            a_ref[rows_, :] = dyadic_scores(
+                (q_ref, k_ref, b_ref), c * chunk, chunk, scale=scale, block_k=block_k, dtype=dtype
+            )
+
+        return carry
+
+    lax.fori_loop(0, span_ref.shape[0], one_chunk, 0)
+
+
+def dyadic_scores(refs, base, chunk, *, scale, block_k, dtype):
+    """[C, C] float32 scores of the chunk at rows [base, base + C) of (q_ref, k_ref, b_ref), in
+    dyadic levels: the diagonal (decay 1) elementwise and each level's pairs as one tensor-core
+    matmul of factors that are at most 1: six matmuls per K piece at C = 64, whatever the gates."""
+    q_ref, k_ref, b_ref = refs
+    on_diagonal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) == (
+        lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    )
+    scores = jnp.zeros((chunk, chunk), F32)
+    for ks in key_pieces(q_ref.shape[-1], block_k):
+        q = rows(q_ref, base, chunk, ks) * scale
+        k = rows(k_ref, base, chunk, ks)
+        b = rows(b_ref, base, chunk, ks)
+        scores += jnp.where(on_diagonal, jnp.sum(q * k, axis=1, keepdims=True), 0.0)
+        for h in dyadic_levels(chunk):
+            b_r = dyadic_reference(b_ref, chunk, h, ks, base)
+            level = mm_nt(q * safe_decay(b - b_r), k * safe_decay(b_r - b), factor_dtype(dtype))
+            scores += jnp.where(dyadic_pairs(chunk, h), level, 0.0)
+    return scores
+
+
+# exact_scores takes up to this many consecutive chunks per program (a loop).
+EXACT_GROUP = 8
+
+
+def exact_group(num_chunks: int, lanes: int, min_programs: int) -> int:
+    """Chunks per exact_scores program: the largest power of two up to EXACT_GROUP that divides
+    a row's ``num_chunks`` and leaves the launch at least ``min_programs`` programs of its
+    ``lanes`` (row, head) pairs; 1 (a program per chunk) when ``min_programs`` is 0.
+
+    Most chunks are factorizable and their programs only read a span and exit, but at 255
+    registers and 8 warps one program fills a multiprocessor, so a launch of one program per
+    chunk took ~0.025 ms (H100, 8192 programs) to do nothing; grouped, there are fewer programs
+    to start. Enough are kept that a launch where every chunk takes this path (strong gates)
+    still fills the GPU several times over."""
+    group = 1
+    while (
+        min_programs > 0
+        and group < EXACT_GROUP
+        and num_chunks % (2 * group) == 0
+        and num_chunks // (2 * group) * lanes >= min_programs
+    ):
+        group *= 2
+    return group
 
 
 def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     """A [B', Tp, H, C] float32, scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i, written for
     the chunks that are not ``factorizable`` only: the kernels that use A compute it themselves
-    for the others (``chunk_scores``), and those rows of this buffer are left unwritten. Its
-    programs for the other chunks exit at once."""
+    for the others (``chunk_scores``), and those rows of this buffer are left unwritten. Each
+    program loops over a group of consecutive chunks (``exact_group``), passing over the others
+    after reading their spans."""
     rows_, padded_len, heads, key_dim = q.shape
-    key = chunk_spec(chunk, heads, key_dim)
+    num_chunks = padded_len // chunk
+    group = exact_group(num_chunks, rows_ * heads, config.exact_min_programs)
+    key = chunk_spec(group * chunk, heads, key_dim)
+    spans_spec = pl.BlockSpec(
+        (SQUEEZED, group, SQUEEZED), lambda c, bh: (bh // heads, c, bh % heads)
+    )
     return pl.pallas_call(
         functools.partial(
             _exact_scores_kernel,
@@ -637,9 +684,9 @@ def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
             dtype=q.dtype,
         ),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
-        grid=(padded_len // chunk, rows_ * heads),
-        in_specs=[span_spec(heads), key, key, key],
-        out_specs=chunk_spec(chunk, heads, chunk),
+        grid=(num_chunks // group, rows_ * heads),
+        in_specs=[spans_spec, key, key, key],
+        out_specs=chunk_spec(group * chunk, heads, chunk),
         compiler_params=params(config.scores_warps, 1),
         interpret=interpret,
         name="gla_exact_scores",

@@ -23,7 +23,10 @@ class GpuConfig:
     state_block_v: int = 64
     state_warps: int = 4
     state_stages: int = 2
-    scores_warps: int = 4  # exact_scores / score_grads (one program per chunk)
+    scores_warps: int = 4  # exact_scores / score_grads
+    # exact_scores loops over up to 8 consecutive chunks per program while its launch keeps at
+    # least this many programs (``gpu_forward.exact_group``); 0: one program per chunk.
+    exact_min_programs: int = 1024
     score_block_v: int = 64  # V piece of score_grads' do @ v^T loop
     output_block_v: int = 64  # chunk_outputs V tile (a loop: the tiles share the scores)
     output_block_k: int = 64  # K piece of its (q * exp(b)) @ h loop
