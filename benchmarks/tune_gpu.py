@@ -33,6 +33,7 @@ OUTPUT_TILES = [
     (64, 64, 4, 1),
     (64, 64, 4, 2),
     (64, 64, 4, 3),
+    (64, 64, 8, 2),  # half the registers per thread of the 4-warp tile
     (128, 64, 4, 1),
     (128, 64, 4, 2),
     (128, 64, 4, 3),

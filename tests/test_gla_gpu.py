@@ -323,23 +323,26 @@ def test_every_factorization_path_matches_oracle(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_grouped_exact_scores_match_oracle(dtype):
-    """exact_scores with 8 chunks per program (``exact_group``), only some of them past
-    FACTORIZE_SPAN (resets in chunks 1, 2 and 6 of the first row): each program must write its
-    exact chunks' scores at their own rows and leave its factorizable chunks to the kernels that
-    form their scores in place. Forward and gradients: the backward runs exact_scores again."""
+def test_grouped_exact_launches_match_oracle(dtype):
+    """The exact launches (exact_scores, query_key_grads_exact) with 8 chunks per program
+    (``exact_group``), only some of them past FACTORIZE_SPAN: in the first row, resets in chunks
+    1 and 2 (the gradients' diagonal blocks in log space) and strong gates over chunk 6 (their
+    diagonal blocks factorized). Each program must write its exact chunks at their own rows and
+    states and leave its factorizable chunks to the factorized kernels."""
     from pallas_kernels.gla import gpu_forward
 
-    chunk = 32
-    case = Case("grouped", batch=2, seq_len=256, heads=2, key_dim=32, value_dim=32, dtype=dtype)
+    chunk = 64
+    case = Case("grouped", batch=2, seq_len=512, heads=2, key_dim=32, value_dim=32, dtype=dtype)
     q, k, v, g, h0, do, dfinal = _make_inputs(case, 12)
-    resets = jnp.zeros(case.seq_len, bool).at[jnp.array([40, 77, 200])].set(True)
-    in_first_row = (jnp.arange(case.batch) == 0)[:, None, None, None]
-    g = jnp.where(resets[None, :, None, None] & in_first_row, -120.0, g.astype(jnp.float32))
-    g = g.astype(dtype)
+    position = jnp.arange(case.seq_len)[None, :, None, None]
+    first_row = (jnp.arange(case.batch) == 0)[:, None, None, None]
+    g = g.astype(jnp.float32)
+    g = jnp.where(first_row & ((position == 100) | (position == 150)), -120.0, g)
+    g = jnp.where(first_row & (position // chunk == 6), -2.0 + 0.1 * g, g).astype(dtype)
     exact = _chunk_spans(g, chunk) > gpu_forward.FACTORIZE_SPAN  # [B, NC, H]
     assert exact.shape[1] == 8 and not bool(jnp.any(exact[1]))
-    assert [int(c) for c in jnp.nonzero(jnp.any(exact[0], axis=1))[0]] == [1, 2, 6]
+    assert [int(c) for c in jnp.nonzero(jnp.all(exact[0], axis=1))[0]] == [1, 2, 6]
+    assert not bool(jnp.any(exact[0, jnp.array([0, 3, 4, 5, 7])]))
     config = dataclasses.replace(
         tuning.config_for(32, 32, dtype, interpret=True), exact_min_programs=1
     )

@@ -51,6 +51,7 @@ from pallas_kernels.gla.gpu_forward import (
     chunk_spec,
     decay,
     diagonal_span,
+    exact_group,
     factor_dtype,
     factorizable,
     gate_sums,
@@ -257,16 +258,23 @@ def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, 
 # --------------------------------------------------------------------------------------------
 
 
-def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
-    """Over all V pieces: do @ h^T, v @ dH^T [C, BK] and rowsum(h * dH) [1, BK]."""
-    chunk, value_dim = v_ref.shape
-    block_k = h_ref.shape[0]
+def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype, group_chunk=None):
+    """Over all V pieces: do @ h^T, v @ dH^T [C, BK] and rowsum(h * dH) [1, BK].
+    ``group_chunk``: None for refs of one chunk, else (c, C): chunk c of refs holding a group of
+    chunks (rows [c * C, (c + 1) * C), states [G, BK, V])."""
+    value_dim = v_ref.shape[-1]
+    block_k = h_ref.shape[-2]
+    if group_chunk is None:
+        chunk, own, state = v_ref.shape[0], slice(None), ()
+    else:
+        c, chunk = group_chunk
+        own, state = pl.ds(c * chunk, chunk), (c,)
 
     def v_piece(vs, sums):
         dq, dk, h_dh = sums
-        h, dh = h_ref[:, vs], dh_ref[:, vs]
-        dq += mm_nt(do_ref[:, vs], h, dtype)
-        dk += mm_nt(v_ref[:, vs], dh, dtype)
+        h, dh = h_ref[(*state, slice(None), vs)], dh_ref[(*state, slice(None), vs)]
+        dq += mm_nt(do_ref[own, vs], h, dtype)
+        dk += mm_nt(v_ref[own, vs], dh, dtype)
         h_dh += jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)[None, :]
         return dq, dk, h_dh
 
@@ -278,26 +286,29 @@ def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype):
     return tile_loop(value_dim, block_v, v_piece, zeros)
 
 
-def _diagonal_grads(refs, own, q, k, b, *, scale, dtype):
+def _diagonal_grads(refs, own, q, k, b, *, scale, dtype, first_row=0):
     """dq, dk and dL/db [S, BK] from the diagonal sub-block ``own`` of dA (zero above the diagonal):
     dq_i from columns j <= i, dk_j from rows i >= j. Factorized around the middle row where the
     decay span allows, else in log space one column at a time.
 
-    refs: (q_ref, k_ref, b_ref, da_ref); q, k, b: the sub-block's rows (q scaled)."""
+    refs: (q_ref, k_ref, b_ref, da_ref); q, k, b: the sub-block's rows (q scaled). ``own``: the
+    sub-block's positions in the chunk, which start at row ``first_row`` of the refs (a chunk of
+    a group) while dA's columns are the chunk's own."""
     q_ref, k_ref, b_ref, da_ref = refs
     base, sub = own.start, own.size
+    own_rows = pl.ds(first_row + base, sub)
 
     def factorized():
-        from_mid = b - row(b_ref, base + sub // 2)
-        return _factorized_grads(da_ref[own, own], q, k, from_mid, dtype)
+        from_mid = b - row(b_ref, first_row + base + sub // 2)
+        return _factorized_grads(da_ref[own_rows, own], q, k, from_mid, dtype)
 
     def column(c, grads):
         dq, dk = grads
-        pos = base + c
-        d_col = da_ref[own, pl.ds(pos, 1)].astype(F32)  # dA[i, pos] for the rows i: [S, 1]
-        dq += d_col * row(k_ref, pos) * safe_decay(b - row(b_ref, pos))
-        d_row = da_ref[pl.ds(pos, 1), own].astype(F32).T  # dA[pos, j] for the columns j: [S, 1]
-        dk += d_row * (row(q_ref, pos) * scale) * safe_decay(row(b_ref, pos) - b)
+        pos, at = base + c, first_row + base + c
+        d_col = da_ref[own_rows, pl.ds(pos, 1)].astype(F32)  # dA[i, pos] for the rows i: [S, 1]
+        dq += d_col * row(k_ref, at) * safe_decay(b - row(b_ref, at))
+        d_row = da_ref[pl.ds(at, 1), own].astype(F32).T  # dA[pos, j] for the columns j: [S, 1]
+        dk += d_row * (row(q_ref, at) * scale) * safe_decay(row(b_ref, at) - b)
         return dq, dk
 
     def log_space():  # a loop with few live values: a register-hungry branch would slow the other
@@ -323,12 +334,14 @@ def _factorized_grads(da, q, k, from_mid, dtype):
     return (dq_hat * decay(from_mid), dk_hat * decay(-from_mid), q_hat * dq_hat - k_hat * dk_hat)
 
 
-def _inter_chunk_start(k, v_ref, do_ref, h_ref, dh_ref, gates, block_v, dtype):
+def _inter_chunk_start(k, v_ref, do_ref, h_ref, dh_ref, gates, block_v, dtype, group_chunk=None):
     """The inter-chunk parts of dq (for the scaled query) and dk [C, BK], and dL/db_last [1, BK]
     (the chunk's total decay: module docstring). ``gates``: the chunk's b, b_last - b and b_last
-    (log2 units)."""
+    (log2 units). ``group_chunk``: as in ``_inter_chunk_grads``."""
     from_start, to_end, total = gates
-    dq_inter, dk_inter, h_dh = _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype)
+    dq_inter, dk_inter, h_dh = _inter_chunk_grads(
+        v_ref, do_ref, h_ref, dh_ref, block_v, dtype, group_chunk
+    )
     dq_inter = dq_inter * decay(from_start)
     dk_inter = dk_inter * decay(to_end)
     d_last = decay(total) * h_dh + jnp.sum(k * dk_inter, axis=0, keepdims=True)
@@ -409,61 +422,94 @@ def _exact_key_grads_kernel(
     block_v,
     dtype,
 ):
-    """Secondary-level chunking, for the chunks the factorized kernel left out."""
+    """Secondary-level chunking, for the chunks the factorized kernel left out: a group of
+    consecutive chunks per program (``gpu_forward.exact_group``), passing over the others."""
+    chunk = da_ref.shape[-1]
 
-    @pl.when(jnp.logical_not(factorizable(span_ref[...])))
-    def _():
-        chunk = q_ref.shape[0]
-        sub = sub_chunk(chunk)
-        parts = chunk // sub
-        b, b_last = b_ref[...], row(b_ref, chunk - 1)
-        dq_inter, dk_inter, carry = _inter_chunk_start(
-            k_ref[...].astype(F32),
-            v_ref,
-            do_ref,
-            h_ref,
-            dh_ref,
-            (b, b_last - b, b_last),
-            block_v,
-            dtype,
+    def one_chunk(c, carry):
+        @pl.when(jnp.logical_not(factorizable(span_ref[c])))
+        def _():
+            _exact_chunk_grads(
+                (q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref),
+                (dq_ref, dk_ref, dg_ref),
+                (c, chunk),
+                scale=scale,
+                block_v=block_v,
+                dtype=dtype,
+            )
+
+        return carry
+
+    lax.fori_loop(0, span_ref.shape[0], one_chunk, 0)
+
+
+def _exact_chunk_grads(refs, out_refs, group_chunk, *, scale, block_v, dtype):
+    """dq, dk and dg of chunk c of the group, ``group_chunk`` = (c, C): its rows start at row
+    c * C of the refs, and dA's columns are the chunk's own."""
+    q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref = refs
+    dq_ref, dk_ref, dg_ref = out_refs
+    c, chunk = group_chunk
+    first = c * chunk  # the chunk's first row in the refs
+    sub = sub_chunk(chunk)
+    parts = chunk // sub
+    b, b_last = rows(b_ref, first, chunk), row(b_ref, first + chunk - 1)
+    dq_inter, dk_inter, carry = _inter_chunk_start(
+        rows(k_ref, first, chunk),
+        v_ref,
+        do_ref,
+        h_ref,
+        dh_ref,
+        (b, b_last - b, b_last),
+        block_v,
+        dtype,
+        group_chunk,
+    )
+    dq_parts, dk_parts = split_rows(dq_inter, parts), split_rows(dk_inter, parts)
+
+    def at(start, size, ref):  # rows [start, start + size) of the chunk, as float32
+        return rows(ref, first + start, size)
+
+    def da_block(row_start, col_start):  # dA's [S, S] block at these positions of the chunk
+        return da_ref[pl.ds(first + row_start, sub), pl.ds(col_start, sub)]
+
+    for p in reversed(range(parts)):  # last sub-chunk first: dg is a reverse cumsum
+        base = p * sub
+        q, k, b_p = at(base, sub, q_ref) * scale, at(base, sub, k_ref), at(base, sub, b_ref)
+        dq, dk = dq_parts[p], dk_parts[p]
+        # Off-diagonal, columns J < P, around r = the first row of P.
+        if p > 0:
+            b_r = at(base, 1, b_ref)
+            acc = jnp.zeros_like(dq)
+            for j in range(p):
+                k_hat = at(j * sub, sub, k_ref) * safe_decay(b_r - at(j * sub, sub, b_ref))
+                acc += mm(da_block(base, j * sub), k_hat, dtype)
+            dq += acc * decay(b_p - b_r)
+        # Off-diagonal, rows of every later sub-chunk I, around r = the first row of I.
+        for i in range(p + 1, parts):
+            b_r = at(i * sub, 1, b_ref)
+            q_hat = at(i * sub, sub, q_ref) * scale * decay(at(i * sub, sub, b_ref) - b_r)
+            dk += mm_tn(da_block(i * sub, base), q_hat, dtype) * safe_decay(b_r - b_p)
+        d_dq, d_dk, d_db = _diagonal_grads(
+            (q_ref, k_ref, b_ref, da_ref),
+            pl.ds(base, sub),
+            q,
+            k,
+            b_p,
+            scale=scale,
+            dtype=dtype,
+            first_row=first,
         )
-        dq_parts, dk_parts = split_rows(dq_inter, parts), split_rows(dk_inter, parts)
-
-        def q_rows(start, size):
-            return rows(q_ref, start, size) * scale
-
-        for p in reversed(range(parts)):  # last sub-chunk first: dg is a reverse cumsum
-            base = p * sub
-            own = pl.ds(base, sub)
-            q, k, b_p = q_rows(base, sub), rows(k_ref, base, sub), rows(b_ref, base, sub)
-            dq, dk = dq_parts[p], dk_parts[p]
-            # Off-diagonal, columns J < P, around r = the first row of P.
-            if p > 0:
-                b_r = row(b_ref, base)
-                acc = jnp.zeros_like(dq)
-                for j in range(p):
-                    k_hat = rows(k_ref, j * sub, sub) * safe_decay(b_r - rows(b_ref, j * sub, sub))
-                    acc += mm(da_ref[own, pl.ds(j * sub, sub)], k_hat, dtype)
-                dq += acc * decay(b_p - b_r)
-            # Off-diagonal, rows of every later sub-chunk I, around r = the first row of I.
-            for i in range(p + 1, parts):
-                b_r = row(b_ref, i * sub)
-                q_hat = q_rows(i * sub, sub) * decay(rows(b_ref, i * sub, sub) - b_r)
-                dk += mm_tn(da_ref[pl.ds(i * sub, sub), own], q_hat, dtype) * safe_decay(b_r - b_p)
-            d_dq, d_dk, d_db = _diagonal_grads(
-                (q_ref, k_ref, b_ref, da_ref), own, q, k, b_p, scale=scale, dtype=dtype
-            )
-            carry = _store_grads(
-                own,
-                dq + d_dq,
-                dk + d_dk,
-                q * dq - k * dk + d_db,
-                carry,
-                dq_ref,
-                dk_ref,
-                dg_ref,
-                scale,
-            )
+        carry = _store_grads(
+            pl.ds(first + base, sub),
+            dq + d_dq,
+            dk + d_dk,
+            q * dq - k * dk + d_db,
+            carry,
+            dq_ref,
+            dk_ref,
+            dg_ref,
+            scale,
+        )
 
 
 def _tile_axis_first(spec):
@@ -499,41 +545,60 @@ def query_key_grads(
     rows_, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     block_k = min(config.grad_block_k, key_dim)
-    # The K tile is the grid's first (fastest-launched) axis: the K tiles of one chunk run side by
-    # side and share its v, do and dA in L2 instead of reading them from HBM once per tile.
-    key = _tile_axis_first(chunk_spec(chunk, heads, block_k, tiled=True))
-    value = _tile_axis_first(chunk_spec(chunk, heads, value_dim))
-    state = _tile_axis_first(state_spec(block_k, value_dim, heads, "k"))
-    out = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    launch = functools.partial(
-        pl.pallas_call,
-        out_shape=(out, out, jax.ShapeDtypeStruct(q.shape, dg_dtype)),
-        grid=(key_dim // block_k, padded_len // chunk, rows_ * heads),
-        out_specs=(key, key, key),
-        compiler_params=params(config.grad_warps, config.grad_stages),
-        interpret=interpret,
-    )
+    num_chunks = padded_len // chunk
     kernel_options = dict(scale=scale, block_v=min(config.grad_block_v, value_dim), dtype=q.dtype)
-    in_specs = [
-        _tile_axis_first(span_spec(heads)),
-        key,
-        key,
-        key,
-        value,
-        value,
-        state,
-        state,
-        _tile_axis_first(chunk_spec(chunk, heads, chunk)),
-    ]
+    out_shape = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(q.shape, dg_dtype),
+    )
+
+    def launch(kernel, group, *inputs, writes_into=(), **options):
+        """A launch over (K tile, chunk or group, row * head): one chunk per program if group is
+        None, else ``group`` consecutive chunks (refs [G * C, ...], spans [G], states [G, ...]).
+        ``writes_into``: the dq, dk, dg buffers it completes, aliased to its outputs. The K tile
+        is the grid's first (fastest-launched) axis: the K tiles of one chunk run side by side
+        and share its v, do and dA in L2 instead of reading them from HBM once per tile."""
+        rows_per = chunk * (group or 1)
+        key = _tile_axis_first(chunk_spec(rows_per, heads, block_k, tiled=True))
+        value = _tile_axis_first(chunk_spec(rows_per, heads, value_dim))
+        state = _tile_axis_first(state_spec(block_k, value_dim, heads, "k", group))
+        in_specs = [
+            _tile_axis_first(span_spec(heads, group)),
+            key,
+            key,
+            key,
+            value,
+            value,
+            state,
+            state,
+            _tile_axis_first(chunk_spec(rows_per, heads, chunk)),
+        ]
+        return pl.pallas_call(
+            functools.partial(kernel, **kernel_options),
+            out_shape=out_shape,
+            grid=(key_dim // block_k, num_chunks // (group or 1), rows_ * heads),
+            in_specs=in_specs + [key] * len(writes_into),
+            out_specs=(key, key, key),
+            compiler_params=params(config.grad_warps, config.grad_stages),
+            interpret=interpret,
+            **options,
+        )(*inputs, *writes_into)
+
     others = (v, do, states, dstates, dscores)
     factorized = launch(
-        functools.partial(_factorized_key_grads_kernel, **kernel_options),
-        in_specs=in_specs,
-        name="gla_query_key_grads",
-    )(spans, q, k, g, *others)
+        _factorized_key_grads_kernel, None, spans, q, k, g, *others, name="gla_query_key_grads"
+    )
+    lanes = (key_dim // block_k) * rows_ * heads
     return launch(
-        functools.partial(_exact_key_grads_kernel, **kernel_options),
-        in_specs=in_specs + [key, key, key],
+        _exact_key_grads_kernel,
+        exact_group(num_chunks, lanes, config.exact_min_programs),
+        spans,
+        q,
+        k,
+        exact_b,
+        *others,
+        writes_into=factorized,
         input_output_aliases={9: 0, 10: 1, 11: 2},
         name="gla_query_key_grads_exact",
-    )(spans, q, k, exact_b, *others, *factorized)
+    )

@@ -145,22 +145,25 @@ def chunk_spec(chunk, heads, width, tiled=False):
     )
 
 
-def state_spec(key_block, value_block, heads, tile_axis=None):
+def state_spec(key_block, value_block, heads, tile_axis=None, group=None):
     """The [BK, BV] block of a chunk's state in [B', NC, H, K, V], for a grid (chunk, row * head,
-    tile); ``tile_axis`` says which of K or V the grid's third axis tiles."""
+    tile); ``tile_axis`` says which of K or V the grid's third axis tiles. With ``group``, the
+    [G, BK, BV] blocks of a group of consecutive chunks, for a grid (group, row * head, tile)."""
 
     def index(c, bh, t=0):
         kt, vt = (t, 0) if tile_axis == "k" else (0, t) if tile_axis == "v" else (0, 0)
         return (bh // heads, c, bh % heads, kt, vt)
 
-    return pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, key_block, value_block), index)
+    chunks = SQUEEZED if group is None else group
+    return pl.BlockSpec((SQUEEZED, chunks, SQUEEZED, key_block, value_block), index)
 
 
-def span_spec(heads):
-    """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...)."""
-    return pl.BlockSpec(
-        (SQUEEZED, SQUEEZED, SQUEEZED), lambda c, bh, *_: (bh // heads, c, bh % heads)
-    )
+def span_spec(heads, group=None):
+    """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...); with
+    ``group``, the [G] spans of a group of consecutive chunks, for a grid (group, row * head,
+    ...)."""
+    block = SQUEEZED if group is None else group
+    return pl.BlockSpec((SQUEEZED, block, SQUEEZED), lambda c, bh, *_: (bh // heads, c, bh % heads))
 
 
 def tile_loop(size: int, block: int, body, carry=None):
@@ -638,18 +641,20 @@ def dyadic_scores(refs, base, chunk, *, scale, block_k, dtype):
     return scores
 
 
-# exact_scores takes up to this many consecutive chunks per program (a loop).
+# The exact launches take up to this many consecutive chunks per program (a loop).
 EXACT_GROUP = 8
 
 
 def exact_group(num_chunks: int, lanes: int, min_programs: int) -> int:
-    """Chunks per exact_scores program: the largest power of two up to EXACT_GROUP that divides
-    a row's ``num_chunks`` and leaves the launch at least ``min_programs`` programs of its
-    ``lanes`` (row, head) pairs; 1 (a program per chunk) when ``min_programs`` is 0.
+    """Chunks per program of the exact launches (exact_scores, query_key_grads_exact): the
+    largest power of two up to EXACT_GROUP that divides a row's ``num_chunks`` and leaves the
+    launch at least ``min_programs`` programs of its ``lanes`` ((row, head) pairs, times K tiles
+    where the grid has them); 1 (a program per chunk) when ``min_programs`` is 0.
 
     Most chunks are factorizable and their programs only read a span and exit, but at 255
-    registers and 8 warps one program fills a multiprocessor, so a launch of one program per
-    chunk took ~0.025 ms (H100, 8192 programs) to do nothing; grouped, there are fewer programs
+    registers one program of exact_scores (8 warps) fills a multiprocessor, and one of
+    query_key_grads_exact (4 warps) half of one, so a launch of one program per chunk took
+    ~0.025 ms (H100, 8192 and 16384 programs) to do nothing; grouped, there are fewer programs
     to start. Enough are kept that a launch where every chunk takes this path (strong gates)
     still fills the GPU several times over."""
     group = 1
@@ -673,9 +678,6 @@ def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     num_chunks = padded_len // chunk
     group = exact_group(num_chunks, rows_ * heads, config.exact_min_programs)
     key = chunk_spec(group * chunk, heads, key_dim)
-    spans_spec = pl.BlockSpec(
-        (SQUEEZED, group, SQUEEZED), lambda c, bh: (bh // heads, c, bh % heads)
-    )
     return pl.pallas_call(
         functools.partial(
             _exact_scores_kernel,
@@ -685,7 +687,7 @@ def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
         ),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), F32),
         grid=(num_chunks // group, rows_ * heads),
-        in_specs=[spans_spec, key, key, key],
+        in_specs=[span_spec(heads, group), key, key, key],
         out_specs=chunk_spec(group * chunk, heads, chunk),
         compiler_params=params(config.scores_warps, 1),
         interpret=interpret,
