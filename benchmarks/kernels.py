@@ -263,8 +263,8 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
     hs = states(k, v, g, h0, first, last)
     exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale, **common))
     a = exact(q, k, b, spans)
-    dscores = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))
-    da = dscores(do_rows, v)
+    dscores = jax.jit(lambda do, v, s: gpu_backward.score_grads(do, v, s, **common))
+    da = dscores(do_rows, v, spans)
     return {
         "gate_spans": (gate_spans, (g,)),
         "chunk_states": (states, (k, v, g, h0, first, last)),
@@ -293,7 +293,7 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
             ),
             (q, do_rows, g, h0, first, last),
         ),
-        "score_grads": (dscores, (do_rows, v)),
+        "score_grads": (dscores, (do_rows, v, spans)),
         "value_grads": (
             jax.jit(
                 lambda q, k, g, s, a, do, dh: gpu_backward.value_grads(

@@ -40,6 +40,11 @@ class GpuConfig:
     grad_block_v: int = 64  # V piece of its do @ h^T, v @ dH^T loop
     grad_warps: int = 4
     grad_stages: int = 1
+    # query_key_grads' factorized launch forms dA = do @ v^T itself, in its loop over V pieces
+    # that reads do and v already, and score_grads writes dA for the exact chunks only: one
+    # launch and a dA write and read fewer, for a [C, C] float32 accumulator more in that loop.
+    # Off until timed (BENCHMARKS.md, version 7.3).
+    fused_score_grads: bool = False
     # The backward's two walks (the state recompute and state_grads) in one launch, side by side.
     paired_walks: bool = True
     # A launch of one walk loads each next chunk ahead (``gpu_forward.walk_chunks``) when it has
