@@ -11,6 +11,7 @@ logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png t
   PYTHONPATH=. python -m benchmarks.kernels --profile --ts 2048  # each kernel's time in the op
   ... --packed                    # the GLA calls' rows packed into one with cu_seqlens
   ... --set paired_walks=false,state_block_v=64                # any of these with other settings
+  ... --variants ";exact_min_programs=0;fused_score_grads=true"  # settings side by side
   ncu --clock-control none --kernel-name regex:gla --csv \
       python -m benchmarks.kernels --single_call --ts 2048  # registers, occupancy, stalls
 """
@@ -442,9 +443,10 @@ def table(rows):
                 f"error: {r['error'][:60]} | | |"
             )
             continue
+        ratio = f" ({r['ratio']:.3f}x)" if "ratio" in r else ""
         lines.append(
             f"| {r['op']} | {r['H']} | {r['K']} | {r['V']} | {r['T']} | "
-            f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwdbwd_temp_mib']:.0f} |"
+            f"{r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f}{ratio} | {r['fwdbwd_temp_mib']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -475,24 +477,60 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def override_config(spec: str):
-    """Every pallas_gpu launch in this process takes these GpuConfig fields ("name=json,...") over
-    the tuned or heuristic ones: variants timed without writing a tuning table."""
+def parse_settings(spec: str) -> dict:
+    """GpuConfig fields from "name=json,..." ('' gives none); unknown names stop the run."""
     from pallas_kernels.gla import tuning
 
+    if not spec:
+        return {}
     fields = dict(item.split("=", 1) for item in spec.split(","))
     known = {f.name for f in dataclasses.fields(tuning.GpuConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise SystemExit(f"--set: unknown GpuConfig fields {unknown}; known: {sorted(known)}")
-    fields = {name: json.loads(value) for name, value in fields.items()}
-    tuned = tuning.config_for
+        raise SystemExit(f"unknown GpuConfig fields {unknown}; known: {sorted(known)}")
+    return {name: json.loads(value) for name, value in fields.items()}
+
+
+def override_config(spec: str):
+    """Every pallas_gpu launch traced in this process from now on takes these GpuConfig fields
+    ("name=json,...") over the tuned or heuristic ones: variants timed without writing a tuning
+    table. A later call replaces the earlier one's fields."""
+    from pallas_kernels.gla import tuning
+
+    fields = parse_settings(spec)
+    tuned = getattr(tuning.config_for, "tuned", tuning.config_for)
 
     def config_for(*args, **kwargs):
         return dataclasses.replace(tuned(*args, **kwargs), **fields)
 
+    config_for.tuned = tuned
     tuning.config_for = config_for
     print(f"pallas_gpu settings: {fields}", flush=True)
+
+
+def run_variants(ts, variants, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False):
+    """pallas_gpu under each of ``variants`` (--set specs; '' = the tuned or heuristic settings),
+    one shape after another in one process: each variant's rows sit beside the others', timed
+    on the same inputs minutes apart rather than in separate runs, and ``ratio`` is fwd+bwd
+    against the first variant's."""
+    for spec in variants:  # fail on a misspelt field before anything is timed
+        parse_settings(spec)
+    rows = []
+    for seq_len in ts:
+        for heads, key_dim, value_dim in gla_shapes(paper):
+            (q, k, v, g, do), cu_seqlens = op_inputs(seq_len, heads, key_dim, value_dim, pack)
+            shape = dict(B=TOKENS // seq_len, T=seq_len, H=heads, K=key_dim, V=value_dim)
+            first = None
+            for spec in variants:
+                override_config(spec)
+                name = f"{op_name('pallas_gpu', chunk_size)} [{spec or 'default'}]"
+                fns = gla_fns("pallas_gpu", chunk_size, cu_seqlens)  # traced under the override
+                row = measure(name, fns, (q, k, v, g), (q, k, v, g, do), **shape)
+                first = first or row
+                if "error" not in row and "error" not in first:
+                    row["ratio"] = row["fwdbwd_ms"] / first["fwdbwd_ms"]
+                rows.append(row)
+    return rows
 
 
 def main():
@@ -541,6 +579,12 @@ def main():
         "state_block_v=64 (GpuConfig fields; values in JSON)",
     )
     parser.add_argument(
+        "--variants",
+        default="",
+        help="only time pallas_gpu under each of these --set specs, ';'-separated, in one "
+        "process ('' first: the default), e.g. ';exact_min_programs=0;fused_score_grads=true'",
+    )
+    parser.add_argument(
         "--interpret",
         action="store_true",
         help="with --breakdown: a tiny interpret-mode run (CPU smoke test)",
@@ -566,6 +610,14 @@ def main():
         return
     if args.gate_regimes:
         gate_regimes(args.chunk_size)
+        return
+    if args.variants:
+        # Each variant's fields go over --set's.
+        variants = [",".join(filter(None, (args.set, v))) for v in args.variants.split(";")]
+        rows = run_variants(ts, variants, not args.no_paper, args.chunk_size, args.packed)
+        print(table(rows))
+        with open(os.path.join(args.out, "variants.json"), "w") as f:
+            json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, rows=rows), f)
         return
     if args.check:
         check_against_xla(chunk_size=args.chunk_size)

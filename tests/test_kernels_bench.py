@@ -116,3 +116,30 @@ def test_packed_rows_hold_the_same_sequences():
     one_row = gla_fns("xla", cu_seqlens=cu)[0](pq, pk, pv, pg)
     err = jnp.max(jnp.abs(one_row.reshape(batched.shape).astype(float) - batched.astype(float)))
     assert float(err) < 2e-2, err
+
+
+def test_variants_time_each_setting_under_its_own_override(monkeypatch):
+    """``--variants``: every shape is timed once per variant, each traced while its settings are
+    in force, and fwd+bwd is given as a ratio to the first variant's."""
+    from benchmarks import kernels
+    from pallas_kernels.gla import tuning
+
+    monkeypatch.setattr(tuning, "config_for", tuning.config_for)  # restored after the test
+    monkeypatch.setattr(kernels, "op_inputs", lambda *shape: ((None,) * 5, None))
+
+    def fake_measure(name, fns, fwd_args, bwd_args, **shape):
+        # What a launch traced now would get; fwd+bwd "time" made from it to check the ratio.
+        block_v = tuning.config_for(128, 128, jnp.bfloat16, interpret=False).state_block_v
+        return dict(op=name, fwd_ms=1.0, fwdbwd_ms=float(block_v), fwdbwd_temp_mib=0.0, **shape)
+
+    monkeypatch.setattr(kernels, "measure", fake_measure)
+    rows = kernels.run_variants([1024], ["state_block_v=64", "state_block_v=32"], paper=True)
+    assert [(r["T"], r["H"]) for r in rows] == [(1024, 16), (1024, 16), (1024, 4), (1024, 4)]
+    assert [r["op"] for r in rows[:2]] == [
+        "pallas_gpu [state_block_v=64]",
+        "pallas_gpu [state_block_v=32]",
+    ]
+    assert [r["ratio"] for r in rows] == [1.0, 0.5, 1.0, 0.5]
+    assert "(0.500x)" in kernels.table(rows)
+    with pytest.raises(SystemExit, match="state_blok_v"):
+        kernels.run_variants([1024], ["", "state_blok_v=32"], paper=False)
