@@ -51,6 +51,7 @@ from pallas_kernels.gla.gpu_forward import (
     chunk_spec,
     decay,
     diagonal_span,
+    each_exact_chunk,
     exact_group,
     factor_dtype,
     factorizable,
@@ -172,15 +173,10 @@ def _score_grads_kernel(span_ref, do_ref, v_ref, da_ref, *, block_v, dtype, exac
             da += mm_nt(do_ref[own, vs], v_ref[own, vs], dtype)
         da_ref[own, :] = jnp.where(causal_mask(chunk), da, 0.0).astype(da_ref.dtype)
 
-    if not exact_only:
+    if exact_only:
+        each_exact_chunk(span_ref, store)
+    else:
         store(0)
-        return
-
-    def one_chunk(c, carry):
-        pl.when(jnp.logical_not(factorizable(span_ref[c])))(lambda: store(c))
-        return carry
-
-    lax.fori_loop(0, span_ref.shape[0], one_chunk, 0)
 
 
 def score_grads(do, v, spans, *, chunk, config, interpret):
@@ -459,21 +455,17 @@ def _exact_key_grads_kernel(
     consecutive chunks per program (``gpu_forward.exact_group``), passing over the others."""
     chunk = da_ref.shape[-1]
 
-    def one_chunk(c, carry):
-        @pl.when(jnp.logical_not(factorizable(span_ref[c])))
-        def _():
-            _exact_chunk_grads(
-                (q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref),
-                (dq_ref, dk_ref, dg_ref),
-                (c, chunk),
-                scale=scale,
-                block_v=block_v,
-                dtype=dtype,
-            )
+    def grads(c):
+        _exact_chunk_grads(
+            (q_ref, k_ref, b_ref, v_ref, do_ref, h_ref, dh_ref, da_ref),
+            (dq_ref, dk_ref, dg_ref),
+            (c, chunk),
+            scale=scale,
+            block_v=block_v,
+            dtype=dtype,
+        )
 
-        return carry
-
-    lax.fori_loop(0, span_ref.shape[0], one_chunk, 0)
+    each_exact_chunk(span_ref, grads)
 
 
 def _exact_chunk_grads(refs, out_refs, group_chunk, *, scale, block_v, dtype):

@@ -603,21 +603,27 @@ def dyadic_reference(b_ref, size: int, h: int, cols, base=0):
 EXACT_BLOCK_K = 64
 
 
+def each_exact_chunk(span_ref, body):
+    """body(c) for each chunk c of the program's group (``exact_group``; span_ref [G]) whose
+    span rules the factorization out: a loop, so the body is compiled once."""
+
+    def one_chunk(c, carry):
+        pl.when(jnp.logical_not(factorizable(span_ref[c])))(lambda: body(c))
+        return carry
+
+    lax.fori_loop(0, span_ref.shape[0], one_chunk, 0)
+
+
 def _exact_scores_kernel(span_ref, q_ref, k_ref, b_ref, a_ref, *, scale, block_k, dtype):
     """The scores of each of the program's chunks whose span rules the factorization out."""
     chunk = a_ref.shape[-1]
 
-    def one_chunk(c, carry):
-        @pl.when(jnp.logical_not(factorizable(span_ref[c])))
-        def _():
-            rows_ = pl.ds(c * chunk, chunk)
-            a_ref[rows_, :] = dyadic_scores(
-                (q_ref, k_ref, b_ref), c * chunk, chunk, scale=scale, block_k=block_k, dtype=dtype
-            )
+    def store(c):
+        a_ref[pl.ds(c * chunk, chunk), :] = dyadic_scores(
+            (q_ref, k_ref, b_ref), c * chunk, chunk, scale=scale, block_k=block_k, dtype=dtype
+        )
 
-        return carry
-
-    lax.fori_loop(0, span_ref.shape[0], one_chunk, 0)
+    each_exact_chunk(span_ref, store)
 
 
 def dyadic_scores(refs, base, chunk, *, scale, block_k, dtype):

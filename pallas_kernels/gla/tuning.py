@@ -24,7 +24,8 @@ class GpuConfig:
     state_warps: int = 4
     state_stages: int = 2
     scores_warps: int = 4  # exact_scores / score_grads
-    # exact_scores loops over up to 8 consecutive chunks per program while its launch keeps at
+    # The exact launches (exact_scores, query_key_grads_exact; score_grads with
+    # fused_score_grads) loop over up to 8 consecutive chunks per program while a launch keeps at
     # least this many programs (``gpu_forward.exact_group``); 0: one program per chunk.
     exact_min_programs: int = 1024
     score_block_v: int = 64  # V piece of score_grads' do @ v^T loop
