@@ -416,7 +416,7 @@ def test_state_tiles_shrink_until_a_launch_fills_the_gpu(walks, expected):
     tiles = tuning.state_tiles(config, 128, 128, walks)
     assert tiles == expected
     programs = walks * (128 // tiles[0]) * (128 // tiles[1])
-    assert programs >= tuning.MIN_STATE_PROGRAMS or tiles == (32, 32)
+    assert programs >= config.state_min_programs or tiles == (32, 32)
 
 
 @pytest.mark.parametrize(

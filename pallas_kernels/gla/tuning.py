@@ -23,6 +23,9 @@ class GpuConfig:
     state_block_v: int = 64
     state_warps: int = 4
     state_stages: int = 2
+    # A state-walk launch halves its tile (V first, down to 32 x 32) until it has at least this
+    # many programs (``state_tiles``; why 128: the comment above it).
+    state_min_programs: int = 128
     scores_warps: int = 4  # exact_scores / score_grads
     # The exact launches (exact_scores, query_key_grads_exact; score_grads with
     # fused_score_grads) loop over up to 8 consecutive chunks per program while a launch keeps at
@@ -109,25 +112,26 @@ def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
 
 # The state walks run one program per (walk, row, head, K tile, V tile); with few long rows (a
 # packed cu_seqlens row has only H) that is too few programs to fill the GPU's 132
-# multiprocessors, so tiles shrink until a launch has at least this many (down to 32 x 32). One
-# per multiprocessor: at the 340M layer's 32 (row, head) pairs, 128 programs of 64 x 128 walked
-# faster than 256 of 64 x 64 or 512 of 64 x 32 (above); at 16 x 128 with T = 16K (32 pairs, 256
-# chunks to walk) 128 programs of 64 x 64 took 1.057 ms against 1.315 for 64 of 64 x 128 (the
-# forward and backward walks in two launches), and the backward's two walks in one launch took
-# 0.677 ms as 128 programs of 64 x 128, against 0.764 as 256 of 64 x 64.
-MIN_STATE_PROGRAMS = 128
+# multiprocessors, so tiles shrink until a launch has at least state_min_programs (down to
+# 32 x 32). Its default, 128, is one per multiprocessor: at the 340M layer's 32 (row, head)
+# pairs, 128 programs of 64 x 128 walked faster than 256 of 64 x 64 or 512 of 64 x 32 (above);
+# at 16 x 128 with T = 16K (32 pairs, 256 chunks to walk) 128 programs of 64 x 64 took
+# 1.057 ms against 1.315 for 64 of 64 x 128 (the forward and backward walks in two launches),
+# and the backward's two walks in one launch took 0.677 ms as 128 programs of 64 x 128, against
+# 0.764 as 256 of 64 x 64.
 
 
 def state_tiles(config: GpuConfig, key_dim: int, value_dim: int, walks: int) -> tuple[int, int]:
     """The (K, V) state tile of a launch of ``walks`` (walk, row, head) triples: the configured
-    tile, halved (V first) until the launch has MIN_STATE_PROGRAMS programs or the tile is 32 x 32.
+    tile, halved (V first) until the launch has ``config.state_min_programs`` programs or the tile
+    is 32 x 32.
     """
     block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
 
     def programs():
         return walks * (key_dim // block_k) * (value_dim // block_v)
 
-    while programs() < MIN_STATE_PROGRAMS and max(block_k, block_v) > 32:
+    while programs() < config.state_min_programs and max(block_k, block_v) > 32:
         if block_v >= block_k:
             block_v //= 2
         else:
