@@ -419,6 +419,16 @@ def test_state_tiles_shrink_until_a_launch_fills_the_gpu(walks, expected):
     assert programs >= config.state_min_programs or tiles == (32, 32)
 
 
+def test_state_min_programs_sets_the_floor():
+    # T = 8K's 64 (row, head) pairs at 16 x 128: 128 programs of 64 x 128 meet the default floor;
+    # a floor of 256 halves the V tile, 512 halves it again.
+    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False)
+    floors = {floor: dataclasses.replace(config, state_min_programs=floor) for floor in (256, 512)}
+    assert tuning.state_tiles(config, 128, 128, 64) == (64, 128)
+    assert tuning.state_tiles(floors[256], 128, 128, 64) == (64, 64)
+    assert tuning.state_tiles(floors[512], 128, 128, 64) == (64, 32)
+
+
 @pytest.mark.parametrize(
     "walks, programs, tile, expected",
     [
