@@ -372,6 +372,54 @@ def kernel_times(events, calls: int) -> list[dict]:
     ]
 
 
+# The copy rate measured on the H200 (ANCHORS.md): what the profile's bandwidth column is read
+# against.
+COPY_TB_PER_S = 4.3
+
+
+def kernel_bytes(batch, seq_len, heads, key_dim, value_dim, chunk=DEFAULT_CHUNK_SIZE, fused=False):
+    """Each pallas_gpu kernel's compulsory HBM traffic per launch, in bytes, at the benchmark's
+    dtypes (bfloat16 q, k, v, g, do, outputs and chunk states) and under mild gates, where no
+    chunk takes the exact path: every array a launch reads or writes, counted once. Re-reads
+    (a K tile's keys read once per V tile) are left out; what they cost shows in the profile's
+    bandwidth column. ``fused``: ``fused_score_grads`` (query_key_grads forms dA itself)."""
+    item = 2
+    tokens = batch * seq_len
+    keys = tokens * heads * key_dim * item  # one [tokens, H, K] array: q, k, g, dq, dk or dg
+    values = tokens * heads * value_dim * item  # v, do, o or dv
+    chunks = tokens // chunk * heads
+    states = chunks * key_dim * value_dim * item  # the states entering the chunks, or dH
+    ends = batch * heads * key_dim * value_dim * 4  # one float32 initial or final state a row
+    chunk_ids = 2 * tokens // chunk * 4  # the walks' int32 first and last sequence per chunk
+    spans = chunks * 4  # float32, one per chunk and head
+    scores = tokens * heads * chunk * item  # dA: [C, C] per chunk and head
+    return {
+        "gla_gate_spans": keys + spans,  # g in; b is written for exact chunks only
+        # k, g, v and h0 in; the states and the final state out
+        "gla_chunk_states": chunk_ids + 2 * keys + values + 2 * ends + states,
+        "gla_exact_scores": spans,  # reads a span per chunk and passes on
+        "gla_chunk_outputs": spans + 3 * keys + values + states + values,  # q, k, g, v, H; o
+        # q, g, do and dfinal in; dH and dh0 out
+        "gla_state_grads": chunk_ids + 2 * keys + values + 2 * ends + states,
+        # both walks' inputs, h0 and dfinal; H, the final state, dH and dh0
+        "gla_backward_walks": chunk_ids + 3 * keys + 2 * values + 4 * ends + 2 * states,
+        "gla_score_grads": spans + (0 if fused else 2 * values + scores),  # do, v in; dA out
+        "gla_value_grads": spans + 3 * keys + values + states + values,  # q, k, g, do, dH; dv
+        # q, k, g, v, do, H, dH and dA in; dq, dk, dg out
+        "gla_query_key_grads": (
+            spans + 6 * keys + 2 * values + 2 * states + (0 if fused else scores)
+        ),
+        "gla_query_key_grads_exact": spans,
+    }
+
+
+def modelled_bytes(kernel: str, model: dict) -> int | None:
+    """``kernel_bytes``' figure for a traced kernel name: the longest model name it starts with
+    (a trace may add a suffix); None for a kernel outside the model (an XLA fusion)."""
+    names = [name for name in model if kernel.startswith(name)]
+    return model[max(names, key=len)] if names else None
+
+
 def traced_kernels(trace_dir: str) -> list[tuple[str, float]]:
     """(name, duration ns) of every kernel on a GPU stream in the trace jax.profiler wrote."""
     import glob
@@ -393,8 +441,11 @@ def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False, calls=10):
     """Where the op's forward+backward spends its time on the device: each kernel's time inside
     the real op (one jitted call, as in the table), not alone, from a jax.profiler trace. Timing
     a kernel alone (``--breakdown``) adds the dispatch of a jitted call, which a short kernel
-    cannot hide; inside the op it is queued behind the others."""
+    cannot hide; inside the op it is queued behind the others. Each kernel's row also gives its
+    compulsory traffic (``kernel_bytes``) and the rate that traffic was moved at."""
     import tempfile
+
+    from pallas_kernels.gla import tuning
 
     for seq_len in ts:
         for heads, key_dim, value_dim in gla_shapes(paper):
@@ -407,15 +458,30 @@ def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False, calls=10):
                         out = fwd_bwd(q, k, v, g, do)
                     jax.block_until_ready(out)
                 rows = kernel_times(traced_kernels(trace_dir), calls)
+            fused = tuning.config_for(key_dim, value_dim, q.dtype, False).fused_score_grads
+            batch = TOKENS // seq_len
+            model = kernel_bytes(batch, seq_len, heads, key_dim, value_dim, chunk_size, fused)
+            for r in rows:
+                per_launch = modelled_bytes(r["kernel"], model)
+                if per_launch is not None:
+                    r["model_mb"] = per_launch * r["launches"] / 1e6
+                    r["tb_per_s"] = r["model_mb"] / 1e6 / (r["ms"] / 1e3)
             device_ms = sum(r["ms"] for r in rows)
+            model_gb = sum(r.get("model_mb", 0.0) for r in rows) / 1e3
             print(
                 f"\nT = {seq_len}{' packed' if pack else ''}, {heads} x {key_dim} x {value_dim}: "
                 f"fwd+bwd {wall_ms:.3f} ms "
-                f"wall, {device_ms:.3f} ms in kernels\n"
-                "| kernel | launches per call | ms per call | share |\n|---|---|---|---|"
+                f"wall, {device_ms:.3f} ms in kernels; the kernels' compulsory traffic "
+                f"{model_gb:.2f} GB, {model_gb / COPY_TB_PER_S:.3f} ms at {COPY_TB_PER_S} TB/s\n"
+                "| kernel | launches per call | ms per call | share | model MB | TB/s |\n"
+                "|---|---|---|---|---|---|"
             )
             for r in rows:
-                print(f"| {r['kernel']} | {r['launches']:g} | {r['ms']:.3f} | {r['share']:.1%} |")
+                traffic = f"{r['model_mb']:.0f} | {r['tb_per_s']:.2f}" if "model_mb" in r else " | "
+                print(
+                    f"| {r['kernel']} | {r['launches']:g} | {r['ms']:.3f} | {r['share']:.1%} "
+                    f"| {traffic} |"
+                )
             shape = dict(T=seq_len, H=heads, K=key_dim, V=value_dim, packed=pack)
             print(json.dumps(dict(profile=rows, wall_ms=wall_ms, **shape)), flush=True)
 

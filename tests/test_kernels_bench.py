@@ -103,6 +103,66 @@ def test_profile_finds_no_gpu_kernels_in_a_cpu_trace(tmp_path):
     assert traced_kernels(str(tmp_path)) == []
 
 
+def _launch_arrays(jaxpr):
+    """(name, input avals, output avals) of every pallas_call in ``jaxpr``, nested ones included."""
+    from jax.extend import core as jax_core
+
+    launches = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            inputs = [x.aval for x in eqn.invars]
+            launches.append((eqn.params["name"], inputs, list(eqn.params["out_avals"])))
+        for inner in jax_core.jaxprs_in_params(eqn.params):
+            launches += _launch_arrays(inner)
+    return launches
+
+
+@pytest.mark.parametrize("settings", ["", "paired_walks=false", "fused_score_grads=true"])
+def test_profile_traffic_model_matches_each_launchs_arrays(settings, monkeypatch):
+    """``--profile``'s traffic model (``kernel_bytes``, written by hand) against the arrays that
+    each pallas_call of the op's forward+backward takes and gives, read from its jaxpr: every
+    launch is modelled, and each figure is the bytes of its arrays less those touched only for
+    chunks on the exact path, which mild gates never send there: the per-token float32 arrays
+    (b and A of the exact chunks), and all but the spans of the launches that only pass over
+    factorizable chunks."""
+    from benchmarks import kernels
+    from pallas_kernels.gla import tuning
+
+    monkeypatch.setattr(tuning, "config_for", tuning.config_for)  # restored after the test
+    kernels.override_config(settings)
+    batch, seq_len, heads, key_dim, value_dim = 2, 128, 2, 32, 64
+    q, k, v, g, do = gla_inputs(batch, seq_len, heads, key_dim, value_dim)
+
+    def loss(q, k, v, g):
+        o, _ = kernels.chunk_gla(q, k, v, g, backend="pallas_gpu", interpret=True)
+        return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
+
+    launches = _launch_arrays(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, g))
+    fused = "fused_score_grads=true" in settings
+    model = kernels.kernel_bytes(batch, seq_len, heads, key_dim, value_dim, fused=fused)
+    spans_only = {"gla_exact_scores", "gla_query_key_grads_exact"}
+    if fused:
+        spans_only.add("gla_score_grads")
+
+    def size(aval):
+        return aval.size * aval.dtype.itemsize
+
+    def exact_only(aval):
+        return aval.dtype == jnp.float32 and aval.ndim == 4 and aval.shape[1] == seq_len
+
+    names = set()
+    for name, inputs, outputs in launches:
+        names.add(name)
+        if name in spans_only:
+            expected = size(inputs[0])
+        else:
+            expected = sum(size(a) for a in inputs + outputs if not exact_only(a))
+        assert model[name] == expected, name
+    unpaired = "paired_walks=false" in settings
+    walks = {"gla_chunk_states", "gla_state_grads"} if unpaired else {"gla_backward_walks"}
+    assert walks <= names and "gla_query_key_grads" in names
+
+
 def test_packed_rows_hold_the_same_sequences():
     """``--packed``: one row of B sequences, whose cu_seqlens mark the original rows; the op on
     it gives the batched op's outputs."""
