@@ -203,3 +203,60 @@ def test_variants_time_each_setting_under_its_own_override(monkeypatch):
     assert "(0.500x)" in kernels.table(rows)
     with pytest.raises(SystemExit, match="state_blok_v"):
         kernels.run_variants([1024], ["", "state_blok_v=32"], paper=False)
+
+
+RESOURCE_USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function gla_query_key_grads:
+  REG:255 STACK:576 SHARED:1024 LOCAL:0 CONSTANT[0]:640 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_resource_usage_reads_registers_and_spills():
+    from benchmarks.kernel_resources import parse_resource_usage
+
+    assert parse_resource_usage(RESOURCE_USAGE) == dict(registers=255, stack=576)
+
+
+def test_kernel_resources_capture_every_kernel_with_its_launch_settings():
+    """``benchmarks/kernel_resources.py``: the op lowered for CUDA on the CPU hands over one Triton
+    IR module per kernel, each with the warps and stages its launch asks for under --set."""
+    from benchmarks.kernel_resources import kernel_launches
+
+    launches = kernel_launches(128, 2, 32, 64, "grad_warps=8,scores_warps=2", batch=1)
+    by_name = {launch.name: launch for launch in launches}
+    assert set(by_name) == {
+        "gla_gate_spans",
+        "gla_chunk_states",
+        "gla_exact_scores",
+        "gla_chunk_outputs",
+        "gla_backward_walks",
+        "gla_score_grads",
+        "gla_value_grads",
+        "gla_query_key_grads",
+        "gla_query_key_grads_exact",
+    }
+    for launch in launches:
+        assert f"tt.func public @{launch.name}(" in launch.ttir
+    assert by_name["gla_query_key_grads"].num_warps == 8
+    assert by_name["gla_query_key_grads_exact"].num_warps == 8
+    assert by_name["gla_exact_scores"].num_warps == 2
+    assert by_name["gla_chunk_outputs"].num_warps == 4
+
+
+def test_kernel_resources_compile_for_sm90():
+    """The whole chain where the triton extra is installed: a kernel compiled for sm_90 and its
+    registers read from the cubin."""
+    pytest.importorskip("triton")
+    from benchmarks.kernel_resources import compile_resources, kernel_launches
+
+    launch = next(
+        launch
+        for launch in kernel_launches(128, 2, 32, 64, batch=1)
+        if launch.name == "gla_score_grads"
+    )
+    resources = compile_resources(launch)
+    assert 16 <= resources["registers"] <= 255 and resources["stack"] >= 0
+    assert resources["shared"] > 0

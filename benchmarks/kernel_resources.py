@@ -1,0 +1,175 @@
+"""Each pallas_gpu kernel's registers, spilled bytes and shared memory on an sm_90 GPU, found
+without one. The op's forward+backward is lowered for CUDA on the CPU, each kernel's Triton IR is
+compiled for sm_90 by the `triton` package (`pip install -e ".[triton]"`), and cuobjdump reads the
+resources from the cubin. So what a launch setting does to a kernel's registers is known before
+device time is spent timing it:
+
+  python -m benchmarks.kernel_resources --shapes 16x128x128,4x256x512 --variants ";grad_warps=8"
+
+A kernel that needs more than its 255 registers a thread keeps the rest in a stack frame in local
+memory (the "spill" column, bytes a thread): every access is a round trip through L1 or further.
+The compile is the `triton` package's pipeline, not the one built into the GPU jaxlib, so a figure
+close to a limit may come out differently there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jax_core
+
+from benchmarks.kernels import TOKENS, parse_settings
+from pallas_kernels.gla import api, gpu, tuning
+
+SM90 = ("cuda", 90, 32)  # backend, compute capability, warp size
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    name: str
+    num_warps: int
+    num_stages: int
+    ttir: str  # the kernel's Triton IR, as text
+
+
+def _forward_and_backward(opts, config):
+    def call(q, k, v, g, h0, do, dfinal):
+        out = gpu.forward(q, k, v, g, h0, None, opts, config)
+        return out, gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config)
+
+    return call
+
+
+def _launch_settings(jaxpr) -> dict[str, tuple[int, int]]:
+    """name -> (num_warps, num_stages) of every pallas_call in ``jaxpr``, nested ones included."""
+    found = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            params = eqn.params["compiler_params"]
+            found[eqn.params["name"]] = (params.num_warps, params.num_stages)
+        for inner in jax_core.jaxprs_in_params(eqn.params):
+            found.update(_launch_settings(inner))
+    return found
+
+
+def kernel_launches(
+    seq_len, heads, key_dim, value_dim, settings="", batch=None, chunk=api.DEFAULT_CHUNK_SIZE
+):
+    """One ``Launch`` per kernel of the op's bfloat16 forward+backward at this shape (B =
+    TOKENS // seq_len unless given), under the tuned or heuristic GPU settings with ``settings``
+    ("name=json,...", as --set takes them) over them."""
+    # Private: the Pallas Triton lowering has no public hook that hands out the IR it builds.
+    from jax._src.pallas.triton import lowering
+
+    batch = batch or TOKENS // seq_len
+    padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
+    config = tuning.config_for(*padded, jnp.bfloat16, interpret=False)
+    config = dataclasses.replace(config, **parse_settings(settings))
+    call = jax.jit(
+        _forward_and_backward(api.Options("pallas_gpu", key_dim**-0.5, chunk, False), config)
+    )
+    sd = jax.ShapeDtypeStruct
+    keys = sd((batch, seq_len, heads, key_dim), jnp.bfloat16)
+    values = sd((batch, seq_len, heads, value_dim), jnp.bfloat16)
+    state = sd((batch, heads, key_dim, value_dim), jnp.float32)
+    args = (keys, keys, values, keys, state, values, state)
+
+    modules = {}
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **kw):
+        result = lower(*a, **kw)
+        text = result.module.operation.get_asm(enable_debug_info=False)
+        name = re.search(r"tt\.func public @(\w+)", text).group(1)
+        modules.setdefault(name, text)
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        jax.export.export(
+            call,
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*args)
+    finally:
+        lowering.lower_jaxpr_to_triton_module = lower
+    launch_settings = _launch_settings(jax.make_jaxpr(call)(*args).jaxpr)
+    missing = sorted(set(launch_settings) - set(modules))
+    if missing:
+        raise RuntimeError(f"no Triton IR was captured for {missing}: did the lowering change?")
+    return [Launch(name, *launch_settings[name], modules[name]) for name in sorted(modules)]
+
+
+def parse_resource_usage(text: str) -> dict:
+    """registers and stack (spilled bytes a thread) from cuobjdump's --dump-resource-usage
+    output for a one-kernel cubin."""
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    fields = dict(re.findall(r"(\w+):(\d+)", line))
+    return dict(registers=int(fields["REG"]), stack=int(fields["STACK"]))
+
+
+def compile_resources(launch: Launch) -> dict:
+    """``launch`` compiled for sm_90: registers and spilled bytes a thread (cuobjdump) and the
+    shared memory its pipeline stages take (Triton's metadata, bytes)."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError as err:
+        raise SystemExit('needs the triton package: pip install -e ".[triton]"') from err
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, without its warning
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cuobjdump = shutil.which("cuobjdump", path=bundled) or shutil.which("cuobjdump")
+    if cuobjdump is None:
+        raise SystemExit("cuobjdump not found (the triton package bundles it on Linux x86-64)")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, f"{launch.name}.ttir")
+        with open(source, "w") as f:
+            f.write(launch.ttir)
+        options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+        kernel = triton.compile(source, target=GPUTarget(*SM90), options=options)
+        cubin = os.path.join(tmp, f"{launch.name}.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
+        ).stdout
+    return dict(parse_resource_usage(usage), shared=kernel.metadata.shared)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="16x128x128,4x256x512", help="H x K x V, ','-separated")
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument(
+        "--variants", default="", help="';'-separated --set specs ('' first: the default)"
+    )
+    parser.add_argument("--kernels", default="", help="only these kernels (gla_ names, ',')")
+    args = parser.parse_args()
+    wanted = set(filter(None, args.kernels.split(",")))
+    print("| shape | settings | kernel | warps | stages | registers | spill B | shared KiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        heads, key_dim, value_dim = (int(x) for x in shape.split("x"))
+        for spec in args.variants.split(";"):
+            for launch in kernel_launches(args.seq_len, heads, key_dim, value_dim, spec):
+                if wanted and launch.name not in wanted:
+                    continue
+                r = compile_resources(launch)
+                print(
+                    f"| {shape} | {spec or 'default'} | {launch.name} | {launch.num_warps} | "
+                    f"{launch.num_stages} | {r['registers']} | {r['stack']} | "
+                    f"{r['shared'] / 1024:.0f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
