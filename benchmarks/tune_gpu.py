@@ -85,6 +85,10 @@ FAMILIES = {
             (32, 64, 4, 1),
             (32, 128, 4, 1),
             (64, 64, 8, 1),
+            # 8 warps hold the factorized kernel without spilling, where 4 spill ~576 bytes a
+            # thread (benchmarks/kernel_resources.py); with the V loop pipelined as at 4 warps
+            (64, 64, 8, 2),
+            (64, 64, 8, 3),
             # the V pieces are a loop: stages > 1 prefetch the next piece of v, do, h and dH
             (64, 64, 4, 2),
             (64, 64, 4, 3),
