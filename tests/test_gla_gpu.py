@@ -207,6 +207,21 @@ def _export_for_cuda(
     return exported.mlir_module()
 
 
+# The kernels of one forward+backward under the default settings (the backward's two walks
+# paired), by their launch names.
+KERNELS = (
+    "gla_gate_spans",
+    "gla_chunk_states",
+    "gla_exact_scores",
+    "gla_chunk_outputs",
+    "gla_backward_walks",
+    "gla_score_grads",
+    "gla_value_grads",
+    "gla_query_key_grads",
+    "gla_query_key_grads_exact",
+)
+
+
 @pytest.mark.parametrize(
     "shape",
     [
@@ -222,17 +237,7 @@ def test_every_kernel_lowers_through_triton(shape):
     # exact_scores recomputed, then backward_walks (the states and their gradients), value_grads,
     # score_grads and query_key_grads (factorized and exact).
     assert module.count("__gpu$xla.gpu.triton") == 11
-    for name in (
-        "gla_gate_spans",
-        "gla_chunk_states",
-        "gla_exact_scores",
-        "gla_chunk_outputs",
-        "gla_backward_walks",
-        "gla_score_grads",
-        "gla_value_grads",
-        "gla_query_key_grads",
-        "gla_query_key_grads_exact",
-    ):
+    for name in KERNELS:
         assert name in module
 
 

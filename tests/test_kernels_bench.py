@@ -224,20 +224,11 @@ def test_kernel_resources_capture_every_kernel_with_its_launch_settings():
     """``benchmarks/kernel_resources.py``: the op lowered for CUDA on the CPU hands over one Triton
     IR module per kernel, each with the warps and stages its launch asks for under --set."""
     from benchmarks.kernel_resources import kernel_launches
+    from tests.test_gla_gpu import KERNELS
 
     launches = kernel_launches(128, 2, 32, 64, "grad_warps=8,scores_warps=2", batch=1)
     by_name = {launch.name: launch for launch in launches}
-    assert set(by_name) == {
-        "gla_gate_spans",
-        "gla_chunk_states",
-        "gla_exact_scores",
-        "gla_chunk_outputs",
-        "gla_backward_walks",
-        "gla_score_grads",
-        "gla_value_grads",
-        "gla_query_key_grads",
-        "gla_query_key_grads_exact",
-    }
+    assert set(by_name) == set(KERNELS)
     for launch in launches:
         assert f"tt.func public @{launch.name}(" in launch.ttir
     assert by_name["gla_query_key_grads"].num_warps == 8
