@@ -11,7 +11,7 @@ logsigmoid(randn) / 16. Prints a table and writes kernels.json and kernels.png t
   PYTHONPATH=. python -m benchmarks.kernels --profile --ts 2048  # each kernel's time in the op
   ... --packed                    # the GLA calls' rows packed into one with cu_seqlens
   ... --set paired_walks=false,state_block_v=64                # any of these with other settings
-  ... --variants ";exact_min_programs=0;fused_score_grads=true"  # settings side by side
+  ... --variants ";exact_min_programs=0;grad_warps=8"  # settings side by side
   ncu --clock-control none --kernel-name regex:gla --csv \
       python -m benchmarks.kernels --single_call --ts 2048  # registers, occupancy, stalls
 """
@@ -264,8 +264,8 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
     hs = states(k, v, g, h0, first, last)
     exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale, **common))
     a = exact(q, k, b, spans)
-    dscores = jax.jit(lambda do, v, s: gpu_backward.score_grads(do, v, s, **common))
-    da = dscores(do_rows, v, spans)
+    dscores = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))
+    da = dscores(do_rows, v)
     return {
         "gate_spans": (gate_spans, (g,)),
         "chunk_states": (states, (k, v, g, h0, first, last)),
@@ -294,7 +294,7 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
             ),
             (q, do_rows, g, h0, first, last),
         ),
-        "score_grads": (dscores, (do_rows, v, spans)),
+        "score_grads": (dscores, (do_rows, v)),
         "value_grads": (
             jax.jit(
                 lambda q, k, g, s, a, do, dh: gpu_backward.value_grads(
@@ -377,12 +377,12 @@ def kernel_times(events, calls: int) -> list[dict]:
 COPY_TB_PER_S = 4.3
 
 
-def kernel_bytes(batch, seq_len, heads, key_dim, value_dim, chunk=DEFAULT_CHUNK_SIZE, fused=False):
+def kernel_bytes(batch, seq_len, heads, key_dim, value_dim, chunk=DEFAULT_CHUNK_SIZE):
     """Each pallas_gpu kernel's compulsory HBM traffic per launch, in bytes, at the benchmark's
     dtypes (bfloat16 q, k, v, g, do, outputs and chunk states) and under mild gates, where no
     chunk takes the exact path: every array a launch reads or writes, counted once. Re-reads
     (a K tile's keys read once per V tile) are left out; what they cost shows in the profile's
-    bandwidth column. ``fused``: ``fused_score_grads`` (query_key_grads forms dA itself)."""
+    bandwidth column."""
     item = 2
     tokens = batch * seq_len
     keys = tokens * heads * key_dim * item  # one [tokens, H, K] array: q, k, g, dq, dk or dg
@@ -403,12 +403,10 @@ def kernel_bytes(batch, seq_len, heads, key_dim, value_dim, chunk=DEFAULT_CHUNK_
         "gla_state_grads": chunk_ids + 2 * keys + values + 2 * ends + states,
         # both walks' inputs, h0 and dfinal; H, the final state, dH and dh0
         "gla_backward_walks": chunk_ids + 3 * keys + 2 * values + 4 * ends + 2 * states,
-        "gla_score_grads": spans + (0 if fused else 2 * values + scores),  # do, v in; dA out
+        "gla_score_grads": 2 * values + scores,  # do, v in; dA out
         "gla_value_grads": spans + 3 * keys + values + states + values,  # q, k, g, do, dH; dv
         # q, k, g, v, do, H, dH and dA in; dq, dk, dg out
-        "gla_query_key_grads": (
-            spans + 6 * keys + 2 * values + 2 * states + (0 if fused else scores)
-        ),
+        "gla_query_key_grads": spans + 6 * keys + 2 * values + 2 * states + scores,
         "gla_query_key_grads_exact": spans,
     }
 
@@ -445,8 +443,6 @@ def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False, calls=10):
     compulsory traffic (``kernel_bytes``) and the rate that traffic was moved at."""
     import tempfile
 
-    from pallas_kernels.gla import tuning
-
     for seq_len in ts:
         for heads, key_dim, value_dim in gla_shapes(paper):
             (q, k, v, g, do), cu_seqlens = op_inputs(seq_len, heads, key_dim, value_dim, pack)
@@ -458,9 +454,8 @@ def profile(ts, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False, calls=10):
                         out = fwd_bwd(q, k, v, g, do)
                     jax.block_until_ready(out)
                 rows = kernel_times(traced_kernels(trace_dir), calls)
-            fused = tuning.config_for(key_dim, value_dim, q.dtype, False).fused_score_grads
             batch = TOKENS // seq_len
-            model = kernel_bytes(batch, seq_len, heads, key_dim, value_dim, chunk_size, fused)
+            model = kernel_bytes(batch, seq_len, heads, key_dim, value_dim, chunk_size)
             for r in rows:
                 per_launch = modelled_bytes(r["kernel"], model)
                 if per_launch is not None:
@@ -648,7 +643,7 @@ def main():
         "--variants",
         default="",
         help="only time pallas_gpu under each of these --set specs, ';'-separated, in one "
-        "process ('' first: the default), e.g. ';exact_min_programs=0;fused_score_grads=true'",
+        "process ('' first: the default), e.g. ';exact_min_programs=0;grad_warps=8'",
     )
     parser.add_argument(
         "--interpret",

@@ -12,7 +12,7 @@ import pytest
 # interpret mode.
 _GPU_INTERPRET = os.environ.get("GLA_TEST_NATIVE_GPU", "0") != "1"
 
-# GLA_TEST_GPU_SETTINGS="fused_score_grads=true,..." runs it under these launch settings
+# GLA_TEST_GPU_SETTINGS="grad_warps=8,..." runs it under these launch settings
 # (GpuConfig fields, as `benchmarks/kernels.py --set` takes them): a setting is checked by the
 # whole suite, natively or interpreted, before it becomes a default.
 if os.environ.get("GLA_TEST_GPU_SETTINGS"):

@@ -45,8 +45,6 @@ NO_PREFETCH = dict(prefetch_max_programs=0)
 # A packed row's walks one program per row, through its sequences in turn (the default is one
 # program per sequence).
 ROW_WALKS = dict(sequence_walks=False)
-# query_key_grads forms dA itself; score_grads writes the exact chunks' rows only.
-FUSED_SCORES = dict(fused_score_grads=True)
 
 
 def _check_against_oracle(case: Case, seed: int, config=None):
@@ -103,7 +101,6 @@ def _check_against_oracle(case: Case, seed: int, config=None):
         ROW_WALKS,
         {**ROW_WALKS, **UNPAIRED},
         {**ROW_WALKS, **UNPAIRED, **NO_PREFETCH},
-        FUSED_SCORES,
     ],
     ids=[
         "paired",
@@ -112,7 +109,6 @@ def _check_against_oracle(case: Case, seed: int, config=None):
         "row_walks",
         "row_walks_unpaired",
         "row_walks_unpaired_no_prefetch",
-        "fused_scores",
     ],
 )
 def test_small_tiles_match_oracle(case, switches):
@@ -241,13 +237,6 @@ def test_every_kernel_lowers_through_triton(shape):
         assert name in module
 
 
-@pytest.mark.parametrize("shape", [(32, 1024, 16, 128, 128), (8, 4096, 4, 256, 512)])
-def test_fused_score_grads_lower_through_triton(shape):
-    module = _export_for_cuda(*shape, jnp.bfloat16, switches=FUSED_SCORES)
-    assert module.count("__gpu$xla.gpu.triton") == 11
-    assert "gla_score_grads" in module and "gla_query_key_grads" in module
-
-
 @pytest.mark.parametrize("shape", [(4, 1024, 16, 128, 128), (2, 100, 2, 20, 48)])
 def test_unpaired_walks_lower_through_triton(shape):
     module = _export_for_cuda(*shape, jnp.bfloat16, switches=UNPAIRED)
@@ -338,15 +327,13 @@ def test_every_factorization_path_matches_oracle(dtype):
         assert all(err <= TOLERANCE[dtype] for err in errors.values()), errors
 
 
-@pytest.mark.parametrize("switches", [{}, FUSED_SCORES], ids=["", "fused_scores"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_grouped_exact_launches_match_oracle(dtype, switches):
+def test_grouped_exact_launches_match_oracle(dtype):
     """The exact launches (exact_scores, query_key_grads_exact) with 8 chunks per program
     (``exact_group``), only some of them past FACTORIZE_SPAN: in the first row, resets in chunks
     1 and 2 (the gradients' diagonal blocks in log space) and strong gates over chunk 6 (their
     diagonal blocks factorized). Each program must write its exact chunks at their own rows and
-    states and leave its factorizable chunks to the factorized kernels. With ``FUSED_SCORES``
-    score_grads writes dA for the exact chunks only, grouped the same way."""
+    states and leave its factorizable chunks to the factorized kernels."""
     from pallas_kernels.gla import gpu_forward
 
     chunk = 64
@@ -362,7 +349,7 @@ def test_grouped_exact_launches_match_oracle(dtype, switches):
     assert [int(c) for c in jnp.nonzero(jnp.all(exact[0], axis=1))[0]] == [1, 2, 6]
     assert not bool(jnp.any(exact[0, jnp.array([0, 3, 4, 5, 7])]))
     config = dataclasses.replace(
-        tuning.config_for(32, 32, dtype, interpret=True), exact_min_programs=1, **switches
+        tuning.config_for(32, 32, dtype, interpret=True), exact_min_programs=1
     )
     assert gpu_forward.exact_group(8, case.batch * case.heads, config.exact_min_programs) == 8
     scale = case.key_dim**-0.5

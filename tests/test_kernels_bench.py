@@ -117,7 +117,7 @@ def _launch_arrays(jaxpr):
     return launches
 
 
-@pytest.mark.parametrize("settings", ["", "paired_walks=false", "fused_score_grads=true"])
+@pytest.mark.parametrize("settings", ["", "paired_walks=false"])
 def test_profile_traffic_model_matches_each_launchs_arrays(settings, monkeypatch):
     """``--profile``'s traffic model (``kernel_bytes``, written by hand) against the arrays that
     each pallas_call of the op's forward+backward takes and gives, read from its jaxpr: every
@@ -138,11 +138,8 @@ def test_profile_traffic_model_matches_each_launchs_arrays(settings, monkeypatch
         return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
 
     launches = _launch_arrays(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, g))
-    fused = "fused_score_grads=true" in settings
-    model = kernels.kernel_bytes(batch, seq_len, heads, key_dim, value_dim, fused=fused)
+    model = kernels.kernel_bytes(batch, seq_len, heads, key_dim, value_dim)
     spans_only = {"gla_exact_scores", "gla_query_key_grads_exact"}
-    if fused:
-        spans_only.add("gla_score_grads")
 
     def size(aval):
         return aval.size * aval.dtype.itemsize

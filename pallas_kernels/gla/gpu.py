@@ -220,7 +220,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         interpret=interpret,
     )
     dscores = gpu_backward.score_grads(
-        do_rows, p.v, spans, chunk=chunk, config=config, interpret=interpret
+        do_rows, p.v, chunk=chunk, config=config, interpret=interpret
     )
     dq, dk, dg = gpu_backward.query_key_grads(
         p.q,

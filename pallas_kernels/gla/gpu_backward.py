@@ -162,53 +162,34 @@ def backward_walks(q, k, v, do, g, h0, dfinal, first_seq, last_seq, *, scale, **
 # --------------------------------------------------------------------------------------------
 
 
-def _score_grads_kernel(span_ref, do_ref, v_ref, da_ref, *, block_v, dtype, exact_only):
-    chunk = da_ref.shape[-1]
-
-    def store(c):
-        own = pl.ds(c * chunk, chunk)
-        da = jnp.zeros((chunk, chunk), F32)
-        for t in range(do_ref.shape[-1] // block_v):
-            vs = pl.ds(t * block_v, block_v)
-            da += mm_nt(do_ref[own, vs], v_ref[own, vs], dtype)
-        da_ref[own, :] = jnp.where(causal_mask(chunk), da, 0.0).astype(da_ref.dtype)
-
-    if exact_only:
-        each_exact_chunk(span_ref, store)
-    else:
-        store(0)
+def _score_grads_kernel(do_ref, v_ref, da_ref, *, block_v, dtype):
+    chunk, value_dim = do_ref.shape
+    da = jnp.zeros((chunk, chunk), F32)
+    for t in range(value_dim // block_v):
+        vs = pl.ds(t * block_v, block_v)
+        da += mm_nt(do_ref[:, vs], v_ref[:, vs], dtype)
+    da_ref[...] = jnp.where(causal_mask(chunk), da, 0.0).astype(da_ref.dtype)
 
 
-def score_grads(do, v, spans, *, chunk, config, interpret):
+def score_grads(do, v, *, chunk, config, interpret):
     """dA [B', Tp, H, C]: do @ v^T within each chunk, zero above the diagonal, stored in the
     operand dtype of the matmuls that use it (``factor_dtype``: bfloat16 for bfloat16 inputs,
     else float32), which round it to that dtype anyway; half the bytes of float32 to write here
-    and to read in each of query_key_grads' K tiles.
-
-    With ``config.fused_score_grads`` only the chunks that are not ``factorizable`` are written,
-    in groups of chunks as the exact launches take them (``exact_group``): query_key_grads' exact
-    launch reads dA by blocks, rows and columns, but its factorized launch forms dA itself, in
-    the loop over V pieces that reads do and v already."""
+    and to read in each of query_key_grads' K tiles."""
     rows_, padded_len, heads, value_dim = v.shape
-    exact_only = config.fused_score_grads
-    num_chunks = padded_len // chunk
-    group = exact_group(num_chunks, rows_ * heads, config.exact_min_programs) if exact_only else 1
-    value = chunk_spec(group * chunk, heads, value_dim)
+    value = chunk_spec(chunk, heads, value_dim)
     return pl.pallas_call(
         functools.partial(
-            _score_grads_kernel,
-            block_v=min(config.score_block_v, value_dim),
-            dtype=v.dtype,
-            exact_only=exact_only,
+            _score_grads_kernel, block_v=min(config.score_block_v, value_dim), dtype=v.dtype
         ),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, chunk), factor_dtype(v.dtype)),
-        grid=(num_chunks // group, rows_ * heads),
-        in_specs=[span_spec(heads, group), value, value],
-        out_specs=chunk_spec(group * chunk, heads, chunk),
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[value, value],
+        out_specs=chunk_spec(chunk, heads, chunk),
         compiler_params=params(config.scores_warps, 1),
         interpret=interpret,
         name="gla_score_grads",
-    )(spans, do, v)
+    )(do, v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,11 +259,8 @@ def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, 
 # --------------------------------------------------------------------------------------------
 
 
-def _inter_chunk_grads(
-    v_ref, do_ref, h_ref, dh_ref, block_v, dtype, group_chunk=None, with_scores=False
-):
-    """Over all V pieces: do @ h^T, v @ dH^T [C, BK] and rowsum(h * dH) [1, BK]; and with
-    ``with_scores``, dA = do @ v^T [C, C] (unmasked) from the same tiles, else None.
+def _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype, group_chunk=None):
+    """Over all V pieces: do @ h^T, v @ dH^T [C, BK] and rowsum(h * dH) [1, BK].
     ``group_chunk``: None for refs of one chunk, else (c, C): chunk c of refs holding a group of
     chunks (rows [c * C, (c + 1) * C), states [G, BK, V])."""
     value_dim = v_ref.shape[-1]
@@ -294,22 +272,19 @@ def _inter_chunk_grads(
         own, state = pl.ds(c * chunk, chunk), (c,)
 
     def v_piece(vs, sums):
-        dq, dk, h_dh, *da = sums
+        dq, dk, h_dh = sums
         h, dh = h_ref[(*state, slice(None), vs)], dh_ref[(*state, slice(None), vs)]
-        do, v = do_ref[own, vs], v_ref[own, vs]
-        dq += mm_nt(do, h, dtype)
-        dk += mm_nt(v, dh, dtype)
+        dq += mm_nt(do_ref[own, vs], h, dtype)
+        dk += mm_nt(v_ref[own, vs], dh, dtype)
         h_dh += jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)[None, :]
-        return (dq, dk, h_dh, *(d + mm_nt(do, v, dtype) for d in da))
+        return dq, dk, h_dh
 
     zeros = (
         jnp.zeros((chunk, block_k), F32),
         jnp.zeros((chunk, block_k), F32),
         jnp.zeros((1, block_k), F32),
-        *([jnp.zeros((chunk, chunk), F32)] if with_scores else []),
     )
-    dq, dk, h_dh, *da = tile_loop(value_dim, block_v, v_piece, zeros)
-    return dq, dk, h_dh, (da[0] if with_scores else None)
+    return tile_loop(value_dim, block_v, v_piece, zeros)
 
 
 def _diagonal_grads(refs, own, q, k, b, *, scale, dtype, first_row=0):
@@ -360,21 +335,18 @@ def _factorized_grads(da, q, k, from_mid, dtype):
     return (dq_hat * decay(from_mid), dk_hat * decay(-from_mid), q_hat * dq_hat - k_hat * dk_hat)
 
 
-def _inter_chunk_start(
-    k, v_ref, do_ref, h_ref, dh_ref, gates, block_v, dtype, group_chunk=None, with_scores=False
-):
-    """The inter-chunk parts of dq (for the scaled query) and dk [C, BK], dL/db_last [1, BK]
-    (the chunk's total decay: module docstring), and dA or None (``_inter_chunk_grads``).
-    ``gates``: the chunk's b, b_last - b and b_last (log2 units). ``group_chunk``: as in
-    ``_inter_chunk_grads``."""
+def _inter_chunk_start(k, v_ref, do_ref, h_ref, dh_ref, gates, block_v, dtype, group_chunk=None):
+    """The inter-chunk parts of dq (for the scaled query) and dk [C, BK], and dL/db_last [1, BK]
+    (the chunk's total decay: module docstring). ``gates``: the chunk's b, b_last - b and b_last
+    (log2 units). ``group_chunk``: as in ``_inter_chunk_grads``."""
     from_start, to_end, total = gates
-    dq_inter, dk_inter, h_dh, da = _inter_chunk_grads(
-        v_ref, do_ref, h_ref, dh_ref, block_v, dtype, group_chunk, with_scores
+    dq_inter, dk_inter, h_dh = _inter_chunk_grads(
+        v_ref, do_ref, h_ref, dh_ref, block_v, dtype, group_chunk
     )
     dq_inter = dq_inter * decay(from_start)
     dk_inter = dk_inter * decay(to_end)
     d_last = decay(total) * h_dh + jnp.sum(k * dk_inter, axis=0, keepdims=True)
-    return dq_inter, dk_inter, d_last, da
+    return dq_inter, dk_inter, d_last
 
 
 def _store_grads(rows_, dq, dk, db, carry, dq_ref, dk_ref, dg_ref, scale):
@@ -396,15 +368,16 @@ def _factorized_key_grads_kernel(
     do_ref,
     h_ref,
     dh_ref,
-    *refs,
+    da_ref,
+    dq_ref,
+    dk_ref,
+    dg_ref,
+    *,
     scale,
     block_v,
     dtype,
 ):
-    """The whole chunk's intra-chunk terms as two matmuls, factorized around its middle row.
-    refs: (da_ref, dq_ref, dk_ref, dg_ref), or without da_ref when the kernel forms dA itself
-    (``score_grads``: ``fused_score_grads``)."""
-    *da_ref, dq_ref, dk_ref, dg_ref = refs
+    """The whole chunk's intra-chunk terms as two matmuls, factorized around its middle row."""
 
     @pl.when(factorizable(span_ref[...]))
     def _():
@@ -412,11 +385,10 @@ def _factorized_key_grads_kernel(
         g = g_ref[...]
         q, k = q_ref[...].astype(F32) * scale, k_ref[...].astype(F32)
         gates = (gate_sums(g, "from_start"), gate_sums(g, "to_end"), gate_total(g))
-        dq, dk, d_last, da = _inter_chunk_start(
-            k, v_ref, do_ref, h_ref, dh_ref, gates, block_v, dtype, with_scores=not da_ref
+        dq, dk, d_last = _inter_chunk_start(k, v_ref, do_ref, h_ref, dh_ref, gates, block_v, dtype)
+        dq_intra, dk_intra, db_intra = _factorized_grads(
+            da_ref[...], q, k, gate_sums(g, "from_mid"), dtype
         )
-        da = da_ref[0][...] if da_ref else jnp.where(causal_mask(chunk), da, 0.0)
-        dq_intra, dk_intra, db_intra = _factorized_grads(da, q, k, gate_sums(g, "from_mid"), dtype)
         _store_grads(
             pl.ds(0, chunk),
             dq + dq_intra,
@@ -478,7 +450,7 @@ def _exact_chunk_grads(refs, out_refs, group_chunk, *, scale, block_v, dtype):
     sub = sub_chunk(chunk)
     parts = chunk // sub
     b, b_last = rows(b_ref, first, chunk), row(b_ref, first + chunk - 1)
-    dq_inter, dk_inter, carry, _ = _inter_chunk_start(
+    dq_inter, dk_inter, carry = _inter_chunk_start(
         rows(k_ref, first, chunk),
         v_ref,
         do_ref,
@@ -603,7 +575,7 @@ def query_key_grads(
             functools.partial(kernel, **kernel_options),
             out_shape=out_shape,
             grid=(key_dim // block_k, num_chunks // (group or 1), rows_ * heads),
-            in_specs=in_specs[: len(inputs)] + [key] * len(writes_into),
+            in_specs=in_specs + [key] * len(writes_into),
             out_specs=(key, key, key),
             compiler_params=params(config.grad_warps, config.grad_stages),
             interpret=interpret,
@@ -611,18 +583,8 @@ def query_key_grads(
         )(*inputs, *writes_into)
 
     others = (v, do, states, dstates, dscores)
-    # With fused_score_grads the factorized kernel forms dA itself: dscores holds only the
-    # exact chunks' rows.
-    factorized_others = others[:-1] if config.fused_score_grads else others
     factorized = launch(
-        _factorized_key_grads_kernel,
-        None,
-        spans,
-        q,
-        k,
-        g,
-        *factorized_others,
-        name="gla_query_key_grads",
+        _factorized_key_grads_kernel, None, spans, q, k, g, *others, name="gla_query_key_grads"
     )
     lanes = (key_dim // block_k) * rows_ * heads
     return launch(

@@ -27,9 +27,9 @@ class GpuConfig:
     # many programs (``state_tiles``; why 128: the comment above it).
     state_min_programs: int = 128
     scores_warps: int = 4  # exact_scores / score_grads
-    # The exact launches (exact_scores, query_key_grads_exact; score_grads with
-    # fused_score_grads) loop over up to 8 consecutive chunks per program while a launch keeps at
-    # least this many programs (``gpu_forward.exact_group``); 0: one program per chunk.
+    # The exact launches (exact_scores, query_key_grads_exact) loop over up to 8 consecutive
+    # chunks per program while a launch keeps at least this many programs
+    # (``gpu_forward.exact_group``); 0: one program per chunk.
     exact_min_programs: int = 1024
     score_block_v: int = 64  # V piece of score_grads' do @ v^T loop
     output_block_v: int = 64  # chunk_outputs V tile (a loop: the tiles share the scores)
@@ -44,11 +44,6 @@ class GpuConfig:
     grad_block_v: int = 64  # V piece of its do @ h^T, v @ dH^T loop
     grad_warps: int = 4
     grad_stages: int = 1
-    # query_key_grads' factorized launch forms dA = do @ v^T itself, in its loop over V pieces
-    # that reads do and v already, and score_grads writes dA for the exact chunks only: one
-    # launch and a dA write and read fewer, for a [C, C] float32 accumulator more in that loop.
-    # Off until timed (BENCHMARKS.md, version 7.3).
-    fused_score_grads: bool = False
     # The backward's two walks (the state recompute and state_grads) in one launch, side by side.
     paired_walks: bool = True
     # A launch of one walk loads each next chunk ahead (``gpu_forward.walk_chunks``) when it has
