@@ -40,12 +40,43 @@ class Launch:
     ttir: str  # the kernel's Triton IR, as text
 
 
-def _forward_and_backward(opts, config):
-    def call(q, k, v, g, h0, do, dfinal):
+def op_for_cuda(
+    batch,
+    seq_len,
+    heads,
+    key_dim,
+    value_dim,
+    dtype,
+    *,
+    gate_dtype=None,
+    chunk=api.DEFAULT_CHUNK_SIZE,
+    config=None,
+):
+    """The pallas_gpu op's forward+backward as it lowers for a GPU (not interpreted), jitted, and
+    abstract inputs (q, k, v, g, h0, do, dfinal) of this shape; g in ``gate_dtype`` (default
+    ``dtype``). ``config``: the launch settings (None: the tuned or heuristic ones)."""
+    opts = api.Options("pallas_gpu", key_dim**-0.5, chunk, False)
+
+    def forward_and_backward(q, k, v, g, h0, do, dfinal):
         out = gpu.forward(q, k, v, g, h0, None, opts, config)
         return out, gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config)
 
-    return call
+    sd = jax.ShapeDtypeStruct
+    keys = sd((batch, seq_len, heads, key_dim), dtype)
+    values = sd((batch, seq_len, heads, value_dim), dtype)
+    state = sd((batch, heads, key_dim, value_dim), jnp.float32)
+    gates = sd(keys.shape, gate_dtype or dtype)
+    return jax.jit(forward_and_backward), (keys, keys, values, gates, state, values, state)
+
+
+def export_for_cuda(call, args) -> jax.export.Exported:
+    """``call`` lowered for CUDA on any machine: the Triton kernels' custom calls, which
+    jax.export would refuse as not stable across versions, are allowed."""
+    return jax.export.export(
+        call,
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*args)
 
 
 def _launch_settings(jaxpr) -> dict[str, tuple[int, int]]:
@@ -73,14 +104,9 @@ def kernel_launches(
     padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
     config = tuning.config_for(*padded, jnp.bfloat16, interpret=False)
     config = dataclasses.replace(config, **parse_settings(settings))
-    call = jax.jit(
-        _forward_and_backward(api.Options("pallas_gpu", key_dim**-0.5, chunk, False), config)
+    call, args = op_for_cuda(
+        batch, seq_len, heads, key_dim, value_dim, jnp.bfloat16, chunk=chunk, config=config
     )
-    sd = jax.ShapeDtypeStruct
-    keys = sd((batch, seq_len, heads, key_dim), jnp.bfloat16)
-    values = sd((batch, seq_len, heads, value_dim), jnp.bfloat16)
-    state = sd((batch, heads, key_dim, value_dim), jnp.float32)
-    args = (keys, keys, values, keys, state, values, state)
 
     modules = {}
     lower = lowering.lower_jaxpr_to_triton_module
@@ -94,11 +120,7 @@ def kernel_launches(
 
     lowering.lower_jaxpr_to_triton_module = capture
     try:
-        jax.export.export(
-            call,
-            platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*args)
+        export_for_cuda(call, args)
     finally:
         lowering.lower_jaxpr_to_triton_module = lower
     launch_settings = _launch_settings(jax.make_jaxpr(call)(*args).jaxpr)

@@ -180,27 +180,25 @@ def test_explicit_backend_raises_on_unsupported_shape():
 def _export_for_cuda(
     batch, seq_len, heads, key_dim, value_dim, dtype, chunk=api.DEFAULT_CHUNK_SIZE, switches=None
 ):
-    opts = api.Options("pallas_gpu", key_dim**-0.5, chunk, False)
+    from benchmarks.kernel_resources import export_for_cuda, op_for_cuda
+
     config = None
     if switches:
         padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
         config = tuning.config_for(*padded, dtype, interpret=False)
         config = dataclasses.replace(config, **switches)
-
-    def forward_and_backward(q, k, v, g, h0, do, dfinal):
-        out = gpu.forward(q, k, v, g, h0, None, opts, config)
-        return out, gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config)
-
-    sd = jax.ShapeDtypeStruct
-    keys = sd((batch, seq_len, heads, key_dim), dtype)
-    values = sd((batch, seq_len, heads, value_dim), dtype)
-    state = sd((batch, heads, key_dim, value_dim), jnp.float32)
-    exported = jax.export.export(
-        jax.jit(forward_and_backward),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(keys, keys, values, sd(keys.shape, jnp.float32), state, values, state)
-    return exported.mlir_module()
+    call, args = op_for_cuda(
+        batch,
+        seq_len,
+        heads,
+        key_dim,
+        value_dim,
+        dtype,
+        gate_dtype=jnp.float32,
+        chunk=chunk,
+        config=config,
+    )
+    return export_for_cuda(call, args).mlir_module()
 
 
 # The kernels of one forward+backward under the default settings (the backward's two walks
@@ -440,6 +438,8 @@ def test_only_small_single_walk_launches_prefetch(walks, programs, tile, expecte
 def test_sequence_walks_lower_through_triton(prefetch):
     """A packed row's walks, one program per sequence: loops whose bounds are data (the
     sequence's chunk range) lower through Triton, with and without the prefetching walk."""
+    from benchmarks.kernel_resources import export_for_cuda
+
     heads, dim, num_seqs = 4, 128, 3
     opts = api.Options("pallas_gpu", dim**-0.5, api.DEFAULT_CHUNK_SIZE, False)
     config = dataclasses.replace(
@@ -455,10 +455,6 @@ def test_sequence_walks_lower_through_triton(prefetch):
     sd = jax.ShapeDtypeStruct
     keys = sd((1, 1000, heads, dim), jnp.bfloat16)
     state = sd((num_seqs, heads, dim, dim), jnp.float32)
-    exported = jax.export.export(
-        jax.jit(forward_and_backward),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(keys, keys, keys, sd(keys.shape, jnp.float32), state, keys, state, sd((4,), jnp.int32))
-    module = exported.mlir_module()
+    args = (keys, keys, keys, sd(keys.shape, jnp.float32), state, keys, state, sd((4,), jnp.int32))
+    module = export_for_cuda(jax.jit(forward_and_backward), args).mlir_module()
     assert "gla_chunk_states" in module and "gla_backward_walks" in module
