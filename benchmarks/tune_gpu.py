@@ -84,11 +84,10 @@ FAMILIES = {
             (64, 128, 4, 1),
             (32, 64, 4, 1),
             (32, 128, 4, 1),
+            # 8 warps: the factorized kernel does not spill (4 spill ~576 bytes a thread:
+            # benchmarks/kernel_resources.py), but with 2 stages it ran 21% slower in the op
+            # (H100, BENCHMARKS.md, version 7.2): one program per multiprocessor
             (64, 64, 8, 1),
-            # 8 warps hold the factorized kernel without spilling, where 4 spill ~576 bytes a
-            # thread (benchmarks/kernel_resources.py); with the V loop pipelined as at 4 warps
-            (64, 64, 8, 2),
-            (64, 64, 8, 3),
             # the V pieces are a loop: stages > 1 prefetch the next piece of v, do, h and dH
             (64, 64, 4, 2),
             (64, 64, 4, 3),
