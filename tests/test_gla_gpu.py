@@ -367,6 +367,7 @@ def test_grouped_exact_launches_match_oracle(dtype):
     [
         (32, 256, 1024, 8),  # 16 x 128 at T = 2K: 8192 chunks, 1024 programs of 8
         (32, 64, 1024, 2),  # the paper shape at 2K: 2048 chunks, 1024 programs of 2
+        (32, 256, 256, 32),  # at most EXACT_GROUP chunks a program
         (256, 2, 1024, 1),  # few long rows: a program per chunk keeps the GPU filled
         (12, 64, 1, 4),  # the group divides the row's chunk count
         (7, 64, 1, 1),
