@@ -41,6 +41,10 @@ OUTPUT_TILES = [
     (128, 128, 8, 2),
     (64, 32, 4, 2),
     (128, 32, 4, 2),
+    # a narrower V tile holds a smaller accumulator and state tile: ncu found value_grads at 186
+    # registers a thread, two 4-warp programs a multiprocessor, where 170 would fit three
+    (32, 64, 4, 2),
+    (32, 64, 4, 3),
 ]
 
 FAMILIES = {
