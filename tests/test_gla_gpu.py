@@ -325,31 +325,46 @@ def test_every_factorization_path_matches_oracle(dtype):
         assert all(err <= TOLERANCE[dtype] for err in errors.values()), errors
 
 
+GROUPED_EXACT_CASES = [
+    # chunk, log gate of the resets, their positions, the strong chunk and its per-step gate,
+    # the exact chunks of the first row, chunks per program (the whole row: 8 or 32)
+    pytest.param(64, (100, 150), 6, -2.0, [1, 2, 6], 8, id="8-of-64"),
+    pytest.param(16, (100, 330), 27, -8.0, [6, 20, 27], 32, id="32-of-16"),
+]
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_grouped_exact_launches_match_oracle(dtype):
-    """The exact launches (exact_scores, query_key_grads_exact) with 8 chunks per program
-    (``exact_group``), only some of them past FACTORIZE_SPAN: in the first row, resets in chunks
-    1 and 2 (the gradients' diagonal blocks in log space) and strong gates over chunk 6 (their
-    diagonal blocks factorized). Each program must write its exact chunks at their own rows and
-    states and leave its factorizable chunks to the factorized kernels."""
+@pytest.mark.parametrize(
+    "chunk, resets, strong, strong_gate, exact_chunks, group", GROUPED_EXACT_CASES
+)
+def test_grouped_exact_launches_match_oracle(
+    dtype, chunk, resets, strong, strong_gate, exact_chunks, group
+):
+    """The exact launches (exact_scores, query_key_grads_exact) with a whole row of chunks per
+    program (``exact_group``), only some of them past FACTORIZE_SPAN: in the first row, resets
+    (the gradients' diagonal blocks in log space) and strong gates over one chunk (their diagonal
+    blocks factorized); the second row has none, so its programs skip their group after reading
+    its spans. Each program must write its exact chunks at their own rows and states and leave
+    its factorizable chunks to the factorized kernels."""
     from pallas_kernels.gla import gpu_forward
 
-    chunk = 64
     case = Case("grouped", batch=2, seq_len=512, heads=2, key_dim=32, value_dim=32, dtype=dtype)
     q, k, v, g, h0, do, dfinal = _make_inputs(case, 12)
     position = jnp.arange(case.seq_len)[None, :, None, None]
     first_row = (jnp.arange(case.batch) == 0)[:, None, None, None]
     g = g.astype(jnp.float32)
-    g = jnp.where(first_row & ((position == 100) | (position == 150)), -120.0, g)
-    g = jnp.where(first_row & (position // chunk == 6), -2.0 + 0.1 * g, g).astype(dtype)
+    g = jnp.where(first_row & jnp.isin(position, jnp.array(resets)), -120.0, g)
+    g = jnp.where(first_row & (position // chunk == strong), strong_gate + 0.1 * g, g).astype(dtype)
     exact = _chunk_spans(g, chunk) > gpu_forward.FACTORIZE_SPAN  # [B, NC, H]
-    assert exact.shape[1] == 8 and not bool(jnp.any(exact[1]))
-    assert [int(c) for c in jnp.nonzero(jnp.all(exact[0], axis=1))[0]] == [1, 2, 6]
-    assert not bool(jnp.any(exact[0, jnp.array([0, 3, 4, 5, 7])]))
+    num_chunks = case.seq_len // chunk
+    assert exact.shape[1] == num_chunks and not bool(jnp.any(exact[1]))
+    assert [int(c) for c in jnp.nonzero(jnp.all(exact[0], axis=1))[0]] == exact_chunks
+    assert int(jnp.sum(jnp.any(exact[0], axis=1))) == len(exact_chunks)
     config = dataclasses.replace(
         tuning.config_for(32, 32, dtype, interpret=True), exact_min_programs=1
     )
-    assert gpu_forward.exact_group(8, case.batch * case.heads, config.exact_min_programs) == 8
+    lanes = case.batch * case.heads
+    assert gpu_forward.exact_group(num_chunks, lanes, config.exact_min_programs) == group
     scale = case.key_dim**-0.5
     opts = api.Options("pallas_gpu", scale, chunk, True)
     o, final = gpu.forward(q, k, v, g, h0, None, opts, config)
