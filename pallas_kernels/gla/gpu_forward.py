@@ -663,12 +663,12 @@ def exact_group(num_chunks: int, lanes: int, min_programs: int) -> int:
     launch at least ``min_programs`` programs of its ``lanes`` ((row, head) pairs, times K tiles
     where the grid has them); 1 (a program per chunk) when ``min_programs`` is 0.
 
-    Most chunks are factorizable and their programs only read a span and exit. A launch of one
-    program per chunk took ~0.027 ms (H100, 8192 and 16384 programs) to do nothing; grouped,
-    0.020-0.025 ms: most of that cost is fixed, not per program, and forward+backward gained
-    0.021 ms at 16 x 128, T = 2K (H100, same process; BENCHMARKS.md, version 7.2). Enough
-    programs are kept that a launch where every chunk takes this path (strong gates) still
-    fills the GPU several times over."""
+    Most chunks are factorizable, and a group with no exact chunk is skipped after one read of
+    its spans (``each_exact_chunk``): such a launch takes 0.003-0.006 ms (H100), where reading
+    the spans one chunk at a time took 0.020-0.027 ms with or without grouping (BENCHMARKS.md,
+    versions 7.2 and 7.4). Enough programs are kept that a launch where every chunk takes this
+    path (strong gates) still fills the GPU several times over; 32 chunks a program timed the
+    same as 8 under ordinary gates."""
     group = 1
     while (
         min_programs > 0
