@@ -50,12 +50,15 @@ def op_for_cuda(
     *,
     gate_dtype=None,
     chunk=api.DEFAULT_CHUNK_SIZE,
-    config=None,
+    settings=None,
 ):
     """The pallas_gpu op's forward+backward as it lowers for a GPU (not interpreted), jitted, and
     abstract inputs (q, k, v, g, h0, do, dfinal) of this shape; g in ``gate_dtype`` (default
-    ``dtype``). ``config``: the launch settings (None: the tuned or heuristic ones)."""
+    ``dtype``). ``settings``: GpuConfig fields over the tuned or heuristic launch settings."""
     opts = api.Options("pallas_gpu", key_dim**-0.5, chunk, False)
+    padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
+    config = tuning.config_for(*padded, dtype, interpret=False)
+    config = dataclasses.replace(config, **(settings or {}))
 
     def forward_and_backward(q, k, v, g, h0, do, dfinal):
         out = gpu.forward(q, k, v, g, h0, None, opts, config)
@@ -79,16 +82,24 @@ def export_for_cuda(call, args) -> jax.export.Exported:
     )(*args)
 
 
-def _launch_settings(jaxpr) -> dict[str, tuple[int, int]]:
-    """name -> (num_warps, num_stages) of every pallas_call in ``jaxpr``, nested ones included."""
-    found = {}
+def pallas_calls(jaxpr):
+    """Every pallas_call equation of ``jaxpr``, nested ones included."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            params = eqn.params["compiler_params"]
-            found[eqn.params["name"]] = (params.num_warps, params.num_stages)
+            yield eqn
         for inner in jax_core.jaxprs_in_params(eqn.params):
-            found.update(_launch_settings(inner))
-    return found
+            yield from pallas_calls(inner)
+
+
+def _launch_settings(jaxpr) -> dict[str, tuple[int, int]]:
+    """name -> (num_warps, num_stages) of every pallas_call in ``jaxpr``."""
+    return {
+        eqn.params["name"]: (
+            eqn.params["compiler_params"].num_warps,
+            eqn.params["compiler_params"].num_stages,
+        )
+        for eqn in pallas_calls(jaxpr)
+    }
 
 
 def kernel_launches(
@@ -101,11 +112,15 @@ def kernel_launches(
     from jax._src.pallas.triton import lowering
 
     batch = batch or TOKENS // seq_len
-    padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
-    config = tuning.config_for(*padded, jnp.bfloat16, interpret=False)
-    config = dataclasses.replace(config, **parse_settings(settings))
     call, args = op_for_cuda(
-        batch, seq_len, heads, key_dim, value_dim, jnp.bfloat16, chunk=chunk, config=config
+        batch,
+        seq_len,
+        heads,
+        key_dim,
+        value_dim,
+        jnp.bfloat16,
+        chunk=chunk,
+        settings=parse_settings(settings),
     )
 
     modules = {}

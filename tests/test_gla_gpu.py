@@ -182,11 +182,6 @@ def _export_for_cuda(
 ):
     from benchmarks.kernel_resources import export_for_cuda, op_for_cuda
 
-    config = None
-    if switches:
-        padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
-        config = tuning.config_for(*padded, dtype, interpret=False)
-        config = dataclasses.replace(config, **switches)
     call, args = op_for_cuda(
         batch,
         seq_len,
@@ -196,7 +191,7 @@ def _export_for_cuda(
         dtype,
         gate_dtype=jnp.float32,
         chunk=chunk,
-        config=config,
+        settings=switches,
     )
     return export_for_cuda(call, args).mlir_module()
 

@@ -105,16 +105,12 @@ def test_profile_finds_no_gpu_kernels_in_a_cpu_trace(tmp_path):
 
 def _launch_arrays(jaxpr):
     """(name, input avals, output avals) of every pallas_call in ``jaxpr``, nested ones included."""
-    from jax.extend import core as jax_core
+    from benchmarks.kernel_resources import pallas_calls
 
-    launches = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            inputs = [x.aval for x in eqn.invars]
-            launches.append((eqn.params["name"], inputs, list(eqn.params["out_avals"])))
-        for inner in jax_core.jaxprs_in_params(eqn.params):
-            launches += _launch_arrays(inner)
-    return launches
+    return [
+        (eqn.params["name"], [x.aval for x in eqn.invars], list(eqn.params["out_avals"]))
+        for eqn in pallas_calls(jaxpr)
+    ]
 
 
 @pytest.mark.parametrize("settings", ["", "paired_walks=false"])
