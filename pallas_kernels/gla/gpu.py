@@ -117,15 +117,18 @@ def _final_states(p: Prepared, final, initial_state):
     return jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
 
 
-def _scores(p: Prepared, opts, config):
+def _scores(p: Prepared, opts, config, totals=False):
     """What forward and backward both start from: the chunks' factorization spans, and b and the
-    scores A of the chunks that take the exact path."""
+    scores A of the chunks that take the exact path (with ``totals``, also each chunk's b_last,
+    ``gpu_forward.gate_spans``)."""
     chunk, interpret = opts.chunk_size, opts.interpret
-    spans, exact_b = gpu_forward.gate_spans(p.g, chunk=chunk, interpret=interpret)
+    spans, exact_b, *rest = gpu_forward.gate_spans(
+        p.g, chunk=chunk, interpret=interpret, totals=totals
+    )
     exact = gpu_forward.exact_scores(
         p.q, p.k, exact_b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
     )
-    return spans, exact_b, exact
+    return spans, exact_b, exact, *rest
 
 
 def _sequence_chunks(p: Prepared):
@@ -147,13 +150,46 @@ def _walk_options(p: Prepared, opts, config):
     )
 
 
+def _walk_segment(p: Prepared, config):
+    """The forward walk's segment length (``tuning.walk_segment``), or None. Packed rows walk per
+    sequence (``sequence_walks``) instead: a segment there would have to stop its carry at every
+    sequence start inside it."""
+    if p.layout.token_position is not None:
+        return None
+    return tuning.walk_segment(config, p.layout.num_chunks)
+
+
+def _forward_states(p: Prepared, initial_state, totals, opts, config, segment):
+    """The states entering every chunk (with ``segment``: each segment's own part, and what
+    chunk_outputs adds to it: ``gpu_forward.chunk_outputs``' ``carried``) and the final states."""
+    h0 = _padded_h0(p, initial_state)
+    walk = _walk_options(p, opts, config)
+    if segment is None:
+        states, final = gpu_forward.chunk_states(p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **walk)
+        return states, None, final
+    rows_, num_chunks = p.first_seq.shape
+    ends_at = gpu_forward.segment_ends(rows_, num_chunks, segment)
+    states, ends = gpu_forward.chunk_states(
+        p.k, p.v, p.g, h0, p.first_seq, ends_at, segment=segment, **walk
+    )
+    segment_totals, entry_decays = gpu_forward.segment_decays(totals, segment)
+    carries, final = gpu_forward.segment_carries(
+        ends,
+        segment_totals,
+        state_dtype=walk["state_dtype"],
+        config=config,
+        interpret=opts.interpret,
+    )
+    return states, (entry_decays, carries, segment), final
+
+
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    spans, _, exact = _scores(p, opts, config)
-    h0 = _padded_h0(p, initial_state)
-    states, final = gpu_forward.chunk_states(
-        p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
+    segment = _walk_segment(p, config)
+    spans, _, exact, *totals = _scores(p, opts, config, totals=segment is not None)
+    states, carried, final = _forward_states(
+        p, initial_state, totals[0] if totals else None, opts, config, segment
     )
     o = gpu_forward.chunk_outputs(
         p.q,
@@ -168,6 +204,7 @@ def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
         out_dtype=q.dtype,
         config=config,
         interpret=opts.interpret,
+        carried=carried,
     )
     return _from_rows(p.layout, o, p.value_dim), _final_states(p, final, initial_state)
 

@@ -218,7 +218,8 @@ def _value_grads_kernel(
         for ks in pieces
     ]
 
-    intra_and_state_tiles(scores_t, do_ref, k_to_end, pieces, dh_ref, dv_ref, block_v, dtype)
+    dh_tile = lambda ks, vs: dh_ref[ks, vs]  # noqa: E731
+    intra_and_state_tiles(scores_t, do_ref, k_to_end, pieces, dh_tile, dv_ref, block_v, dtype)
 
 
 def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):
