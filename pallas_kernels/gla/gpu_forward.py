@@ -855,29 +855,42 @@ def _chunk_outputs_kernel(
         )
         for ks in pieces
     ]
-    state_tile = lambda ks, vs: h_ref[ks, vs]  # noqa: E731
-    if carried_refs:  # a segmented walk's state: its own part plus the carried-in, decayed
+    inter = [(factor, state_tile(h_ref, ks)) for factor, ks in zip(q_decayed, pieces, strict=True)]
+    if carried_refs:
+        # A segmented walk's state: its own part plus the carried-in one, decayed from the
+        # segment's start to the chunk's (per K row). That decay goes on the queries, so the
+        # carry is a matmul operand as read, like the state: (q * exp(b + D)) @ carry.
         entry_ref, carry_ref = carried_refs
-        carry_decay = {ks.start: decay(entry_ref[:, ks]).T for ks in pieces}  # [BK, 1] columns
-
-        def state_tile(ks, vs):
-            carry = carry_ref[ks, vs].astype(F32)
-            return h_ref[ks, vs].astype(F32) + carry_decay[ks.start] * carry
-
-    intra_and_state_tiles(scores, v_ref, q_decayed, pieces, state_tile, o_ref, block_v, dtype)
+        for factor, ks in zip(q_decayed, pieces, strict=True):
+            carried_factor = carried_query(factor, entry_ref, ks, dtype)
+            inter.append((carried_factor, state_tile(carry_ref, ks)))
+    intra_and_state_tiles(scores, v_ref, inter, o_ref, block_v, dtype)
 
 
-def intra_and_state_tiles(scores, rows_ref, factors, pieces, state_tile, out_ref, block_v, dtype):
-    """out = scores @ rows + sum over K pieces of factor @ state[piece], a V tile at a time (a
+def state_tile(ref, ks):
+    """vs -> the [BK, BV] tile (ks, vs) of a state ref."""
+    return lambda vs: ref[ks, vs]
+
+
+def carried_query(factor, entry_ref, ks, dtype):
+    """A function forming, inside each V tile, the decayed queries of K piece ``ks`` further
+    decayed by the chunk's decay since its segment's start (``entry_ref`` [1, K], log2 units).
+    Formed per tile rather than held: registers, not arithmetic, limit these kernels."""
+    return lambda: (factor.astype(F32) * decay(entry_ref[:, ks])).astype(dtype)
+
+
+def intra_and_state_tiles(scores, rows_ref, inter, out_ref, block_v, dtype):
+    """out = scores @ rows + sum over ``inter`` of factor @ state tile, a V tile at a time (a
     ``tile_loop``): chunk_outputs' o = A @ v + (q * exp(b)) @ h and value_grads'
-    dv = A^T @ do + (k * exp(b_last - b)) @ dH. ``scores`` [C, C] and the per-piece ``factors``
-    [C, BK] are formed once by the caller and shared by the tiles; ``state_tile(ks, vs)`` gives
-    the state's [BK, BV] tile."""
+    dv = A^T @ do + (k * exp(b_last - b)) @ dH. ``scores`` [C, C] is formed once by the caller
+    and shared by the tiles; ``inter`` holds (factor, tile) pairs, one per K piece (and per
+    further term): factor [C, BK] (a value formed once, or a function forming it in the tile)
+    and tile(vs), the state's [BK, BV] tile."""
 
     def v_tile(vs, carry):
         out = mm(scores, rows_ref[:, vs], dtype)  # intra-chunk
-        for ks, factor in zip(pieces, factors, strict=True):  # inter-chunk, through the state
-            out += mm(factor, state_tile(ks, vs), dtype)
+        for factor, tile in inter:  # inter-chunk, through the state
+            out += mm(factor() if callable(factor) else factor, tile(vs), dtype)
         out_ref[:, vs] = out.astype(out_ref.dtype)
         return carry
 
