@@ -43,6 +43,11 @@ class Prepared:
     key_dim: int
     value_dim: int
 
+    @property
+    def packed(self) -> bool:
+        """Whether the caller's sequences came packed into one row (cu_seqlens)."""
+        return self.layout.token_position is not None
+
 
 def _pad_last(x, size):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
@@ -119,16 +124,16 @@ def _final_states(p: Prepared, final, initial_state):
 
 def _scores(p: Prepared, opts, config, totals=False):
     """What forward and backward both start from: the chunks' factorization spans, and b and the
-    scores A of the chunks that take the exact path (with ``totals``, also each chunk's b_last,
-    ``gpu_forward.gate_spans``)."""
+    scores A of the chunks that take the exact path; and with ``totals`` each chunk's b_last
+    (``gpu_forward.gate_spans``), else None."""
     chunk, interpret = opts.chunk_size, opts.interpret
-    spans, exact_b, *rest = gpu_forward.gate_spans(
+    spans, exact_b, *chunk_totals = gpu_forward.gate_spans(
         p.g, chunk=chunk, interpret=interpret, totals=totals
     )
     exact = gpu_forward.exact_scores(
         p.q, p.k, exact_b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
     )
-    return spans, exact_b, exact, *rest
+    return spans, exact_b, exact, chunk_totals[0] if totals else None
 
 
 def _sequence_chunks(p: Prepared):
@@ -140,13 +145,12 @@ def _sequence_chunks(p: Prepared):
 
 
 def _walk_options(p: Prepared, opts, config):
-    packed = p.layout.token_position is not None
     return dict(
         chunk=opts.chunk_size,
         state_dtype=_state_dtype(p.q.dtype),
         config=config,
         interpret=opts.interpret,
-        seq_chunks=_sequence_chunks(p) if packed and config.sequence_walks else None,
+        seq_chunks=_sequence_chunks(p) if p.packed and config.sequence_walks else None,
     )
 
 
@@ -154,7 +158,7 @@ def _walk_segment(p: Prepared, config):
     """The forward walk's segment length (``tuning.walk_segment``), or None. Packed rows walk per
     sequence (``sequence_walks``) instead: a segment there would have to stop its carry at every
     sequence start inside it."""
-    if p.layout.token_position is not None:
+    if p.packed:
         return None
     return tuning.walk_segment(config, p.layout.num_chunks)
 
@@ -187,10 +191,8 @@ def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
     segment = _walk_segment(p, config)
-    spans, _, exact, *totals = _scores(p, opts, config, totals=segment is not None)
-    states, carried, final = _forward_states(
-        p, initial_state, totals[0] if totals else None, opts, config, segment
-    )
+    spans, _, exact, totals = _scores(p, opts, config, totals=segment is not None)
+    states, carried, final = _forward_states(p, initial_state, totals, opts, config, segment)
     o = gpu_forward.chunk_outputs(
         p.q,
         p.k,
@@ -239,7 +241,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
-    spans, exact_b, exact = _scores(p, opts, config)
+    spans, exact_b, exact, _ = _scores(p, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), p.v.shape[-1])
     states, dstates, dh0 = _backward_states(p, initial_state, do_rows, dfinal, opts, config)
     dv = gpu_backward.value_grads(
