@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
-from benchmarks.kernels import TOKENS, parse_settings
+from benchmarks.kernels import TOKENS, parse_spec
 from pallas_kernels.gla import api, gpu, tuning
 
 SM90 = ("cuda", 90, 32)  # backend, compute capability, warp size
@@ -51,18 +51,24 @@ def op_for_cuda(
     gate_dtype=None,
     chunk=api.DEFAULT_CHUNK_SIZE,
     settings=None,
+    keep_states=False,
 ):
     """The pallas_gpu op's forward+backward as it lowers for a GPU (not interpreted), jitted, and
     abstract inputs (q, k, v, g, h0, do, dfinal) of this shape; g in ``gate_dtype`` (default
-    ``dtype``). ``settings``: GpuConfig fields over the tuned or heuristic launch settings."""
+    ``dtype``). ``settings``: GpuConfig fields over the tuned or heuristic launch settings;
+    ``keep_states``: the backward reads the forward's chunk states (``chunk_gla``'s option)."""
     opts = api.Options("pallas_gpu", key_dim**-0.5, chunk, False)
     padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
     config = tuning.config_for(*padded, dtype, interpret=False)
     config = dataclasses.replace(config, **(settings or {}))
 
     def forward_and_backward(q, k, v, g, h0, do, dfinal):
-        out = gpu.forward(q, k, v, g, h0, None, opts, config)
-        return out, gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config)
+        if keep_states:
+            o, final, states = gpu.forward_keeping_states(q, k, v, g, h0, None, opts, config)
+        else:
+            (o, final), states = gpu.forward(q, k, v, g, h0, None, opts, config), None
+        grads = gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config, states=states)
+        return (o, final), grads
 
     sd = jax.ShapeDtypeStruct
     keys = sd((batch, seq_len, heads, key_dim), dtype)
@@ -112,6 +118,7 @@ def kernel_launches(
     from jax._src.pallas.triton import lowering
 
     batch = batch or TOKENS // seq_len
+    fields, options = parse_spec(settings)
     call, args = op_for_cuda(
         batch,
         seq_len,
@@ -120,7 +127,8 @@ def kernel_launches(
         value_dim,
         jnp.bfloat16,
         chunk=chunk,
-        settings=parse_settings(settings),
+        settings=fields,
+        keep_states=options.get("keep_states", False),
     )
 
     modules = {}

@@ -124,8 +124,12 @@ def op_inputs(seq_len, heads, key_dim, value_dim, pack):
 
 
 def gla_fns(backend, chunk_size=DEFAULT_CHUNK_SIZE, cu_seqlens=None):
+    options = dict(_op_options) if backend == "pallas_gpu" else {}
+
     def fwd(q, k, v, g):
-        o, _ = chunk_gla(q, k, v, g, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens)
+        o, _ = chunk_gla(
+            q, k, v, g, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens, **options
+        )
         return o
 
     def fwd_bwd(q, k, v, g, do):
@@ -538,27 +542,41 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def parse_settings(spec: str) -> dict:
-    """GpuConfig fields from "name=json,..." ('' gives none); unknown names stop the run."""
+# chunk_gla keywords a --set or --variants spec may name beside the GpuConfig fields.
+OP_OPTIONS = ("keep_states",)
+# The op options of the last override_config: every pallas_gpu call gla_fns builds takes them.
+_op_options: dict = {}
+
+
+def parse_spec(spec: str) -> tuple[dict, dict]:
+    """(GpuConfig fields, op options) from "name=json,..." ('' gives none); unknown names stop
+    the run."""
     from pallas_kernels.gla import tuning
 
     if not spec:
-        return {}
+        return {}, {}
     fields = dict(item.split("=", 1) for item in spec.split(","))
     known = {f.name for f in dataclasses.fields(tuning.GpuConfig)}
-    unknown = sorted(set(fields) - known)
+    unknown = sorted(set(fields) - known - set(OP_OPTIONS))
     if unknown:
-        raise SystemExit(f"unknown GpuConfig fields {unknown}; known: {sorted(known)}")
-    return {name: json.loads(value) for name, value in fields.items()}
+        raise SystemExit(
+            f"unknown GpuConfig fields {unknown}; known: {sorted(known)}, op options {OP_OPTIONS}"
+        )
+    values = {name: json.loads(value) for name, value in fields.items()}
+    options = {name: values.pop(name) for name in OP_OPTIONS if name in values}
+    return values, options
 
 
 def override_config(spec: str):
     """Every pallas_gpu launch traced in this process from now on takes these GpuConfig fields
-    ("name=json,...") over the tuned or heuristic ones: variants timed without writing a tuning
-    table. A later call replaces the earlier one's fields."""
+    ("name=json,...") over the tuned or heuristic ones, and every pallas_gpu op gla_fns builds
+    the spec's op options: variants timed without writing a tuning table. A later call replaces
+    the earlier one's fields and options."""
     from pallas_kernels.gla import tuning
 
-    fields = parse_settings(spec)
+    fields, options = parse_spec(spec)
+    _op_options.clear()
+    _op_options.update(options)
     tuned = getattr(tuning.config_for, "tuned", tuning.config_for)
 
     def config_for(*args, **kwargs):
@@ -566,7 +584,7 @@ def override_config(spec: str):
 
     config_for.tuned = tuned
     tuning.config_for = config_for
-    print(f"pallas_gpu settings: {fields}", flush=True)
+    print(f"pallas_gpu settings: {fields}, op options: {options}", flush=True)
 
 
 def run_variants(ts, variants, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False):
@@ -575,7 +593,7 @@ def run_variants(ts, variants, paper, chunk_size=DEFAULT_CHUNK_SIZE, pack=False)
     on the same inputs minutes apart rather than in separate runs, and ``ratio`` is fwd+bwd
     against the first variant's."""
     for spec in variants:  # fail on a misspelt field before anything is timed
-        parse_settings(spec)
+        parse_spec(spec)
     rows = []
     for seq_len in ts:
         for heads, key_dim, value_dim in gla_shapes(paper):
@@ -637,7 +655,7 @@ def main():
         "--set",
         default="",
         help="pallas_gpu launch settings over the tuned ones, e.g. paired_walks=false,"
-        "state_block_v=64 (GpuConfig fields; values in JSON)",
+        "state_block_v=64 (GpuConfig fields; values in JSON), and op options (keep_states=true)",
     )
     parser.add_argument(
         "--variants",

@@ -49,14 +49,18 @@ ROW_WALKS = dict(sequence_walks=False)
 SEGMENTS = dict(walk_segment_chunks=1)
 
 
-def _check_against_oracle(case: Case, seed: int, config=None):
+def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False):
+    """``keep_states``: the backward reads the states the forward kept instead of its own walk."""
     q, k, v, g, h0, do, dfinal = _make_inputs(case, seed)
     h0 = h0 if h0 is not None else jnp.zeros(dfinal.shape)
     cu = None if case.cu_seqlens is None else jnp.asarray(case.cu_seqlens, jnp.int32)
     scale = case.scale if case.scale is not None else case.key_dim**-0.5
     opts = api.Options("pallas_gpu", scale, case.chunk_size, True)
-    o, final = gpu.forward(q, k, v, g, h0, cu, opts, config)
-    grads = gpu.backward(q, k, v, g, h0, cu, do, dfinal, opts, config)
+    if keep_states:
+        o, final, states = gpu.forward_keeping_states(q, k, v, g, h0, cu, opts, config)
+    else:
+        (o, final), states = gpu.forward(q, k, v, g, h0, cu, opts, config), None
+    grads = gpu.backward(q, k, v, g, h0, cu, do, dfinal, opts, config, states=states)
     expected = gla_oracle(
         q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=case.cu_seqlens, do=do, dfinal=dfinal
     )
@@ -117,6 +121,64 @@ def _check_against_oracle(case: Case, seed: int, config=None):
 )
 def test_small_tiles_match_oracle(case, switches):
     _check_against_oracle(case, seed=5, config=dataclasses.replace(SMALL_TILES, **switches))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("kept_rows", batch=2, seq_len=90, key_dim=32, value_dim=48, chunk_size=16),
+        Case(
+            "kept_packed",
+            batch=1,
+            seq_len=70,
+            key_dim=16,
+            value_dim=32,
+            gates="strong",
+            cu_seqlens=(0, 0, 25, 70, 70),
+            chunk_size=16,
+        ),
+        Case("kept_bf16", batch=2, seq_len=80, heads=1, dtype=jnp.bfloat16, chunk_size=16),
+    ],
+    ids=lambda c: c.name,
+)
+@pytest.mark.parametrize(
+    "switches",
+    [{}, ROW_WALKS, SEGMENTS],
+    ids=["sequence_walks", "row_walks", "segments_asked"],
+)
+def test_kept_states_match_oracle(case, switches):
+    """The backward on the forward's states (only the gradients' walk): per-sequence and
+    whole-row walks of packed rows, and a segmented-walk setting, which a forward keeping its
+    states must not follow (segments hold each segment's own part, not the states)."""
+    config = dataclasses.replace(SMALL_TILES, **switches)
+    _check_against_oracle(case, seed=11, config=config, keep_states=True)
+
+
+def test_chunk_gla_keep_states_gradients_match_oracle():
+    case = Case("op_kept", batch=2, seq_len=70, heads=2, key_dim=32, value_dim=16)
+    q, k, v, g, h0, do, dfinal = _make_inputs(case, 12)
+    scale = case.key_dim**-0.5
+    expected = gla_oracle(q, k, v, g, scale=scale, initial_state=h0, do=do, dfinal=dfinal)
+
+    def loss(backend, q, k, v, g, h0):
+        o, final = chunk_gla(
+            q,
+            k,
+            v,
+            g,
+            initial_state=h0,
+            output_final_state=True,
+            backend=backend,
+            interpret=True,
+            keep_states=True,
+        )
+        return jnp.sum(o * do) + jnp.sum(final * dfinal)
+
+    # 'xla' has no kept-states form: the option leaves it as it was.
+    for backend in ("pallas_gpu", "xla"):
+        grads = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(backend, q, k, v, g, h0)
+        for name, grad in zip(("dq", "dk", "dv", "dg", "dh0"), grads, strict=True):
+            assert _rel_err(grad, expected[name]) <= TOLERANCE[case.dtype], (backend, name)
 
 
 @pytest.mark.parametrize(
@@ -244,7 +306,15 @@ def test_explicit_backend_raises_on_unsupported_shape():
 
 
 def _export_for_cuda(
-    batch, seq_len, heads, key_dim, value_dim, dtype, chunk=api.DEFAULT_CHUNK_SIZE, switches=None
+    batch,
+    seq_len,
+    heads,
+    key_dim,
+    value_dim,
+    dtype,
+    chunk=api.DEFAULT_CHUNK_SIZE,
+    switches=None,
+    keep_states=False,
 ):
     from benchmarks.kernel_resources import export_for_cuda, op_for_cuda
 
@@ -258,6 +328,7 @@ def _export_for_cuda(
         gate_dtype=jnp.float32,
         chunk=chunk,
         settings=switches,
+        keep_states=keep_states,
     )
     return export_for_cuda(call, args).mlir_module()
 
@@ -301,6 +372,14 @@ def test_unpaired_walks_lower_through_triton(shape):
     module = _export_for_cuda(*shape, jnp.bfloat16, switches=UNPAIRED)
     # The backward's chunk_states and state_grads in two launches: one more than paired.
     assert module.count("__gpu$xla.gpu.triton") == 12
+    assert "gla_state_grads" in module and "gla_backward_walks" not in module
+
+
+@pytest.mark.parametrize("shape", [(32, 1024, 16, 128, 128), (8, 4096, 4, 256, 512)])
+def test_kept_states_lower_through_triton(shape):
+    module = _export_for_cuda(*shape, jnp.bfloat16, keep_states=True)
+    # The backward's states walk is gone: state_grads alone in place of the paired walks.
+    assert module.count("__gpu$xla.gpu.triton") == 11
     assert "gla_state_grads" in module and "gla_backward_walks" not in module
 
 

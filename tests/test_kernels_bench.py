@@ -78,6 +78,25 @@ def test_set_overrides_the_launch_settings_and_names_unknown_fields(monkeypatch)
         kernels.override_config("paired_walk=false")
 
 
+def test_set_carries_op_options_to_the_ops_it_builds(monkeypatch):
+    from benchmarks import kernels
+    from pallas_kernels.gla import tuning
+
+    monkeypatch.setattr(tuning, "config_for", tuning.config_for)  # restored after the test
+    monkeypatch.setattr(kernels, "_op_options", {})
+    kernels.override_config("keep_states=true,state_block_v=32")
+    assert kernels._op_options == {"keep_states": True}
+    assert tuning.config_for(128, 128, jnp.bfloat16, interpret=False).state_block_v == 32
+    calls = []
+    monkeypatch.setattr(kernels, "chunk_gla", lambda *a, **kw: calls.append(kw) or (a[0], None))
+    x = jnp.zeros((1, 16, 1, 16))
+    kernels.gla_fns("pallas_gpu")[0](x, x, x, x)
+    kernels.gla_fns("xla")[0](x, x, x, x)
+    assert calls[0]["keep_states"] is True and "keep_states" not in calls[1]
+    kernels.override_config("")
+    assert kernels._op_options == {}
+
+
 def test_profile_sums_each_kernels_time_per_call():
     """``--profile``: a trace of 2 calls, each launching a twice and b once, gives a's and b's
     time per call, their launches per call and shares, the longest first."""

@@ -8,6 +8,11 @@ Every backend implements the same two functions on the caller's layout ([B, T, H
 The custom VJP keeps only the inputs as residuals: every backward recomputes the chunk states it
 needs, so memory stays O(T (K + V) + (T / C) K V) per head. Backends without a hand-written
 backward get one from ``jax.vjp`` of their forward, recomputed inside the backward pass.
+
+With ``keep_states=True`` a backend that can (one with ``forward_keeping_states``) also keeps the
+chunk states its forward wrote, one [K, V] state per chunk and head in its own layout, and its
+backward reads them instead of walking them again (``backward(..., states=)``): the same result,
+less time, more memory held from the forward to the backward. Other backends ignore the option.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class Options:
     scale: float
     chunk_size: int
     interpret: bool
+    keep_states: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,19 +122,31 @@ def _gla(opts: Options, q, k, v, g, initial_state, cu_seqlens):
     return o.astype(q.dtype), final_state
 
 
+def _keeps_states(backend, opts) -> bool:
+    return opts.keep_states and hasattr(backend, "forward_keeping_states")
+
+
 def _gla_fwd(opts, q, k, v, g, initial_state, cu_seqlens):
-    out = _gla(opts, q, k, v, g, initial_state, cu_seqlens)
+    backend = _load_backend(opts.backend)
+    if _keeps_states(backend, opts):
+        h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
+        o, final_state, states = backend.forward_keeping_states(q, k, v, g, h0, cu_seqlens, opts)
+        out = (o.astype(q.dtype), final_state)
+    else:
+        out, states = _gla(opts, q, k, v, g, initial_state, cu_seqlens), None
     # An absent initial state stays None here: zeros made outside would be one more [N, H, K, V]
     # float32 residual per call, stacked over the layers of a scanned model.
-    return out, (q, k, v, g, initial_state, cu_seqlens)
+    return out, (q, k, v, g, initial_state, cu_seqlens, states)
 
 
 def _gla_bwd(opts, residuals, cotangents):
-    q, k, v, g, initial_state, cu_seqlens = residuals
+    q, k, v, g, initial_state, cu_seqlens, states = residuals
     do, dfinal = cotangents
     backend = _load_backend(opts.backend)
     h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
-    if hasattr(backend, "backward"):
+    if states is not None:
+        grads = backend.backward(q, k, v, g, h0, cu_seqlens, do, dfinal, opts, states=states)
+    elif hasattr(backend, "backward"):
         grads = backend.backward(q, k, v, g, h0, cu_seqlens, do, dfinal, opts)
     else:
         grads = _recomputed_backward(backend, q, k, v, g, h0, cu_seqlens, do, dfinal, opts)
@@ -262,16 +280,25 @@ def chunk_gla(
     chunk_size=DEFAULT_CHUNK_SIZE,
     backend=None,
     interpret=False,
+    keep_states=False,
 ):
     """Gated linear attention over whole sequences, chunk by chunk.
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log forget gate (<= 0) per key dimension.
     Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 or None).
+    ``keep_states``: the backward reuses the forward's chunk states instead of recomputing them
+    ('pallas_gpu'; the module docstring says what it costs).
     """
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
     initial_state, cu_seqlens, scale = _prepare(q, k, v, g, initial_state, cu_seqlens, scale)
-    opts = Options(backend="", scale=scale, chunk_size=int(chunk_size), interpret=bool(interpret))
+    opts = Options(
+        backend="",
+        scale=scale,
+        chunk_size=int(chunk_size),
+        interpret=bool(interpret),
+        keep_states=bool(keep_states),
+    )
     opts = dataclasses.replace(opts, backend=_resolve_backend(backend, q, v, opts))
     o, final_state = _gla(opts, q, k, v, g, initial_state, cu_seqlens)
     return o, (final_state if output_final_state else None)

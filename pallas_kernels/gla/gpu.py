@@ -188,9 +188,21 @@ def _forward_states(p: Prepared, initial_state, totals, opts, config, segment):
 
 
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
+    o, final, _ = _forward(q, k, v, g, initial_state, cu_seqlens, opts, config, keep_states=False)
+    return o, final
+
+
+def forward_keeping_states(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
+    """``forward`` and the states entering every chunk, in the kernels' layout, for
+    ``backward(..., states=)``."""
+    return _forward(q, k, v, g, initial_state, cu_seqlens, opts, config, keep_states=True)
+
+
+def _forward(q, k, v, g, initial_state, cu_seqlens, opts, config, keep_states):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    segment = _walk_segment(p, config)
+    # Segmented states are each segment's own part, not the states the backward needs.
+    segment = None if keep_states else _walk_segment(p, config)
     spans, _, exact, totals = _scores(p, opts, config, totals=segment is not None)
     states, carried, final = _forward_states(p, initial_state, totals, opts, config, segment)
     o = gpu_forward.chunk_outputs(
@@ -208,15 +220,17 @@ def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
         interpret=opts.interpret,
         carried=carried,
     )
-    return _from_rows(p.layout, o, p.value_dim), _final_states(p, final, initial_state)
+    o = _from_rows(p.layout, o, p.value_dim)
+    return o, _final_states(p, final, initial_state), (states if keep_states else None)
 
 
-def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config):
-    """The states entering every chunk, dH and dh0: the backward's two walks."""
+def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config, states):
+    """The states entering every chunk (``states`` when the forward kept them), dH and dh0: the
+    backward's two walks, or only the gradients' walk."""
     h0 = _padded_h0(p, initial_state)
     dfinal_padded = _pad_state(dfinal.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
     walk = _walk_options(p, opts, config)
-    if config.paired_walks:
+    if states is None and config.paired_walks:
         return gpu_backward.backward_walks(
             p.q,
             p.k,
@@ -230,20 +244,21 @@ def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config):
             scale=opts.scale,
             **walk,
         )
-    states, _ = gpu_forward.chunk_states(p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **walk)
+    if states is None:
+        states, _ = gpu_forward.chunk_states(p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **walk)
     dstates, dh0 = gpu_backward.state_grads(
         p.q, do_rows, p.g, dfinal_padded, p.first_seq, p.last_seq, scale=opts.scale, **walk
     )
     return states, dstates, dh0
 
 
-def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=None):
+def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=None, states=None):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
     spans, exact_b, exact, _ = _scores(p, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), p.v.shape[-1])
-    states, dstates, dh0 = _backward_states(p, initial_state, do_rows, dfinal, opts, config)
+    states, dstates, dh0 = _backward_states(p, initial_state, do_rows, dfinal, opts, config, states)
     dv = gpu_backward.value_grads(
         p.q,
         p.k,
@@ -309,6 +324,7 @@ class GpuBackend:
         return None
 
     forward = staticmethod(forward)
+    forward_keeping_states = staticmethod(forward_keeping_states)
     backward = staticmethod(backward)
 
 
