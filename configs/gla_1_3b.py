@@ -20,6 +20,7 @@ def get_config():
             scan_layers=True,  # one compiled block scanned over the 24 layers: fast compile
             backend=None,
             chunk_size=64,
+            keep_chunk_states=False,  # True: less op time, more memory (gla_jax/model.py)
             packing="gate_reset",  # or "cu_seqlens" (see gla_jax/model.py)
         ),
     )

@@ -255,6 +255,7 @@ class GatedLinearAttention(nnx.Module):
         conv_size: int = 4,
         backend: str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        keep_chunk_states: bool = False,
         packing: str = "gate_reset",
         max_segments_per_row: int = 16,
         init_std: float = 0.02,
@@ -275,6 +276,7 @@ class GatedLinearAttention(nnx.Module):
         self.gate_logit_normalizer = gate_logit_normalizer
         self.use_output_gate = use_output_gate
         self.backend, self.chunk_size = backend, chunk_size
+        self.keep_chunk_states = keep_chunk_states
         self.packing, self.max_segments_per_row = packing, max_segments_per_row
         self.dtype = dtype
         out_std = init_std if out_init_std is None else out_init_std
@@ -376,6 +378,7 @@ class GatedLinearAttention(nnx.Module):
             output_final_state=want_state,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            keep_states=self.keep_chunk_states,
         )
         return o.reshape(shape), state
 

@@ -45,8 +45,6 @@ NO_PREFETCH = dict(prefetch_max_programs=0)
 # A packed row's walks one program per row, through its sequences in turn (the default is one
 # program per sequence).
 ROW_WALKS = dict(sequence_walks=False)
-# The forward walk of a row longer than one chunk in one-chunk segments (packed rows ignore it).
-SEGMENTS = dict(walk_segment_chunks=1)
 
 
 def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False):
@@ -107,7 +105,6 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         ROW_WALKS,
         {**ROW_WALKS, **UNPAIRED},
         {**ROW_WALKS, **UNPAIRED, **NO_PREFETCH},
-        SEGMENTS,
     ],
     ids=[
         "paired",
@@ -116,7 +113,6 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         "row_walks",
         "row_walks_unpaired",
         "row_walks_unpaired_no_prefetch",
-        "segments",
     ],
 )
 def test_small_tiles_match_oracle(case, switches):
@@ -143,13 +139,12 @@ def test_small_tiles_match_oracle(case, switches):
 )
 @pytest.mark.parametrize(
     "switches",
-    [{}, ROW_WALKS, SEGMENTS],
-    ids=["sequence_walks", "row_walks", "segments_asked"],
+    [{}, ROW_WALKS, UNPAIRED],
+    ids=["sequence_walks", "row_walks", "unpaired"],
 )
 def test_kept_states_match_oracle(case, switches):
     """The backward on the forward's states (only the gradients' walk): per-sequence and
-    whole-row walks of packed rows, and a segmented-walk setting, which a forward keeping its
-    states must not follow (segments hold each segment's own part, not the states)."""
+    whole-row walks of packed rows, and with the walks' pairing off (which then has no pair)."""
     config = dataclasses.replace(SMALL_TILES, **switches)
     _check_against_oracle(case, seed=11, config=config, keep_states=True)
 
@@ -179,68 +174,6 @@ def test_chunk_gla_keep_states_gradients_match_oracle():
         grads = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(backend, q, k, v, g, h0)
         for name, grad in zip(("dq", "dk", "dv", "dg", "dh0"), grads, strict=True):
             assert _rel_err(grad, expected[name]) <= TOLERANCE[case.dtype], (backend, name)
-
-
-@pytest.mark.parametrize(
-    "case, segment_chunks",
-    [
-        # 6 chunks of 16: segments of 2 (three), of 3 for a target of 4 (the largest divisor
-        # from 2 to 4), mild and strong gates, an initial state carried into the first segment.
-        (Case("segments_of_2", batch=2, seq_len=90, chunk_size=16), 2),
-        (Case("segments_of_3", batch=2, seq_len=96, chunk_size=16, gates="strong"), 4),
-        (Case("segments_bf16", batch=2, seq_len=80, heads=1, dtype=jnp.bfloat16, chunk_size=16), 1),
-        # 5 chunks with no divisor from 2 to 4: walked whole.
-        (Case("no_divisor", batch=1, seq_len=80, chunk_size=16, initial_state=False), 4),
-    ],
-    ids=lambda x: x.name if isinstance(x, Case) else str(x),
-)
-def test_segmented_forward_walk_matches_oracle(case, segment_chunks):
-    config = dataclasses.replace(SMALL_TILES, walk_segment_chunks=segment_chunks)
-    _check_against_oracle(case, seed=8, config=config)
-
-
-@pytest.mark.parametrize(
-    "target, num_chunks, expected",
-    [
-        (0, 256, None),  # off
-        (32, 32, None),  # one segment's worth: walked whole
-        (32, 256, 32),  # T = 16K at chunk 64: 8 segments
-        (32, 100, 25),  # the largest divisor from 16 to 32
-        (32, 97, None),  # a prime count: no divisor in range
-        (4, 6, 3),
-        (1, 3, 1),
-    ],
-)
-def test_walk_segment_is_a_divisor_near_the_target(target, num_chunks, expected):
-    config = tuning.GpuConfig(walk_segment_chunks=target)
-    assert tuning.walk_segment(config, num_chunks) == expected
-
-
-def test_segment_decays_sum_the_chunk_totals_in_order():
-    totals = jax.random.uniform(jax.random.PRNGKey(0), (2, 6, 3, 4), minval=-2.0, maxval=0.0)
-    segment_totals, entry = gpu_forward.segment_decays(totals, 3)
-    by_segment = totals.reshape(2, 2, 3, 3, 4)
-    assert jnp.allclose(segment_totals, by_segment.sum(axis=2), atol=1e-6)
-    assert jnp.allclose(entry[:, 0], 0.0) and jnp.allclose(entry[:, 3], 0.0)
-    assert jnp.allclose(entry[:, 2], totals[:, 0] + totals[:, 1], atol=1e-6)
-    assert jnp.allclose(entry[:, 5], totals[:, 3] + totals[:, 4], atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "shape",
-    [
-        (2, 4096, 16, 128, 128, jnp.bfloat16),
-        (2, 4096, 4, 256, 512, jnp.bfloat16),
-        (2, 200, 2, 20, 48, jnp.float32),
-    ],
-)
-def test_segmented_walk_lowers_through_triton(shape):
-    module = _export_for_cuda(
-        *shape, switches=dict(walk_segment_chunks=2 if shape[1] < 1024 else 32)
-    )
-    # One launch more than the default: segment_carries, between the walk and chunk_outputs.
-    assert module.count("__gpu$xla.gpu.triton") == 12
-    assert "gla_segment_carries" in module
 
 
 def test_unpaired_walks_match_oracle_at_whole_tiles():
@@ -415,7 +348,6 @@ def test_gate_gradient_stays_accurate_over_long_bf16_sequences():
 
 
 def _chunk_spans(g, chunk=64):
-
     prepared = gpu.prepare(g, g, g, g, None, chunk)
     return gpu_forward.gate_spans(prepared.g, chunk=chunk, interpret=True)[0]
 
@@ -433,7 +365,6 @@ def test_every_factorization_path_matches_oracle(dtype):
       blocks in log space.
     The mild and reset gates are mixed in one batch, so both launches write parts of one buffer.
     float16 factorized operands would overflow at these spans: they are float32."""
-
     case = Case("resets", batch=2, seq_len=128, heads=2, key_dim=32, value_dim=32, dtype=dtype)
     q, k, v, g, h0, do, dfinal = _make_inputs(case, 11)
     resets = jnp.zeros(g.shape[1], bool).at[jnp.array([5, 37, 70, 100])].set(True)
@@ -484,7 +415,6 @@ def test_grouped_exact_launches_match_oracle(
     blocks factorized); the second row has none, so its programs skip their group after reading
     its spans. Each program must write its exact chunks at their own rows and states and leave
     its factorizable chunks to the factorized kernels."""
-
     case = Case("grouped", batch=2, seq_len=512, heads=2, key_dim=32, value_dim=32, dtype=dtype)
     q, k, v, g, h0, do, dfinal = _make_inputs(case, 12)
     position = jnp.arange(case.seq_len)[None, :, None, None]
@@ -527,7 +457,6 @@ def test_grouped_exact_launches_match_oracle(
     ],
 )
 def test_exact_group_keeps_enough_programs(num_chunks, lanes, min_programs, expected):
-
     assert gpu_forward.exact_group(num_chunks, lanes, min_programs) == expected
 
 
@@ -535,7 +464,6 @@ def test_exact_group_keeps_enough_programs(num_chunks, lanes, min_programs, expe
 def test_dyadic_levels_cover_every_pair_below_the_diagonal_once(size):
     """exact_scores sums one matmul per dyadic level: the levels' pairs must partition the
     strictly lower triangle, or a pair would be lost or counted twice."""
-
     levels = gpu_forward.dyadic_levels(size)
     assert levels[0] == size // 2 and levels[-1] == 1
     counts = sum(gpu_forward.dyadic_pairs(size, h).astype(jnp.int32) for h in levels)

@@ -244,3 +244,30 @@ def test_rematerialized_pieces_keep_the_parameter_gradients():
         for key in path:
             leaf = leaf[key]
         assert float(jnp.abs(leaf[...]).max()) > 0, path
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_chunk_states_reaches_every_layers_op(keep, monkeypatch):
+    """GLAConfig.keep_chunk_states is chunk_gla's keep_states in every block (the op's kept
+    states are checked against the oracle in tests/test_gla_gpu.py)."""
+    from gla_jax import layers
+    from gla_jax.model import GLALM, GLAConfig
+
+    seen, real = [], layers.chunk_gla
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["keep_states"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "chunk_gla", spy)
+    cfg = GLAConfig(
+        vocab_size=32,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        dtype="float32",
+        backend="xla",
+        keep_chunk_states=keep,
+    )
+    GLALM(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 16), jnp.int32))
+    assert seen == [keep, keep]

@@ -43,11 +43,6 @@ class Prepared:
     key_dim: int
     value_dim: int
 
-    @property
-    def packed(self) -> bool:
-        """Whether the caller's sequences came packed into one row (cu_seqlens)."""
-        return self.layout.token_position is not None
-
 
 def _pad_last(x, size):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
@@ -122,18 +117,15 @@ def _final_states(p: Prepared, final, initial_state):
     return jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
 
 
-def _scores(p: Prepared, opts, config, totals=False):
+def _scores(p: Prepared, opts, config):
     """What forward and backward both start from: the chunks' factorization spans, and b and the
-    scores A of the chunks that take the exact path; and with ``totals`` each chunk's b_last
-    (``gpu_forward.gate_spans``), else None."""
+    scores A of the chunks that take the exact path."""
     chunk, interpret = opts.chunk_size, opts.interpret
-    spans, exact_b, *chunk_totals = gpu_forward.gate_spans(
-        p.g, chunk=chunk, interpret=interpret, totals=totals
-    )
+    spans, exact_b = gpu_forward.gate_spans(p.g, chunk=chunk, interpret=interpret)
     exact = gpu_forward.exact_scores(
         p.q, p.k, exact_b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
     )
-    return spans, exact_b, exact, chunk_totals[0] if totals else None
+    return spans, exact_b, exact
 
 
 def _sequence_chunks(p: Prepared):
@@ -145,66 +137,31 @@ def _sequence_chunks(p: Prepared):
 
 
 def _walk_options(p: Prepared, opts, config):
+    packed = p.layout.token_position is not None
     return dict(
         chunk=opts.chunk_size,
         state_dtype=_state_dtype(p.q.dtype),
         config=config,
         interpret=opts.interpret,
-        seq_chunks=_sequence_chunks(p) if p.packed and config.sequence_walks else None,
+        seq_chunks=_sequence_chunks(p) if packed and config.sequence_walks else None,
     )
-
-
-def _walk_segment(p: Prepared, config):
-    """The forward walk's segment length (``tuning.walk_segment``), or None. Packed rows walk per
-    sequence (``sequence_walks``) instead: a segment there would have to stop its carry at every
-    sequence start inside it."""
-    if p.packed:
-        return None
-    return tuning.walk_segment(config, p.layout.num_chunks)
-
-
-def _forward_states(p: Prepared, initial_state, totals, opts, config, segment):
-    """The states entering every chunk (with ``segment``: each segment's own part, and what
-    chunk_outputs adds to it: ``gpu_forward.chunk_outputs``' ``carried``) and the final states."""
-    h0 = _padded_h0(p, initial_state)
-    walk = _walk_options(p, opts, config)
-    if segment is None:
-        states, final = gpu_forward.chunk_states(p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **walk)
-        return states, None, final
-    rows_, num_chunks = p.first_seq.shape
-    ends_at = gpu_forward.segment_ends(rows_, num_chunks, segment)
-    states, ends = gpu_forward.chunk_states(
-        p.k, p.v, p.g, h0, p.first_seq, ends_at, segment=segment, **walk
-    )
-    segment_totals, entry_decays = gpu_forward.segment_decays(totals, segment)
-    carries, final = gpu_forward.segment_carries(
-        ends,
-        segment_totals,
-        state_dtype=walk["state_dtype"],
-        config=config,
-        interpret=opts.interpret,
-    )
-    return states, (entry_decays, carries, segment), final
 
 
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
-    o, final, _ = _forward(q, k, v, g, initial_state, cu_seqlens, opts, config, keep_states=False)
+    o, final, _ = forward_keeping_states(q, k, v, g, initial_state, cu_seqlens, opts, config)
     return o, final
 
 
 def forward_keeping_states(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
     """``forward`` and the states entering every chunk, in the kernels' layout, for
     ``backward(..., states=)``."""
-    return _forward(q, k, v, g, initial_state, cu_seqlens, opts, config, keep_states=True)
-
-
-def _forward(q, k, v, g, initial_state, cu_seqlens, opts, config, keep_states):
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    # Segmented states are each segment's own part, not the states the backward needs.
-    segment = None if keep_states else _walk_segment(p, config)
-    spans, _, exact, totals = _scores(p, opts, config, totals=segment is not None)
-    states, carried, final = _forward_states(p, initial_state, totals, opts, config, segment)
+    spans, _, exact = _scores(p, opts, config)
+    h0 = _padded_h0(p, initial_state)
+    states, final = gpu_forward.chunk_states(
+        p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
+    )
     o = gpu_forward.chunk_outputs(
         p.q,
         p.k,
@@ -218,10 +175,9 @@ def _forward(q, k, v, g, initial_state, cu_seqlens, opts, config, keep_states):
         out_dtype=q.dtype,
         config=config,
         interpret=opts.interpret,
-        carried=carried,
     )
     o = _from_rows(p.layout, o, p.value_dim)
-    return o, _final_states(p, final, initial_state), (states if keep_states else None)
+    return o, _final_states(p, final, initial_state), states
 
 
 def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config, states):
@@ -256,7 +212,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
-    spans, exact_b, exact, _ = _scores(p, opts, config)
+    spans, exact_b, exact = _scores(p, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), p.v.shape[-1])
     states, dstates, dh0 = _backward_states(p, initial_state, do_rows, dfinal, opts, config, states)
     dv = gpu_backward.value_grads(

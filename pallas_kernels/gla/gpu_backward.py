@@ -69,7 +69,6 @@ from pallas_kernels.gla.gpu_forward import (
     span_spec,
     split_rows,
     state_spec,
-    state_tile,
     state_walks,
     states_walk,
     sub_chunk,
@@ -219,8 +218,7 @@ def _value_grads_kernel(
         for ks in pieces
     ]
 
-    inter = [(factor, state_tile(dh_ref, ks)) for factor, ks in zip(k_to_end, pieces, strict=True)]
-    intra_and_state_tiles(scores_t, do_ref, inter, dv_ref, block_v, dtype)
+    intra_and_state_tiles(scores_t, do_ref, k_to_end, pieces, dh_ref, dv_ref, block_v, dtype)
 
 
 def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):

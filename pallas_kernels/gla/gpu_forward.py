@@ -158,14 +158,6 @@ def state_spec(key_block, value_block, heads, tile_axis=None, group=None):
     return pl.BlockSpec((SQUEEZED, chunks, SQUEEZED, key_block, value_block), index)
 
 
-def chunk_row_spec(heads, width):
-    """The [1, width] row of one chunk in [B', NC, H, width] (a per-chunk vector such as its
-    gate total), for a grid (chunk, row * head, ...)."""
-    return pl.BlockSpec(
-        (SQUEEZED, 1, SQUEEZED, width), lambda c, bh, *_: (bh // heads, c, bh % heads, 0)
-    )
-
-
 def span_spec(heads, group=None):
     """The scalar span of one chunk in [B', NC, H], for a grid (chunk, row * head, ...); with
     ``group``, the [G] spans of a group of consecutive chunks, for a grid (group, row * head,
@@ -262,42 +254,33 @@ def gate_total(g):
     return jnp.sum(g.astype(F32), axis=0, keepdims=True) * LOG2E
 
 
-def _gate_spans_kernel(g_ref, span_ref, b_ref, *total_ref):
+def _gate_spans_kernel(g_ref, span_ref, b_ref):
     g = g_ref[...]
     # The chunk's factorization span: the largest |b_i - b_mid| over positions and K.
     span = jnp.max(jnp.abs(gate_sums(g, "from_mid")))
     span_ref[...] = span
-    if total_ref:
-        total_ref[0][...] = gate_total(g)
 
     @pl.when(jnp.logical_not(factorizable(span)))
     def _():
         b_ref[...] = gate_sums(g, "from_start")
 
 
-def gate_spans(g, *, chunk, interpret, totals=False):
+def gate_spans(g, *, chunk, interpret):
     """spans [B', NC, H] float32: each chunk's largest |b_i - b_mid| (see ``factorizable``); and
     exact_b [B', Tp, H, K] float32, b in log2 units, written for the chunks that are not
     factorizable only: the exact kernels read it there; every other kernel forms its own gate
-    sums, and the other rows of this buffer are left unwritten. With ``totals``, also each
-    chunk's b_last [B', NC, H, K] float32 (log2 units), for a segmented walk's carries."""
+    sums, and the other rows of this buffer are left unwritten."""
     rows_, padded_len, heads, key_dim = g.shape
-    num_chunks = padded_len // chunk
     spec = chunk_spec(chunk, heads, key_dim)
-    out_shape = [
-        jax.ShapeDtypeStruct((rows_, num_chunks, heads), F32),
-        jax.ShapeDtypeStruct(g.shape, F32),
-    ]
-    out_specs = [span_spec(heads), spec]
-    if totals:
-        out_shape.append(jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim), F32))
-        out_specs.append(chunk_row_spec(heads, key_dim))
     return pl.pallas_call(
         _gate_spans_kernel,
-        out_shape=tuple(out_shape),
-        grid=(num_chunks, rows_ * heads),
+        out_shape=(
+            jax.ShapeDtypeStruct((rows_, padded_len // chunk, heads), F32),
+            jax.ShapeDtypeStruct(g.shape, F32),
+        ),
+        grid=(padded_len // chunk, rows_ * heads),
         in_specs=[spec],
-        out_specs=tuple(out_specs),
+        out_specs=(span_spec(heads), spec),
         compiler_params=params(4, 1),
         interpret=interpret,
         name="gla_gate_spans",
@@ -422,7 +405,6 @@ def state_walks(
     interpret,
     name,
     seq_chunks=None,
-    segment=None,
 ):
     """Launches walks over the chunks of every (row, head, K tile, V tile), one program each, and
     returns each walk's (per-chunk [B', NC, H, K, V] in ``state_dtype``, boundary [N, H, K, V]
@@ -430,11 +412,7 @@ def state_walks(
     a packed row, B' = 1): one program per sequence instead, walking only its own chunks, so the
     sequences of a packed row are walked side by side rather than as one chain (the states reset
     at each sequence's start anyway); the chunks after the last sequence are left unwritten (their
-    outputs are padding, dropped). ``segment`` (chunks, a divisor of NC): one program per
-    segment of each row instead, walking its chunks from a zero state (the row's first from its
-    initial state); ``last_seq`` then names each segment's last chunk by its lane
-    (row * segments + segment), and the boundary outputs [B' * segments, H, K, V] are the
-    segments' end states (``segment_carries`` chains them).
+    outputs are padding, dropped).
 
     The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
     dfinal -> state gradients, dh0) share this launch. Several independent walks go in one launch,
@@ -449,12 +427,7 @@ def state_walks(
     per_sequence = seq_chunks is not None
     if per_sequence and rows_ != 1:
         raise ValueError(f"seq_chunks is for one packed row, got {rows_} rows")
-    if segment is not None and (per_sequence or num_chunks % segment):
-        raise ValueError(
-            f"segment {segment} needs whole rows of a multiple of it, NC = {num_chunks}"
-        )
-    segments = num_chunks // segment if segment else 1
-    lanes = seq_chunks.shape[0] if per_sequence else rows_ * segments  # walks per head
+    lanes = seq_chunks.shape[0] if per_sequence else rows_  # walks per head
     if interpret:  # the tiles as configured: shrinking only adds grid steps to interpret
         block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
     else:
@@ -462,7 +435,7 @@ def state_walks(
     programs = count * lanes * heads * (key_dim // block_k) * (value_dim // block_v)
 
     def row_of(i):  # program i's row: its lane's, or the packed row
-        return 0 if per_sequence else (i // count) // heads // segments
+        return 0 if per_sequence else (i // count) // heads
 
     def seq_spec(width_block, tile_axis):
         def index(kt, vt, i):
@@ -488,9 +461,6 @@ def state_walks(
             chunks_ref, g_ref, *refs = refs
             lane = (i // count) // heads
             chunks = (chunks_ref[lane, 0], chunks_ref[lane, 1], num_chunks)
-        elif segment:
-            g_ref, *refs = refs
-            chunks = ((i // count) // heads % segments * segment, segment, num_chunks)
         else:
             g_ref, *refs = refs
             chunks = (0, num_chunks, num_chunks)
@@ -522,11 +492,10 @@ def state_walks(
     for walk in walks:
         in_specs += [seq_spec(block_k, "k"), seq_spec(block_v, "v"), whole(walk.boundary.shape)]
         inputs += [walk.key_side, walk.value_side, walk.boundary]
-        boundary_out = (lanes,) + walk.boundary.shape[1:] if segment else walk.boundary.shape
-        out_specs += [per_chunk_spec, whole(boundary_out)]
+        out_specs += [per_chunk_spec, whole(walk.boundary.shape)]
         out_shape += [
             jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
-            jax.ShapeDtypeStruct(boundary_out, F32),
+            jax.ShapeDtypeStruct(walk.boundary.shape, F32),
         ]
     ranges = [seq_chunks] if per_sequence else []
     outs = pl.pallas_call(
@@ -565,76 +534,6 @@ def chunk_states(k, v, g, h0, first_seq, last_seq, **launch):
         [states_walk(k, v, h0)], g, first_seq, last_seq, name="gla_chunk_states", **launch
     )
     return result
-
-
-def segment_ends(rows_: int, num_chunks: int, segment: int):
-    """[B', NC] int32 for a segmented walk's ``last_seq``: each segment's last chunk names its
-    lane (row * segments + segment), every other chunk -1."""
-    segments = num_chunks // segment
-    c = jnp.arange(num_chunks, dtype=jnp.int32)
-    lane = jnp.arange(rows_, dtype=jnp.int32)[:, None] * segments + c // segment
-    return jnp.where((c + 1) % segment == 0, lane, -1)
-
-
-def segment_decays(totals, segment: int):
-    """From each chunk's b_last [B', NC, H, K] (log2 units): each segment's whole decay
-    [B', S, H, K] and each chunk's decay from its segment's start to its own start
-    [B', NC, H, K], both in log2 units (sums of the chunks' totals, in order)."""
-    rows_, num_chunks, heads, key_dim = totals.shape
-    by_segment = totals.reshape(rows_, num_chunks // segment, segment, heads, key_dim)
-    through = jnp.cumsum(by_segment, axis=2)
-    before = jnp.concatenate([jnp.zeros_like(through[:, :, :1]), through[:, :, :-1]], axis=2)
-    return through[:, :, -1], before.reshape(totals.shape)
-
-
-def _segment_carries_kernel(total_ref, end_ref, carry_ref, final_ref, *, segments):
-    def step(s, carry):
-        carry_ref[s] = carry.astype(carry_ref.dtype)
-        return carry * decay(total_ref[pl.ds(s, 1), :]).T + end_ref[s]
-
-    final_ref[...] = lax.fori_loop(0, segments, step, jnp.zeros(final_ref.shape, F32))
-
-
-def segment_carries(ends, segment_totals, *, state_dtype, config, interpret):
-    """The segmented walk's states chained: ends [B' * S, H, K, V] float32 (each segment's end
-    state from a zero start; the first from the row's initial state) and segment_totals
-    [B', S, H, K] (``segment_decays``) -> carries [B', S, H, K, V] in ``state_dtype``, the state
-    entering each segment from all before it (zero for the first), and the rows' final states
-    [B', H, K, V] float32. One program per (row, head, tile) steps through the S segments."""
-    rows_, segments, heads, key_dim = segment_totals.shape
-    value_dim = ends.shape[-1]
-    ends = ends.reshape(rows_, segments, heads, key_dim, value_dim)
-    block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
-
-    per_segment = pl.BlockSpec(
-        (SQUEEZED, segments, SQUEEZED, block_k, block_v),
-        lambda kt, vt, bh: (bh // heads, 0, bh % heads, kt, vt),
-    )
-    return pl.pallas_call(
-        functools.partial(_segment_carries_kernel, segments=segments),
-        out_shape=(
-            jax.ShapeDtypeStruct(ends.shape, state_dtype),
-            jax.ShapeDtypeStruct((rows_, heads, key_dim, value_dim), F32),
-        ),
-        grid=(key_dim // block_k, value_dim // block_v, rows_ * heads),
-        in_specs=[
-            pl.BlockSpec(
-                (SQUEEZED, segments, SQUEEZED, block_k),
-                lambda kt, vt, bh: (bh // heads, 0, bh % heads, kt),
-            ),
-            per_segment,
-        ],
-        out_specs=(
-            per_segment,
-            pl.BlockSpec(
-                (SQUEEZED, SQUEEZED, block_k, block_v),
-                lambda kt, vt, bh: (bh // heads, bh % heads, kt, vt),
-            ),
-        ),
-        compiler_params=params(config.state_warps, 1),
-        interpret=interpret,
-        name="gla_segment_carries",
-    )(segment_totals, ends)
 
 
 # --------------------------------------------------------------------------------------------
@@ -840,9 +739,8 @@ def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype,
 
 
 def _chunk_outputs_kernel(
-    span_ref, q_ref, k_ref, g_ref, h_ref, a_ref, v_ref, *refs, scale, block_v, block_k, dtype
+    span_ref, q_ref, k_ref, g_ref, h_ref, a_ref, v_ref, o_ref, *, scale, block_v, block_k, dtype
 ):
-    *carried_refs, o_ref = refs
     scores = chunk_scores(
         span_ref[...], q_ref, k_ref, g_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
     ).astype(dtype)
@@ -855,56 +753,30 @@ def _chunk_outputs_kernel(
         )
         for ks in pieces
     ]
-    inter = [(factor, state_tile(h_ref, ks)) for factor, ks in zip(q_decayed, pieces, strict=True)]
-    if carried_refs:
-        # A segmented walk's state: its own part plus the carried-in one, decayed from the
-        # segment's start to the chunk's (per K row). That decay goes on the queries, so the
-        # carry is a matmul operand as read, like the state: (q * exp(b + D)) @ carry.
-        entry_ref, carry_ref = carried_refs
-        for factor, ks in zip(q_decayed, pieces, strict=True):
-            carried_factor = carried_query(factor, entry_ref, ks, dtype)
-            inter.append((carried_factor, state_tile(carry_ref, ks)))
-    intra_and_state_tiles(scores, v_ref, inter, o_ref, block_v, dtype)
+
+    intra_and_state_tiles(scores, v_ref, q_decayed, pieces, h_ref, o_ref, block_v, dtype)
 
 
-def state_tile(ref, ks):
-    """vs -> the [BK, BV] tile (ks, vs) of a state ref."""
-    return lambda vs: ref[ks, vs]
-
-
-def carried_query(factor, entry_ref, ks, dtype):
-    """A function forming, inside each V tile, the decayed queries of K piece ``ks`` further
-    decayed by the chunk's decay since its segment's start (``entry_ref`` [1, K], log2 units).
-    Formed per tile rather than held: registers, not arithmetic, limit these kernels."""
-    return lambda: (factor.astype(F32) * decay(entry_ref[:, ks])).astype(dtype)
-
-
-def intra_and_state_tiles(scores, rows_ref, inter, out_ref, block_v, dtype):
-    """out = scores @ rows + sum over ``inter`` of factor @ state tile, a V tile at a time (a
+def intra_and_state_tiles(scores, rows_ref, factors, pieces, state_ref, out_ref, block_v, dtype):
+    """out = scores @ rows + sum over K pieces of factor @ state[piece], a V tile at a time (a
     ``tile_loop``): chunk_outputs' o = A @ v + (q * exp(b)) @ h and value_grads'
-    dv = A^T @ do + (k * exp(b_last - b)) @ dH. ``scores`` [C, C] is formed once by the caller
-    and shared by the tiles; ``inter`` holds (factor, tile) pairs, one per K piece (and per
-    further term): factor [C, BK] (a value formed once, or a function forming it in the tile)
-    and tile(vs), the state's [BK, BV] tile."""
+    dv = A^T @ do + (k * exp(b_last - b)) @ dH. ``scores`` [C, C] and the per-piece ``factors``
+    [C, BK] are formed once by the caller and shared by the tiles."""
 
     def v_tile(vs, carry):
         out = mm(scores, rows_ref[:, vs], dtype)  # intra-chunk
-        for factor, tile in inter:  # inter-chunk, through the state
-            out += mm(factor() if callable(factor) else factor, tile(vs), dtype)
+        for ks, factor in zip(pieces, factors, strict=True):  # inter-chunk, through the state
+            out += mm(factor, state_ref[ks, vs], dtype)
         out_ref[:, vs] = out.astype(out_ref.dtype)
         return carry
 
     tile_loop(rows_ref.shape[1], block_v, v_tile)
 
 
-def chunk_outputs(
-    q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, config, interpret, carried=None
-):
+def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, config, interpret):
     """o [B', Tp, H, V] per (chunk, row * head), V a tile at a time, from the states entering each
     chunk and the intra-chunk scores (``exact``: ``exact_scores``' output, read only for the
-    chunks that are not factorizable). ``carried`` = (entry_decays [B', NC, H, K], carries
-    [B', S, H, K, V], segment) when ``states`` come from a segmented walk: chunk c's state is
-    then states[c] + 2 ** entry_decays[c] (per K row) * carries[c // segment]."""
+    chunks that are not factorizable)."""
     rows_, padded_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     key = chunk_spec(chunk, heads, key_dim)
@@ -916,17 +788,6 @@ def chunk_outputs(
         block_k=min(config.output_block_k, key_dim),
         dtype=q.dtype,
     )
-    carried_specs, carried_inputs = [], []
-    if carried is not None:
-        entry_decays, carries, segment = carried
-        carried_specs = [
-            chunk_row_spec(heads, key_dim),
-            pl.BlockSpec(
-                (SQUEEZED, SQUEEZED, SQUEEZED, key_dim, value_dim),
-                lambda c, bh: (bh // heads, c // segment, bh % heads, 0, 0),
-            ),
-        ]
-        carried_inputs = [entry_decays, carries]
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
@@ -939,10 +800,9 @@ def chunk_outputs(
             state_spec(key_dim, value_dim, heads),
             chunk_spec(chunk, heads, chunk),
             value,
-            *carried_specs,
         ],
         out_specs=value,
         compiler_params=params(config.output_warps, config.output_stages),
         interpret=interpret,
         name="gla_chunk_outputs",
-    )(spans, q, k, g, states, exact, v, *carried_inputs)
+    )(spans, q, k, g, states, exact, v)

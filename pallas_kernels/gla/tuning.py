@@ -53,10 +53,6 @@ class GpuConfig:
     # per row, through every sequence in turn (False). 16 sequences of 2K in one row, 16 x 128
     # (H100, December 5): forward+backward 4.20 ms against 5.05, forward 1.40 against 1.82.
     sequence_walks: bool = True
-    # The forward walk of a row longer than this many chunks runs as segments of about this
-    # many, side by side, each from a zero state; the consumers add each segment's carried-in
-    # state (``walk_segment``). 0: one walk per row.
-    walk_segment_chunks: int = 0
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
@@ -156,22 +152,6 @@ def prefetches(config: GpuConfig, walks: int, programs: int, tile: tuple[int, in
         and programs <= config.prefetch_max_programs
         and tile[0] * tile[1] <= PREFETCH_MAX_TILE
     )
-
-
-def walk_segment(config: GpuConfig, num_chunks: int) -> int | None:
-    """The segment length (chunks) the forward walk of a row of ``num_chunks`` chunks is split
-    into, or None for one walk per row. A row's walk is a chain of dependent steps, so at long T
-    a launch has one program per (row, head, tile), too few to fill the GPU (at 16 x 128 and
-    T = 16K: one per multiprocessor). Segments of equal length, a divisor of ``num_chunks``
-    between half the configured length and all of it, keep the walk's loop bounds static;
-    a row with no such divisor (or no longer than one segment) is walked whole."""
-    target = config.walk_segment_chunks
-    if target <= 0 or num_chunks <= target:
-        return None
-    for length in range(target, max(target // 2, 1) - 1, -1):
-        if num_chunks % length == 0:
-            return length
-    return None
 
 
 def config_for(key_dim: int, value_dim: int, dtype, interpret: bool) -> GpuConfig:
