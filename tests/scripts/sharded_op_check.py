@@ -20,7 +20,7 @@ v = jax.random.normal(keys[3], (B, T, H, V))
 h0 = jax.random.normal(keys[4], (B, H, K, V))
 
 
-def loss(op, q, k, v, g, h0, cu=None):
+def loss(op, q, k, v, g, h0, cu=None, keep=False):
     if cu is not None:
         q, k, v, g = (x.reshape((1, -1) + x.shape[2:]) for x in (q, k, v, g))
     o, final = op(
@@ -33,29 +33,32 @@ def loss(op, q, k, v, g, h0, cu=None):
         cu_seqlens=cu,
         backend=backend,
         interpret=interpret,
+        keep_states=keep,
     )
     return jnp.sum(o * o) + jnp.sum(final * 0.5), (o, final)
 
 
-def run(op, cu=None, initial=True):
+def run(op, cu=None, initial=True, keep=False):
     if initial:
-        f = lambda *a: loss(op, *a, cu=cu)  # noqa: E731
+        f = lambda *a: loss(op, *a, cu=cu, keep=keep)  # noqa: E731
         args = (q, k, v, g, h0)
     else:  # no initial state: the op starts from zeros it makes itself
-        f = lambda *a: loss(op, *a, None, cu=cu)  # noqa: E731
+        f = lambda *a: loss(op, *a, None, cu=cu, keep=keep)  # noqa: E731
         args = (q, k, v, g)
     grad = jax.value_and_grad(f, argnums=tuple(range(len(args))), has_aux=True)
     return jax.jit(grad)(*args)
 
 
-for cu, initial in (
-    (None, True),
-    (jnp.asarray([0, 40, 77, 120, 160], jnp.int32), True),
-    (None, False),
+# keep: the sharded op's backward reads the states its forward kept (a per-shard residual).
+for cu, initial, keep in (
+    (None, True, False),
+    (jnp.asarray([0, 40, 77, 120, 160], jnp.int32), True, False),
+    (None, False, False),
+    (jnp.asarray([0, 40, 77, 120, 160], jnp.int32), True, True),
 ):
     expected = run(api.chunk_gla, cu, initial)
     with jax.set_mesh(make_mesh("2,2,2")):
-        actual = run(ops.chunk_gla, cu, initial)
+        actual = run(ops.chunk_gla, cu, initial, keep)
         hlo = jax.jit(lambda *a, cu=cu: loss(ops.chunk_gla, *a, cu=cu)[0]).lower(q, k, v, g, h0)
         hlo = hlo.as_text()
     assert "manual_computation" in hlo, "the op did not run per shard"
