@@ -63,10 +63,8 @@ def op_for_cuda(
     config = dataclasses.replace(config, **(settings or {}))
 
     def forward_and_backward(q, k, v, g, h0, do, dfinal):
-        if keep_states:
-            o, final, states = gpu.forward_keeping_states(q, k, v, g, h0, None, opts, config)
-        else:
-            (o, final), states = gpu.forward(q, k, v, g, h0, None, opts, config), None
+        o, final, states = gpu.forward_keeping_states(q, k, v, g, h0, None, opts, config)
+        states = states if keep_states else None
         grads = gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config, states=states)
         return (o, final), grads
 

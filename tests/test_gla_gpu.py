@@ -47,6 +47,32 @@ NO_PREFETCH = dict(prefetch_max_programs=0)
 ROW_WALKS = dict(sequence_walks=False)
 
 
+# Rows, and packed rows with strong gates and with empty first and last sequences, in tiles
+# smaller than their head dims.
+SMALL_TILE_CASES = [
+    Case(
+        "tiled_packed",
+        batch=1,
+        seq_len=90,
+        key_dim=32,
+        value_dim=48,
+        gates="strong",
+        cu_seqlens=(0, 30, 30, 90),
+        chunk_size=32,
+    ),
+    Case("tiled_rows", batch=2, seq_len=40, key_dim=32, value_dim=32, chunk_size=16),
+    Case(
+        "packed_empty_ends",
+        batch=1,
+        seq_len=70,
+        key_dim=16,
+        value_dim=32,
+        cu_seqlens=(0, 0, 25, 70, 70),
+        chunk_size=16,
+    ),
+]
+
+
 def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False):
     """``keep_states``: the backward reads the states the forward kept instead of its own walk."""
     q, k, v, g, h0, do, dfinal = _make_inputs(case, seed)
@@ -54,10 +80,8 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
     cu = None if case.cu_seqlens is None else jnp.asarray(case.cu_seqlens, jnp.int32)
     scale = case.scale if case.scale is not None else case.key_dim**-0.5
     opts = api.Options("pallas_gpu", scale, case.chunk_size, True)
-    if keep_states:
-        o, final, states = gpu.forward_keeping_states(q, k, v, g, h0, cu, opts, config)
-    else:
-        (o, final), states = gpu.forward(q, k, v, g, h0, cu, opts, config), None
+    o, final, states = gpu.forward_keeping_states(q, k, v, g, h0, cu, opts, config)
+    states = states if keep_states else None
     grads = gpu.backward(q, k, v, g, h0, cu, do, dfinal, opts, config, states=states)
     expected = gla_oracle(
         q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=case.cu_seqlens, do=do, dfinal=dfinal
@@ -70,32 +94,7 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
     assert all(err <= tol for err in errors.values()), errors
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        Case(
-            "tiled_packed",
-            batch=1,
-            seq_len=90,
-            key_dim=32,
-            value_dim=48,
-            gates="strong",
-            cu_seqlens=(0, 30, 30, 90),
-            chunk_size=32,
-        ),
-        Case("tiled_rows", batch=2, seq_len=40, key_dim=32, value_dim=32, chunk_size=16),
-        Case(
-            "packed_empty_ends",
-            batch=1,
-            seq_len=70,
-            key_dim=16,
-            value_dim=32,
-            cu_seqlens=(0, 0, 25, 70, 70),
-            chunk_size=16,
-        ),
-    ],
-    ids=lambda c: c.name,
-)
+@pytest.mark.parametrize("case", SMALL_TILE_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize(
     "switches",
     [
@@ -122,17 +121,7 @@ def test_small_tiles_match_oracle(case, switches):
 @pytest.mark.parametrize(
     "case",
     [
-        Case("kept_rows", batch=2, seq_len=90, key_dim=32, value_dim=48, chunk_size=16),
-        Case(
-            "kept_packed",
-            batch=1,
-            seq_len=70,
-            key_dim=16,
-            value_dim=32,
-            gates="strong",
-            cu_seqlens=(0, 0, 25, 70, 70),
-            chunk_size=16,
-        ),
+        *SMALL_TILE_CASES,
         Case("kept_bf16", batch=2, seq_len=80, heads=1, dtype=jnp.bfloat16, chunk_size=16),
     ],
     ids=lambda c: c.name,

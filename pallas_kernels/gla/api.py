@@ -114,26 +114,25 @@ def _recomputed_backward(backend, q, k, v, g, initial_state, cu_seqlens, do, dfi
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gla(opts: Options, q, k, v, g, initial_state, cu_seqlens):
+def _forward(opts, q, k, v, g, initial_state, cu_seqlens, keep_states):
+    """((o in q's dtype, final state), the chunk states if ``keep_states`` and the backend keeps
+    them, else None)."""
     backend = _load_backend(opts.backend)
     h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
-    o, final_state = backend.forward(q, k, v, g, h0, cu_seqlens, opts)
-    return o.astype(q.dtype), final_state
+    if keep_states and hasattr(backend, "forward_keeping_states"):
+        o, final_state, states = backend.forward_keeping_states(q, k, v, g, h0, cu_seqlens, opts)
+    else:
+        (o, final_state), states = backend.forward(q, k, v, g, h0, cu_seqlens, opts), None
+    return (o.astype(q.dtype), final_state), states
 
 
-def _keeps_states(backend, opts) -> bool:
-    return opts.keep_states and hasattr(backend, "forward_keeping_states")
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gla(opts: Options, q, k, v, g, initial_state, cu_seqlens):
+    return _forward(opts, q, k, v, g, initial_state, cu_seqlens, keep_states=False)[0]
 
 
 def _gla_fwd(opts, q, k, v, g, initial_state, cu_seqlens):
-    backend = _load_backend(opts.backend)
-    if _keeps_states(backend, opts):
-        h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
-        o, final_state, states = backend.forward_keeping_states(q, k, v, g, h0, cu_seqlens, opts)
-        out = (o.astype(q.dtype), final_state)
-    else:
-        out, states = _gla(opts, q, k, v, g, initial_state, cu_seqlens), None
+    out, states = _forward(opts, q, k, v, g, initial_state, cu_seqlens, opts.keep_states)
     # An absent initial state stays None here: zeros made outside would be one more [N, H, K, V]
     # float32 residual per call, stacked over the layers of a scanned model.
     return out, (q, k, v, g, initial_state, cu_seqlens, states)
