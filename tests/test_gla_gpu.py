@@ -386,7 +386,7 @@ def test_every_factorization_path_matches_oracle(dtype):
 GROUPED_EXACT_CASES = [
     # chunk, log gate of the resets, their positions, the strong chunk and its per-step gate,
     # the exact chunks of the first row, chunks per program (the whole row: 8 or 32)
-    pytest.param(64, (100, 150), 6, -2.0, [1, 2, 6], 8, id="8-of-64"),
+    pytest.param(64, (5, 100, 150), 6, -2.0, [0, 1, 2, 6], 8, id="8-of-64"),
     pytest.param(16, (100, 330), 27, -8.0, [6, 20, 27], 32, id="32-of-16"),
 ]
 

@@ -316,7 +316,10 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype, first_row=0):
         dq, dk = lax.fori_loop(0, sub, column, (jnp.zeros_like(q), jnp.zeros_like(k)))
         return dq, dk, q * dq - k * dk  # float32 products: the pairs cancel to rounding
 
-    return lax.cond(factorizable(diagonal_span(b_ref, base, sub)), factorized, log_space)
+    # The span of the rows this sub-block holds in the refs: a group's chunk c starts at row
+    # first_row, and its decision must not read another chunk's rows.
+    span = diagonal_span(b_ref, first_row + base, sub)
+    return lax.cond(factorizable(span), factorized, log_space)
 
 
 def _factorized_grads(da, q, k, from_mid, dtype):
