@@ -9,8 +9,8 @@ import os
 import pytest
 
 # GLA_TEST_NATIVE_GPU=1 runs the Pallas GPU backend natively (on a GPU machine) instead of in
-# interpret mode.
-_GPU_INTERPRET = os.environ.get("GLA_TEST_NATIVE_GPU", "0") != "1"
+# interpret mode: here and in tests/test_gla_gpu.py's exact-path tests.
+GPU_INTERPRET = os.environ.get("GLA_TEST_NATIVE_GPU", "0") != "1"
 
 # GLA_TEST_GPU_SETTINGS="grad_warps=8,..." runs it under these launch settings
 # (GpuConfig fields, as `benchmarks/kernels.py --set` takes them): a setting is checked by the
@@ -25,7 +25,7 @@ BACKENDS_UNDER_TEST = [
     pytest.param(("xla", False), id="xla"),
     pytest.param(("pallas_tpu", True), id="pallas_tpu_interpret"),
     pytest.param(
-        ("pallas_gpu", _GPU_INTERPRET),
-        id="pallas_gpu_interpret" if _GPU_INTERPRET else "pallas_gpu_native",
+        ("pallas_gpu", GPU_INTERPRET),
+        id="pallas_gpu_interpret" if GPU_INTERPRET else "pallas_gpu_native",
     ),
 ]

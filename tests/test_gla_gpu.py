@@ -12,6 +12,7 @@ import pytest
 
 from gla_jax.ops import chunk_gla
 from pallas_kernels.gla import api, gpu, gpu_forward, tuning
+from tests.gla_backends import GPU_INTERPRET
 from tests.gla_oracle import gla_oracle
 from tests.test_gla_ops import TOLERANCE, Case, _make_inputs, _rel_err
 
@@ -336,13 +337,14 @@ def test_gate_gradient_stays_accurate_over_long_bf16_sequences():
     assert _rel_err(dg, expected["dg"]) <= 8e-3
 
 
-@pytest.fixture(params=["nan", "zeros"])
+@pytest.fixture(params=["nan", "zeros"] if GPU_INTERPRET else ["native"])
 def unwritten_memory(request, monkeypatch):
     """What interpret mode's kernels read where nothing was written: NaN (jax's fill), then
-    zeros. NaN flows into any output it reaches, but a branch that tests it can take its safe
-    side (a NaN span takes the exact path) and hide a read of unwritten memory; zeros, what a
-    GPU's fresh buffers often hold, take the other side, as on the GPU. (Private API: if jax
-    moves it, setattr raises and the tests fail, rather than run with NaN twice.)"""
+    zeros; natively (GLA_TEST_NATIVE_GPU=1), whatever the GPU's memory holds. NaN flows into
+    any output it reaches, but a branch that tests it can take its safe side (a NaN span takes
+    the exact path) and hide a read of unwritten memory; zeros, what a GPU's fresh buffers
+    often hold, take the other side, as on the GPU. (Private API: if jax moves it, setattr
+    raises and the tests fail, rather than run with NaN twice.)"""
     if request.param == "zeros":
         from jax._src.pallas import primitives  # noqa: PLC0415
 
@@ -394,7 +396,7 @@ def test_every_factorization_path_matches_oracle(dtype, unwritten_memory):
     assert bool(jnp.all(_chunk_spans(g_strong) > limit))
     assert 15 * 2.1 * 1.4427 <= limit < 120 * 1.4427  # strong: factorized diagonals; resets: not
     scale = case.key_dim**-0.5
-    opts = api.Options("pallas_gpu", scale, 64, True)
+    opts = api.Options("pallas_gpu", scale, 64, GPU_INTERPRET)
     for gates in (g, g_near, g_strong, g_reset):
         o, final = gpu.forward(q, k, v, gates, h0, None, opts)
         grads = gpu.backward(q, k, v, gates, h0, None, do, dfinal, opts)
@@ -440,12 +442,12 @@ def test_grouped_exact_launches_match_oracle(
     assert [int(c) for c in jnp.nonzero(jnp.all(exact[0], axis=1))[0]] == exact_chunks
     assert int(jnp.sum(jnp.any(exact[0], axis=1))) == len(exact_chunks)
     config = dataclasses.replace(
-        tuning.config_for(32, 32, dtype, interpret=True), exact_min_programs=1
+        tuning.config_for(32, 32, dtype, interpret=GPU_INTERPRET), exact_min_programs=1
     )
     lanes = case.batch * case.heads
     assert gpu_forward.exact_group(num_chunks, lanes, config.exact_min_programs) == group
     scale = case.key_dim**-0.5
-    opts = api.Options("pallas_gpu", scale, chunk, True)
+    opts = api.Options("pallas_gpu", scale, chunk, GPU_INTERPRET)
     o, final = gpu.forward(q, k, v, g, h0, None, opts, config)
     grads = gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config)
     expected = gla_oracle(q, k, v, g, scale=scale, initial_state=h0, do=do, dfinal=dfinal)
