@@ -346,8 +346,9 @@ def unwritten_memory(request, monkeypatch):
     zeros; natively (GLA_TEST_NATIVE_GPU=1), whatever the GPU's memory holds. NaN flows into
     any output it reaches, but a branch that tests it can take its safe side (a NaN span takes
     the exact path) and hide a read of unwritten memory; zeros, what a GPU's fresh buffers
-    often hold, take the other side, as on the GPU. (Private API: if jax moves it, setattr
-    raises and the tests fail, rather than run with NaN twice.)"""
+    often hold, take the other side, as on the GPU. (Private API: ``interpret=True`` has no
+    public fill setting, unlike the Mosaic interpreters' InterpretParams. If jax moves it,
+    setattr raises and the tests fail, rather than run with NaN twice.)"""
     if request.param == "zeros":
         from jax._src.pallas import primitives  # noqa: PLC0415
 

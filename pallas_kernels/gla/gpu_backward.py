@@ -300,7 +300,7 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype, first_row=0):
     own_rows = pl.ds(first_row + base, sub)
 
     def factorized():
-        from_mid = b - row(b_ref, first_row + base + sub // 2)
+        from_mid = b - row(b_ref, own_rows.start + sub // 2)
         return _factorized_grads(da_ref[own_rows, own], q, k, from_mid, dtype)
 
     def column(c, grads):
@@ -316,9 +316,9 @@ def _diagonal_grads(refs, own, q, k, b, *, scale, dtype, first_row=0):
         dq, dk = lax.fori_loop(0, sub, column, (jnp.zeros_like(q), jnp.zeros_like(k)))
         return dq, dk, q * dq - k * dk  # float32 products: the pairs cancel to rounding
 
-    # The span of the rows this sub-block holds in the refs: a group's chunk c starts at row
-    # first_row, and its decision must not read another chunk's rows.
-    span = diagonal_span(b_ref, first_row + base, sub)
+    # The span of own_rows, the rows every other read here uses: in a group, the sub-block's
+    # position in its chunk would be chunk 0's rows.
+    span = diagonal_span(b_ref, own_rows.start, sub)
     return lax.cond(factorizable(span), factorized, log_space)
 
 
