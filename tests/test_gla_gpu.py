@@ -43,8 +43,6 @@ SMALL_TILES = tuning.GpuConfig(
 UNPAIRED = dict(paired_walks=False)
 # Single walks that load each chunk as they reach it (small launches load the next one ahead).
 NO_PREFETCH = dict(prefetch_max_programs=0)
-# The backward's paired walks load each chunk ahead too.
-PAIRS_PREFETCH = dict(prefetch_pairs=True)
 # A packed row's walks one program per row, through its sequences in turn (the default is one
 # program per sequence).
 ROW_WALKS = dict(sequence_walks=False)
@@ -102,7 +100,6 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
     "switches",
     [
         {},
-        PAIRS_PREFETCH,
         UNPAIRED,
         {**UNPAIRED, **NO_PREFETCH},
         ROW_WALKS,
@@ -111,7 +108,6 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
     ],
     ids=[
         "paired",
-        "paired_prefetch",
         "unpaired",
         "unpaired_no_prefetch",
         "row_walks",
@@ -543,19 +539,6 @@ def test_only_small_single_walk_launches_prefetch(walks, programs, tile, expecte
     config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False)
     assert tuning.prefetches(config, walks, programs, tile) is expected
     assert not tuning.prefetches(dataclasses.replace(config, **NO_PREFETCH), walks, programs, tile)
-
-
-def test_eight_warp_walks_prefetch_twice_the_tile():
-    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False)
-    wide = dataclasses.replace(config, prefetch_warps=8)
-    assert not tuning.prefetches(config, 1, 128, (64, 128))
-    assert tuning.prefetches(wide, 1, 128, (64, 128))
-    assert not tuning.prefetches(wide, 1, 128, (128, 128))
-    assert not tuning.prefetches(wide, 2, 128, (64, 128))
-    assert tuning.prefetches(dataclasses.replace(wide, **PAIRS_PREFETCH), 2, 128, (64, 128))
-    # Only a prefetching launch takes the prefetch warps.
-    assert tuning.walk_warps(wide, prefetch=True) == 8
-    assert tuning.walk_warps(wide, prefetch=False) == config.state_warps
 
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])

@@ -447,9 +447,12 @@ def state_walks(
         (SQUEEZED, num_chunks, SQUEEZED, block_k, block_v),
         lambda kt, vt, i: (row_of(i), 0, (i // count) % heads, kt, vt),
     )
-    prefetch = tuning.prefetches(config, count, programs, (block_k, block_v))
     common = dict(
-        chunk=chunk, block_k=block_k, block_v=block_v, dtype=first.dtype, prefetch=prefetch
+        chunk=chunk,
+        block_k=block_k,
+        block_v=block_v,
+        dtype=first.dtype,
+        prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
     )
 
     def kernel(first_ref, last_ref, *refs):
@@ -512,7 +515,7 @@ def state_walks(
             *in_specs,
         ],
         out_specs=tuple(out_specs),
-        compiler_params=params(tuning.walk_warps(config, prefetch), config.state_stages),
+        compiler_params=params(config.state_warps, config.state_stages),
         interpret=interpret,
         name=name,
     )(first_seq, last_seq, *ranges, g, *inputs)

@@ -49,13 +49,6 @@ class GpuConfig:
     # A launch of one walk loads each next chunk ahead (``gpu_forward.walk_chunks``) when it has
     # at most this many programs: one per multiprocessor of the H200. 0: never.
     prefetch_max_programs: int = 132
-    # The backward's pair prefetches too, under the same program and tile limits (two walks'
-    # carried tiles in one kernel: at 4 warps they spilled, version 6.1).
-    prefetch_pairs: bool = False
-    # A prefetching walk's warps. The next chunk it carries beside its float32 state takes
-    # registers; 8 warps hold half as many per thread, so they may carry twice the tile
-    # (``prefetches``). 4: as the other walks.
-    prefetch_warps: int = 4
     # A packed row's state walks: one program per sequence, walking its own chunks (True), or one
     # per row, through every sequence in turn (False). 16 sequences of 2K in one row, 16 x 128
     # (H100, December 5): forward+backward 4.20 ms against 5.05, forward 1.40 against 1.82.
@@ -141,9 +134,9 @@ def state_tiles(config: GpuConfig, key_dim: int, value_dim: int, walks: int) -> 
     return block_k, block_v
 
 
-# The largest state tile (elements) a prefetching walk of 4 warps carries: with the next chunk's
-# [C, BK] keys and gates and [C, BV] values held across a step beside the float32 [BK, BV] state, a
-# 64 x 128 tile spills (below). A walk of more warps carries proportionally more.
+# The largest state tile (elements) a prefetching walk carries: with the next chunk's [C, BK] keys
+# and gates and [C, BV] values held across a step beside the float32 [BK, BV] state, a 64 x 128
+# tile spills (below).
 PREFETCH_MAX_TILE = 64 * 64
 
 
@@ -155,15 +148,10 @@ def prefetches(config: GpuConfig, walks: int, programs: int, tile: tuple[int, in
     lost 0.31 ms and the paper shape's at 16K (128 of 64 x 128) 0.56; at T = 2K (512 programs)
     0.23, and two walks in one launch (the backward's pair) took twice as long at 16K."""
     return (
-        (walks == 1 or config.prefetch_pairs)
+        walks == 1
         and programs <= config.prefetch_max_programs
-        and tile[0] * tile[1] <= PREFETCH_MAX_TILE * config.prefetch_warps // 4
+        and tile[0] * tile[1] <= PREFETCH_MAX_TILE
     )
-
-
-def walk_warps(config: GpuConfig, prefetch: bool) -> int:
-    """The warps of a state-walk launch, given whether it prefetches (``prefetches``)."""
-    return config.prefetch_warps if prefetch else config.state_warps
 
 
 def config_for(key_dim: int, value_dim: int, dtype, interpret: bool) -> GpuConfig:
