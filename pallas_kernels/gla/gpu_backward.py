@@ -385,24 +385,29 @@ def _factorized_key_grads_kernel(
     @pl.when(factorizable(span_ref[...]))
     def _():
         chunk = q_ref.shape[0]
+        # The V loop first, while only its accumulators are live; the [C, BK] operands it does
+        # not need (q, k, the gate sums) are read and formed after it, one at a time.
+        dq, dk, h_dh = _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype)
         g = g_ref[...]
-        q, k = q_ref[...].astype(F32) * scale, k_ref[...].astype(F32)
-        gates = (gate_sums(g, "from_start"), gate_sums(g, "to_end"), gate_total(g))
-        dq, dk, d_last = _inter_chunk_start(k, v_ref, do_ref, h_ref, dh_ref, gates, block_v, dtype)
-        dq_intra, dk_intra, db_intra = _factorized_grads(
-            da_ref[...], q, k, gate_sums(g, "from_mid"), dtype
-        )
-        _store_grads(
-            pl.ds(0, chunk),
-            dq + dq_intra,
-            dk + dk_intra,
-            q * dq - k * dk + db_intra,
-            d_last,
-            dq_ref,
-            dk_ref,
-            dg_ref,
-            scale,
-        )
+        total = gate_total(g)
+        b = gate_sums(g, "from_start")
+        dq = dq * decay(b)
+        dk = dk * decay(total - b)
+        d_last = decay(total) * h_dh + jnp.sum(k_ref[...].astype(F32) * dk, axis=0, keepdims=True)
+        from_mid = b - gate_total(g, upto=chunk // 2)
+        operands = factor_dtype(dtype)
+        db = (q_ref[...].astype(F32) * scale) * dq - k_ref[...].astype(F32) * dk
+        da = da_ref[...]
+        k_hat = (k_ref[...].astype(F32) * decay(-from_mid)).astype(operands)
+        dq_hat = mm(da, k_hat, operands)
+        dq_ref[...] = ((dq + dq_hat * decay(from_mid)) * scale).astype(dq_ref.dtype)
+        q_hat = (q_ref[...].astype(F32) * scale * decay(from_mid)).astype(operands)
+        db += q_hat.astype(F32) * dq_hat
+        dk_hat = mm_tn(da, q_hat, operands)
+        db -= k_hat.astype(F32) * dk_hat
+        dk_ref[...] = (dk + dk_hat * decay(-from_mid)).astype(dk_ref.dtype)
+        total_db = jnp.sum(db, axis=0, keepdims=True)
+        dg_ref[...] = (d_last + total_db - jnp.cumsum(db, axis=0) + db).astype(dg_ref.dtype)
 
 
 def _exact_key_grads_kernel(

@@ -249,9 +249,13 @@ def gate_sums(g, kind: str):
     return total * LOG2E
 
 
-def gate_total(g):
-    """[1, BK] float32: b_last, the chunk's whole decay in log2 units."""
-    return jnp.sum(g.astype(F32), axis=0, keepdims=True) * LOG2E
+def gate_total(g, upto=None):
+    """[1, BK] float32: b_last, the chunk's whole decay in log2 units; or with ``upto``, b at
+    that row (the sum of the gates up to and including it)."""
+    g = g.astype(F32)
+    if upto is not None:
+        g = jnp.where(lax.broadcasted_iota(jnp.int32, g.shape, 0) <= upto, g, 0.0)
+    return jnp.sum(g, axis=0, keepdims=True) * LOG2E
 
 
 def _gate_spans_kernel(g_ref, span_ref, b_ref):
