@@ -357,6 +357,11 @@ def _store_grads(rows_, dq, dk, db, carry, dq_ref, dk_ref, dg_ref, scale):
     summed over the chunk's later rows plus dL/db_last; returns it with these rows' db added."""
     dq_ref[rows_, :] = (dq * scale).astype(dq_ref.dtype)
     dk_ref[rows_, :] = dk.astype(dk_ref.dtype)
+    return _store_gate_grads(rows_, db, carry, dg_ref)
+
+
+def _store_gate_grads(rows_, db, carry, dg_ref):
+    """Writes dg for ``rows_`` from their dL/db and ``carry`` (as in ``_store_grads``)."""
     total = jnp.sum(db, axis=0, keepdims=True)
     dg_ref[rows_, :] = (carry + total - jnp.cumsum(db, axis=0) + db).astype(dg_ref.dtype)
     return carry + total
@@ -380,34 +385,39 @@ def _factorized_key_grads_kernel(
     block_v,
     dtype,
 ):
-    """The whole chunk's intra-chunk terms as two matmuls, factorized around its middle row."""
+    """The whole chunk's intra-chunk terms as two matmuls, factorized around its middle row.
+
+    Ordered for registers, the limit of this kernel (two programs of 4 warps a multiprocessor):
+    the chunk's own operands are loaded before the V loop as stored (half the registers of their
+    float32 forms), so their loads overlap the loop; what is formed from them (the gate sums,
+    the factors) comes after it, one factor at a time, and dq is stored as soon as it is final.
+    These are ``_factorized_grads``' products, interleaved with the stores."""
 
     @pl.when(factorizable(span_ref[...]))
     def _():
         chunk = q_ref.shape[0]
-        # The V loop first, while only its accumulators are live; the [C, BK] operands it does
-        # not need (q, k, the gate sums) are read and formed after it, one at a time.
+        g, q_in, k_in, da = g_ref[...], q_ref[...], k_ref[...], da_ref[...]
         dq, dk, h_dh = _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype)
-        g = g_ref[...]
+        # One gate-sum matmul: b_last - b and b - b_mid follow from b and column sums.
         total = gate_total(g)
         b = gate_sums(g, "from_start")
         dq = dq * decay(b)
         dk = dk * decay(total - b)
-        d_last = decay(total) * h_dh + jnp.sum(k_ref[...].astype(F32) * dk, axis=0, keepdims=True)
+        d_last = decay(total) * h_dh + jnp.sum(k_in.astype(F32) * dk, axis=0, keepdims=True)
         from_mid = b - gate_total(g, upto=chunk // 2)
         operands = factor_dtype(dtype)
-        db = (q_ref[...].astype(F32) * scale) * dq - k_ref[...].astype(F32) * dk
-        da = da_ref[...]
-        k_hat = (k_ref[...].astype(F32) * decay(-from_mid)).astype(operands)
+        # dL/db: the inter-chunk terms from dq and dk as they stand, the intra-chunk ones from
+        # the rounded factors (``_factorized_grads`` says why).
+        db = (q_in.astype(F32) * scale) * dq - k_in.astype(F32) * dk
+        k_hat = (k_in.astype(F32) * decay(-from_mid)).astype(operands)
         dq_hat = mm(da, k_hat, operands)
         dq_ref[...] = ((dq + dq_hat * decay(from_mid)) * scale).astype(dq_ref.dtype)
-        q_hat = (q_ref[...].astype(F32) * scale * decay(from_mid)).astype(operands)
+        q_hat = (q_in.astype(F32) * scale * decay(from_mid)).astype(operands)
         db += q_hat.astype(F32) * dq_hat
         dk_hat = mm_tn(da, q_hat, operands)
         db -= k_hat.astype(F32) * dk_hat
         dk_ref[...] = (dk + dk_hat * decay(-from_mid)).astype(dk_ref.dtype)
-        total_db = jnp.sum(db, axis=0, keepdims=True)
-        dg_ref[...] = (d_last + total_db - jnp.cumsum(db, axis=0) + db).astype(dg_ref.dtype)
+        _store_gate_grads(pl.ds(0, chunk), db, d_last, dg_ref)
 
 
 def _exact_key_grads_kernel(
