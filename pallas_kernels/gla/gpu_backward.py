@@ -12,7 +12,7 @@ forming the sums of its chunks' log gates that it needs, as in the forward: ``ga
   the recompute of the chunk states: two independent walks, side by side.
 * ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, in the factors' operand dtype.
 * ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head), A^T
-  formed in place once per chunk (``chunk_scores(transposed=True)``), as the forward's
+  formed in place once per chunk (``scores_and_factors(transposed=True)``), as the forward's
   chunk_outputs forms A, and the decayed keys once for all V tiles.
 * ``query_key_grads``: per (K tile, chunk, row * head): the inter-chunk terms ``do @ h^T`` and
   ``v @ dH^T``, then the intra-chunk terms from dA, and the gate gradient dg of the chunk. Like
@@ -47,7 +47,6 @@ from pallas_kernels.gla.gpu_forward import (
     StateWalk,
     causal_mask,
     chunk_rows,
-    chunk_scores,
     chunk_spec,
     decay,
     diagonal_span,
@@ -66,6 +65,7 @@ from pallas_kernels.gla.gpu_forward import (
     row,
     rows,
     safe_decay,
+    scores_and_factors,
     span_spec,
     split_rows,
     state_spec,
@@ -200,7 +200,7 @@ def score_grads(do, v, *, chunk, config, interpret):
 def _value_grads_kernel(
     span_ref, q_ref, k_ref, g_ref, a_ref, do_ref, dh_ref, dv_ref, *, scale, block_v, block_k, dtype
 ):
-    scores_t = chunk_scores(
+    scores_t, k_to_end = scores_and_factors(
         span_ref[...],
         q_ref,
         k_ref,
@@ -210,15 +210,11 @@ def _value_grads_kernel(
         block_k=block_k,
         dtype=dtype,
         transposed=True,
-    ).astype(dtype)
-    # The keys decayed to the chunk's end, per K piece, formed once for all V tiles.
+    )
     pieces = key_pieces(k_ref.shape[1], block_k)
-    k_to_end = [
-        (k_ref[:, ks].astype(F32) * decay(gate_sums(g_ref[:, ks], "to_end"))).astype(dtype)
-        for ks in pieces
-    ]
-
-    intra_and_state_tiles(scores_t, do_ref, k_to_end, pieces, dh_ref, dv_ref, block_v, dtype)
+    intra_and_state_tiles(
+        scores_t.astype(dtype), do_ref, k_to_end, pieces, dh_ref, dv_ref, block_v, dtype
+    )
 
 
 def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):

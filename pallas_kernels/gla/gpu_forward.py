@@ -30,15 +30,14 @@ library routine.
   shape the forward's extra time over mild gates fell from 0.079 to 0.040 ms (H200). A program
   takes a group of up to 8 consecutive chunks and passes over the factorizable ones
   (``exact_group``).
-* ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head), V a tile
-  at a time. For a chunk whose span is at most ``FACTORIZE_SPAN`` (every chunk under ordinary
-  gates) A is computed in place as one tensor-core matmul,
-  ``(q * exp(b - b_mid)) @ (k * exp(b_mid - b))^T``, both factors within 2 ** +-48, and never
-  stored (``chunk_scores``); for the others it is read from ``exact_scores``; either way once per
-  chunk, shared by the V tiles. A separate launch for the exact path rather than a branch that
-  computes it: a kernel's registers are allocated for its widest branch, and the exact path's
-  would slow the common one (measured: one kernel with both took 1.63 ms where the whole-chunk
-  matmul takes 0.27 ms, T = 2K, 16 x 128, H200).
+* ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head), V a tile at a
+  time. For a chunk whose span is at most ``FACTORIZE_SPAN`` (every chunk under ordinary gates) A is
+  computed in place as one tensor-core matmul, ``(q * exp(b - b_mid)) @ (k * exp(b_mid - b))^T``,
+  both factors within 2 ** +-48, and never stored (``scores_and_factors``); for the others it is
+  read from ``exact_scores``; either way once per chunk, shared by the V tiles. A separate launch
+  for the exact path rather than a branch that computes it: a kernel's registers are allocated for
+  its widest branch, and the exact path's would slow the common one (measured: one kernel with both
+  took 1.63 ms where the whole-chunk matmul takes 0.27 ms, T = 2K, 16 x 128, H200).
 
 Every exponent that could be positive for a masked entry is clamped at 0 first, so nothing
 overflows.
@@ -711,30 +710,57 @@ def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     )(spans, q, k, b)
 
 
-def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype, transposed=False):
-    """The chunk's causal scores A [C, C] (zero above the diagonal) inside a kernel: where ``span``
-    allows, one matmul factorized around the middle row, K a piece at a time; else the rows
-    ``exact_scores`` wrote. The load branch is light, so the common path keeps its registers.
-    ``transposed``: A^T, formed as such (keys on the left) rather than transposed afterwards, for
-    value_grads' A^T @ do."""
+def scores_and_factors(
+    span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype, transposed=False
+):
+    """Inside a kernel, the chunk's causal scores A [C, C] (zero above the diagonal) and one
+    decayed factor [C, BK] per K piece in ``dtype``, which the V tiles share: for chunk_outputs
+    the decayed queries q * scale * exp(b); with ``transposed``, for value_grads, A^T (formed as
+    such, keys on the left, rather than transposed afterwards) and the keys decayed to the
+    chunk's end, k * exp(b_last - b).
+
+    One pass over the K pieces, each piece's q, k and g read once and the next piece's loads
+    issued before this piece's arithmetic, so that they wait in flight rather than in turn. Per
+    piece one gate-sum matmul forms the factor's exponent (b_last - b as its own sum, not as a
+    difference, which would lose its small values to the rounding of large ones under strong
+    gates), and b - b_mid follows from it and column sums. Where ``span`` allows, A is the sum of
+    the pieces' factorized terms around the middle row; else the rows ``exact_scores`` wrote,
+    and the factorized terms formed for such a chunk are discarded, their exponents clamped so
+    that nothing overflows."""
     chunk, key_dim = q_ref.shape
+    pieces = key_pieces(key_dim, block_k)
+    mid = chunk // 2
+
+    def load(ks):
+        return q_ref[:, ks], k_ref[:, ks], g_ref[:, ks]
+
+    scores, factors, ahead = jnp.zeros((chunk, chunk), F32), [], load(pieces[0])
+    for i in range(len(pieces)):
+        q, k, g = ahead
+        if i + 1 < len(pieces):
+            ahead = load(pieces[i + 1])
+        q, k = q.astype(F32) * scale, k.astype(F32)
+        if transposed:
+            to_end = gate_sums(g, "to_end")
+            factors.append((k * decay(to_end)).astype(dtype))
+            from_mid = gate_total(g) - gate_total(g, upto=mid) - to_end
+        else:
+            b = gate_sums(g, "from_start")
+            factors.append((q * decay(b)).astype(dtype))
+            from_mid = b - gate_total(g, upto=mid)
+        from_mid = jnp.clip(from_mid, -FACTORIZE_SPAN, FACTORIZE_SPAN)
+        if transposed:  # the same factors, keys on the left
+            scores += factorized_scores(k, q, -from_mid, dtype)
+        else:
+            scores += factorized_scores(q, k, from_mid, dtype)
 
     def factorized():
-        scores = jnp.zeros((chunk, chunk), F32)
-        for ks in key_pieces(key_dim, block_k):
-            q = q_ref[:, ks].astype(F32) * scale
-            k = k_ref[:, ks].astype(F32)
-            from_mid = gate_sums(g_ref[:, ks], "from_mid")
-            if transposed:  # the same factors, keys on the left
-                scores += factorized_scores(k, q, -from_mid, dtype)
-            else:
-                scores += factorized_scores(q, k, from_mid, dtype)
         return jnp.where(causal_mask(chunk, transposed), scores, 0.0)
 
     def exact():
         return exact_ref[...].T if transposed else exact_ref[...]
 
-    return lax.cond(factorizable(span), factorized, exact)
+    return lax.cond(factorizable(span), factorized, exact), factors
 
 
 # --------------------------------------------------------------------------------------------
@@ -745,20 +771,20 @@ def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype,
 def _chunk_outputs_kernel(
     span_ref, q_ref, k_ref, g_ref, h_ref, a_ref, v_ref, o_ref, *, scale, block_v, block_k, dtype
 ):
-    scores = chunk_scores(
-        span_ref[...], q_ref, k_ref, g_ref, a_ref, scale=scale, block_k=block_k, dtype=dtype
-    ).astype(dtype)
-    # The decayed queries of each K piece, formed once for all V tiles, in the matmul operand
-    # dtype (the rounding the product applies anyway).
+    scores, q_decayed = scores_and_factors(
+        span_ref[...],
+        q_ref,
+        k_ref,
+        g_ref,
+        a_ref,
+        scale=scale,
+        block_k=block_k,
+        dtype=dtype,
+    )
     pieces = key_pieces(q_ref.shape[1], block_k)
-    q_decayed = [
-        (q_ref[:, ks].astype(F32) * (scale * decay(gate_sums(g_ref[:, ks], "from_start")))).astype(
-            dtype
-        )
-        for ks in pieces
-    ]
-
-    intra_and_state_tiles(scores, v_ref, q_decayed, pieces, h_ref, o_ref, block_v, dtype)
+    intra_and_state_tiles(
+        scores.astype(dtype), v_ref, q_decayed, pieces, h_ref, o_ref, block_v, dtype
+    )
 
 
 def intra_and_state_tiles(scores, rows_ref, factors, pieces, state_ref, out_ref, block_v, dtype):
