@@ -719,8 +719,8 @@ def scores_and_factors(
     such, keys on the left, rather than transposed afterwards) and the keys decayed to the
     chunk's end, k * exp(b_last - b).
 
-    One pass over the K pieces, each piece's q, k and g read once and the next piece's loads
-    issued before this piece's arithmetic, so that they wait in flight rather than in turn. Per
+    One pass over the K pieces, each piece's q, k and g read once (loading the next piece ahead
+    of this one's arithmetic was no faster, and slower where it spilled: BENCHMARKS.md). Per
     piece one gate-sum matmul forms the factor's exponent (b_last - b as its own sum, not as a
     difference, which would lose its small values to the rounding of large ones under strong
     gates), and b - b_mid follows from it and column sums. Where ``span`` allows, A is the sum of
@@ -734,11 +734,9 @@ def scores_and_factors(
     def load(ks):
         return q_ref[:, ks], k_ref[:, ks], g_ref[:, ks]
 
-    scores, factors, ahead = jnp.zeros((chunk, chunk), F32), [], load(pieces[0])
-    for i in range(len(pieces)):
-        q, k, g = ahead
-        if i + 1 < len(pieces):
-            ahead = load(pieces[i + 1])
+    scores, factors = jnp.zeros((chunk, chunk), F32), []
+    for ks in pieces:
+        q, k, g = load(ks)
         q, k = q.astype(F32) * scale, k.astype(F32)
         if transposed:
             to_end = gate_sums(g, "to_end")
