@@ -12,7 +12,7 @@ forming the sums of its chunks' log gates that it needs, as in the forward: ``ga
   the recompute of the chunk states: two independent walks, side by side.
 * ``score_grads``: ``dA = do @ v^T`` per chunk, causal-masked, in the factors' operand dtype.
 * ``value_grads``: ``dv = A^T @ do + (k * exp(b_last - b)) @ dH`` per (chunk, row * head), A^T
-  formed in place once per chunk (``scores_and_factors(transposed=True)``), as the forward's
+  formed in place once per chunk (``scored_tiles_kernel(transposed=True)``), as the forward's
   chunk_outputs forms A, and the decayed keys once for all V tiles.
 * ``query_key_grads``: per (K tile, chunk, row * head): the inter-chunk terms ``do @ h^T`` and
   ``v @ dH^T``, then the intra-chunk terms from dA, and the gate gradient dg of the chunk. Like
@@ -56,8 +56,6 @@ from pallas_kernels.gla.gpu_forward import (
     factorizable,
     gate_sums,
     gate_total,
-    intra_and_state_tiles,
-    key_pieces,
     mm,
     mm_nt,
     mm_tn,
@@ -65,7 +63,7 @@ from pallas_kernels.gla.gpu_forward import (
     row,
     rows,
     safe_decay,
-    scores_and_factors,
+    scored_tiles_kernel,
     span_spec,
     split_rows,
     state_spec,
@@ -197,26 +195,6 @@ def score_grads(do, v, *, chunk, config, interpret):
 # --------------------------------------------------------------------------------------------
 
 
-def _value_grads_kernel(
-    span_ref, q_ref, k_ref, g_ref, a_ref, do_ref, dh_ref, dv_ref, *, scale, block_v, block_k, dtype
-):
-    scores_t, k_to_end = scores_and_factors(
-        span_ref[...],
-        q_ref,
-        k_ref,
-        g_ref,
-        a_ref,
-        scale=scale,
-        block_k=block_k,
-        dtype=dtype,
-        transposed=True,
-    )
-    pieces = key_pieces(k_ref.shape[1], block_k)
-    intra_and_state_tiles(
-        scores_t.astype(dtype), do_ref, k_to_end, pieces, dh_ref, dv_ref, block_v, dtype
-    )
-
-
 def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):
     """dv [B', Tp, H, V] per (chunk, row * head), V a tile at a time; A as in chunk_outputs
     (formed in place once per chunk, or read from ``exact``)."""
@@ -226,11 +204,12 @@ def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, 
     value = chunk_spec(chunk, heads, value_dim)
     return pl.pallas_call(
         functools.partial(
-            _value_grads_kernel,
+            scored_tiles_kernel,
             scale=scale,
             block_v=min(config.value_block_v, value_dim),
             block_k=min(config.value_block_k, key_dim),
             dtype=k.dtype,
+            transposed=True,
         ),
         out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
         grid=(padded_len // chunk, rows_ * heads),

@@ -540,7 +540,7 @@ def chunk_states(k, v, g, h0, first_seq, last_seq, **launch):
 
 
 # --------------------------------------------------------------------------------------------
-# Intra-chunk scores: exact_scores, chunk_scores
+# Intra-chunk scores: exact_scores, scores_and_factors
 # --------------------------------------------------------------------------------------------
 
 
@@ -686,7 +686,7 @@ def exact_group(num_chunks: int, lanes: int, min_programs: int) -> int:
 def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     """A [B', Tp, H, C] float32, scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i, written for
     the chunks that are not ``factorizable`` only: the kernels that use A compute it themselves
-    for the others (``chunk_scores``), and those rows of this buffer are left unwritten. Each
+    for the others (``scores_and_factors``), and those rows of this buffer are left unwritten. Each
     program loops over a group of consecutive chunks (``exact_group``), passing over the others
     after reading their spans."""
     rows_, padded_len, heads, key_dim = q.shape
@@ -766,30 +766,39 @@ def scores_and_factors(
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_outputs_kernel(
-    span_ref, q_ref, k_ref, g_ref, h_ref, a_ref, v_ref, o_ref, *, scale, block_v, block_k, dtype
+def scored_tiles_kernel(
+    span_ref,
+    q_ref,
+    k_ref,
+    g_ref,
+    exact_ref,
+    rows_ref,
+    state_ref,
+    out_ref,
+    *,
+    scale,
+    block_v,
+    block_k,
+    dtype,
+    transposed=False,
 ):
-    scores, q_decayed = scores_and_factors(
+    """out = scores @ rows + sum over K pieces of factor @ state[piece], a V tile at a time (a
+    ``tile_loop``): chunk_outputs' o = A @ v + (q * scale * exp(b)) @ h, or with ``transposed``
+    value_grads' dv = A^T @ do + (k * exp(b_last - b)) @ dH. The scores and the per-piece
+    factors (``scores_and_factors``) are formed once and shared by the tiles."""
+    scores, factors = scores_and_factors(
         span_ref[...],
         q_ref,
         k_ref,
         g_ref,
-        a_ref,
+        exact_ref,
         scale=scale,
         block_k=block_k,
         dtype=dtype,
+        transposed=transposed,
     )
+    scores = scores.astype(dtype)
     pieces = key_pieces(q_ref.shape[1], block_k)
-    intra_and_state_tiles(
-        scores.astype(dtype), v_ref, q_decayed, pieces, h_ref, o_ref, block_v, dtype
-    )
-
-
-def intra_and_state_tiles(scores, rows_ref, factors, pieces, state_ref, out_ref, block_v, dtype):
-    """out = scores @ rows + sum over K pieces of factor @ state[piece], a V tile at a time (a
-    ``tile_loop``): chunk_outputs' o = A @ v + (q * exp(b)) @ h and value_grads'
-    dv = A^T @ do + (k * exp(b_last - b)) @ dH. ``scores`` [C, C] and the per-piece ``factors``
-    [C, BK] are formed once by the caller and shared by the tiles."""
 
     def v_tile(vs, carry):
         out = mm(scores, rows_ref[:, vs], dtype)  # intra-chunk
@@ -810,7 +819,7 @@ def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, 
     key = chunk_spec(chunk, heads, key_dim)
     value = chunk_spec(chunk, heads, value_dim)
     kernel = functools.partial(
-        _chunk_outputs_kernel,
+        scored_tiles_kernel,
         scale=scale,
         block_v=min(config.output_block_v, value_dim),
         block_k=min(config.output_block_k, key_dim),
@@ -825,12 +834,12 @@ def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, 
             key,
             key,
             key,
-            state_spec(key_dim, value_dim, heads),
             chunk_spec(chunk, heads, chunk),
             value,
+            state_spec(key_dim, value_dim, heads),
         ],
         out_specs=value,
         compiler_params=params(config.output_warps, config.output_stages),
         interpret=interpret,
         name="gla_chunk_outputs",
-    )(spans, q, k, g, states, exact, v)
+    )(spans, q, k, g, exact, v, states)
