@@ -723,20 +723,17 @@ def scores_and_factors(
     of this one's arithmetic was no faster, and slower where it spilled: BENCHMARKS.md). Per
     piece one gate-sum matmul forms the factor's exponent (b_last - b as its own sum, not as a
     difference, which would lose its small values to the rounding of large ones under strong
-    gates), and b - b_mid follows from it and column sums. Where ``span`` allows, A is the sum of
-    the pieces' factorized terms around the middle row; else the rows ``exact_scores`` wrote,
-    and the factorized terms formed for such a chunk are discarded, their exponents clamped so
-    that nothing overflows."""
+    gates), and b - b_mid follows from it and column sums (as in query_key_grads' factorized
+    kernel; the sums it comes from hold the chunk's first gate, the one gate the span does not
+    bound, so a first gate of size G rounds b - b_mid by about G * 2 ** -24). Where ``span``
+    allows, A is the sum of the pieces' factorized terms around the middle row; else the rows
+    ``exact_scores`` wrote, and the factorized terms formed for such a chunk are discarded, their
+    exponents clamped so that nothing overflows."""
     chunk, key_dim = q_ref.shape
-    pieces = key_pieces(key_dim, block_k)
     mid = chunk // 2
-
-    def load(ks):
-        return q_ref[:, ks], k_ref[:, ks], g_ref[:, ks]
-
     scores, factors = jnp.zeros((chunk, chunk), F32), []
-    for ks in pieces:
-        q, k, g = load(ks)
+    for ks in key_pieces(key_dim, block_k):
+        q, k, g = q_ref[:, ks], k_ref[:, ks], g_ref[:, ks]
         q, k = q.astype(F32) * scale, k.astype(F32)
         if transposed:
             to_end = gate_sums(g, "to_end")
