@@ -33,7 +33,7 @@ library routine.
 * ``chunk_outputs``: ``o = (q * scale * exp(b)) @ h + A @ v`` per (chunk, row * head), V a tile at a
   time. For a chunk whose span is at most ``FACTORIZE_SPAN`` (every chunk under ordinary gates) A is
   computed in place as one tensor-core matmul, ``(q * exp(b - b_mid)) @ (k * exp(b_mid - b))^T``,
-  both factors within 2 ** +-48, and never stored (``scores_and_factors``); for the others it is
+  both factors within 2 ** +-48, and never stored (``chunk_scores``); for the others it is
   read from ``exact_scores``; either way once per chunk, shared by the V tiles. A separate launch
   for the exact path rather than a branch that computes it: a kernel's registers are allocated for
   its widest branch, and the exact path's would slow the common one (measured: one kernel with both
@@ -540,7 +540,7 @@ def chunk_states(k, v, g, h0, first_seq, last_seq, **launch):
 
 
 # --------------------------------------------------------------------------------------------
-# Intra-chunk scores: exact_scores, scores_and_factors
+# Intra-chunk scores: exact_scores, chunk_scores, transposed_scores_and_decayed_keys
 # --------------------------------------------------------------------------------------------
 
 
@@ -686,9 +686,9 @@ def exact_group(num_chunks: int, lanes: int, min_programs: int) -> int:
 def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     """A [B', Tp, H, C] float32, scale * sum_d q_id k_jd exp(b_id - b_jd) for j <= i, written for
     the chunks that are not ``factorizable`` only: the kernels that use A compute it themselves
-    for the others (``scores_and_factors``), and those rows of this buffer are left unwritten. Each
-    program loops over a group of consecutive chunks (``exact_group``), passing over the others
-    after reading their spans."""
+    for the others (``chunk_scores``, ``transposed_scores_and_decayed_keys``), and those rows of
+    this buffer are left unwritten. Each program loops over a group of consecutive chunks
+    (``exact_group``), passing over the others after reading their spans."""
     rows_, padded_len, heads, key_dim = q.shape
     num_chunks = padded_len // chunk
     group = exact_group(num_chunks, rows_ * heads, config.exact_min_programs)
@@ -710,23 +710,49 @@ def exact_scores(q, k, b, spans, *, chunk, scale, config, interpret):
     )(spans, q, k, b)
 
 
-def scores_and_factors(
-    span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype, transposed=False
-):
-    """Inside a kernel, the chunk's causal scores A [C, C] (zero above the diagonal) and one
-    decayed factor [C, BK] per K piece in ``dtype``, which the V tiles share: for chunk_outputs
-    the decayed queries q * scale * exp(b); with ``transposed``, for value_grads, A^T (formed as
-    such, keys on the left, rather than transposed afterwards) and the keys decayed to the
-    chunk's end, k * exp(b_last - b).
+def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype):
+    """Inside chunk_outputs, the chunk's causal scores A [C, C] (zero above the diagonal): where
+    ``span`` allows, one matmul factorized around the middle row, K a piece at a time; else the
+    rows ``exact_scores`` wrote. The load branch is light, so the common path keeps its
+    registers."""
+    chunk, key_dim = q_ref.shape
 
-    One pass over the K pieces, each piece's q, k and g read once (loading the next piece ahead
-    of this one's arithmetic was no faster, and slower where it spilled: BENCHMARKS.md). Per
-    piece one gate-sum matmul forms the factor's exponent (b_last - b as its own sum, not as a
+    def factorized():
+        scores = jnp.zeros((chunk, chunk), F32)
+        for ks in key_pieces(key_dim, block_k):
+            q = q_ref[:, ks].astype(F32) * scale
+            from_mid = gate_sums(g_ref[:, ks], "from_mid")
+            scores += factorized_scores(q, k_ref[:, ks].astype(F32), from_mid, dtype)
+        return jnp.where(causal_mask(chunk), scores, 0.0)
+
+    return lax.cond(factorizable(span), factorized, lambda: exact_ref[...])
+
+
+def decayed_queries(q_ref, g_ref, *, scale, block_k, dtype):
+    """chunk_outputs' factors q * scale * exp(b) [C, BK] in ``dtype``, one per K piece."""
+    return [
+        (q_ref[:, ks].astype(F32) * (scale * decay(gate_sums(g_ref[:, ks], "from_start")))).astype(
+            dtype
+        )
+        for ks in key_pieces(q_ref.shape[1], block_k)
+    ]
+
+
+def transposed_scores_and_decayed_keys(
+    span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype
+):
+    """Inside value_grads, A^T [C, C] (zero below the diagonal; formed as such, keys on the left,
+    rather than transposed afterwards) and the keys decayed to the chunk's end,
+    k * exp(b_last - b) [C, BK] in ``dtype``, one per K piece.
+
+    One pass over the K pieces, each piece's q, k and g read once (BENCHMARKS.md, version 7.9:
+    two passes re-read them and waited on them; loading the next piece ahead was slower where it
+    spilled). Per piece one gate-sum matmul forms b_last - b (as its own sum, not as a
     difference, which would lose its small values to the rounding of large ones under strong
     gates), and b - b_mid follows from it and column sums (as in query_key_grads' factorized
     kernel; the sums it comes from hold the chunk's first gate, the one gate the span does not
     bound, so a first gate of size G rounds b - b_mid by about G * 2 ** -24). Where ``span``
-    allows, A is the sum of the pieces' factorized terms around the middle row; else the rows
+    allows, A^T is the sum of the pieces' factorized terms around the middle row; else the rows
     ``exact_scores`` wrote, and the factorized terms formed for such a chunk are discarded, their
     exponents clamped so that nothing overflows."""
     chunk, key_dim = q_ref.shape
@@ -735,27 +761,16 @@ def scores_and_factors(
     for ks in key_pieces(key_dim, block_k):
         q, k, g = q_ref[:, ks], k_ref[:, ks], g_ref[:, ks]
         q, k = q.astype(F32) * scale, k.astype(F32)
-        if transposed:
-            to_end = gate_sums(g, "to_end")
-            factors.append((k * decay(to_end)).astype(dtype))
-            from_mid = gate_total(g) - gate_total(g, upto=mid) - to_end
-        else:
-            b = gate_sums(g, "from_start")
-            factors.append((q * decay(b)).astype(dtype))
-            from_mid = b - gate_total(g, upto=mid)
+        to_end = gate_sums(g, "to_end")
+        factors.append((k * decay(to_end)).astype(dtype))
+        from_mid = gate_total(g) - gate_total(g, upto=mid) - to_end
         from_mid = jnp.clip(from_mid, -FACTORIZE_SPAN, FACTORIZE_SPAN)
-        if transposed:  # the same factors, keys on the left
-            scores += factorized_scores(k, q, -from_mid, dtype)
-        else:
-            scores += factorized_scores(q, k, from_mid, dtype)
+        scores += factorized_scores(k, q, -from_mid, dtype)  # the same factors, keys on the left
 
     def factorized():
-        return jnp.where(causal_mask(chunk, transposed), scores, 0.0)
+        return jnp.where(causal_mask(chunk, transposed=True), scores, 0.0)
 
-    def exact():
-        return exact_ref[...].T if transposed else exact_ref[...]
-
-    return lax.cond(factorizable(span), factorized, exact), factors
+    return lax.cond(factorizable(span), factorized, lambda: exact_ref[...].T), factors
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,18 +797,16 @@ def scored_tiles_kernel(
     """out = scores @ rows + sum over K pieces of factor @ state[piece], a V tile at a time (a
     ``tile_loop``): chunk_outputs' o = A @ v + (q * scale * exp(b)) @ h, or with ``transposed``
     value_grads' dv = A^T @ do + (k * exp(b_last - b)) @ dH. The scores and the per-piece
-    factors (``scores_and_factors``) are formed once and shared by the tiles."""
-    scores, factors = scores_and_factors(
-        span_ref[...],
-        q_ref,
-        k_ref,
-        g_ref,
-        exact_ref,
-        scale=scale,
-        block_k=block_k,
-        dtype=dtype,
-        transposed=transposed,
-    )
+    factors are formed once and shared by the tiles."""
+    span = span_ref[...]
+    sizes = dict(scale=scale, block_k=block_k, dtype=dtype)
+    if transposed:
+        scores, factors = transposed_scores_and_decayed_keys(
+            span, q_ref, k_ref, g_ref, exact_ref, **sizes
+        )
+    else:  # two passes: the one-pass order was slower here (BENCHMARKS.md, version 7.10)
+        scores = chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, **sizes)
+        factors = decayed_queries(q_ref, g_ref, **sizes)
     scores = scores.astype(dtype)
     pieces = key_pieces(q_ref.shape[1], block_k)
 
