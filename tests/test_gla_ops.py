@@ -25,7 +25,7 @@ class Case:
     heads: int = 2
     key_dim: int = 32
     value_dim: int = 48
-    gates: str = "mild"  # mild | strong | zero
+    gates: str = "mild"  # mild | strong | zero | resets
     dtype: type = jnp.float32
     cu_seqlens: tuple | None = None
     initial_state: bool = True
@@ -38,6 +38,7 @@ CASES = [
     Case("f32_ragged_k_ne_v"),
     Case("f32_strong_gates", seq_len=130, key_dim=32, value_dim=32, gates="strong"),
     Case("f32_zero_gates", seq_len=77, gates="zero", initial_state=False),
+    Case("f32_reset_gates", seq_len=140, gates="resets"),
     Case("f32_packed", batch=1, seq_len=150, cu_seqlens=(0, 17, 17, 90, 150), gates="strong"),
     Case(
         "f32_short_chunk16",
@@ -75,6 +76,21 @@ def _rel_err(actual, expected):
     return np.linalg.norm(actual - expected) / scale
 
 
+def _reset_gates(key, gate_logits):
+    """Mild gates with hard resets: a tenth of the entries -inf, -1e9 or -3000 (decays of 0 whose
+    logs a float32 cumulative sum cannot carry), the first of every later 16-step run at -1e9
+    (chunk starts among them), and a run of them longer than a chunk's secondary sub-chunks.
+    Step 0 is left to chance, so that the initial state's gradient is not all exactly 0."""
+    t = jnp.arange(gate_logits.shape[1])[None, :, None, None]
+    pick = jax.random.uniform(key, gate_logits.shape)
+    g = jax.nn.log_sigmoid(gate_logits) / 16
+    g = jnp.where(pick < 0.04, -jnp.inf, g)
+    g = jnp.where((pick >= 0.04) & (pick < 0.07), -1e9, g)
+    g = jnp.where((pick >= 0.07) & (pick < 0.1), -3000.0, g)
+    g = jnp.where((t % 16 == 0) & (t > 0), -1e9, g)
+    return jnp.where((t >= 70) & (t < 100), -1e9, g)
+
+
 def _make_inputs(case: Case, seed: int):
     keys = jax.random.split(jax.random.key(seed), 7)
     b, t, h, dk, dv = case.batch, case.seq_len, case.heads, case.key_dim, case.value_dim
@@ -86,6 +102,7 @@ def _make_inputs(case: Case, seed: int):
         "mild": jax.nn.log_sigmoid(gate_logits) / 16,
         "strong": jax.nn.log_sigmoid(3 * gate_logits),
         "zero": jnp.zeros_like(gate_logits),
+        "resets": _reset_gates(keys[3], gate_logits),
     }[case.gates]
     num_seqs = b if case.cu_seqlens is None else len(case.cu_seqlens) - 1
     state_shape = (num_seqs, h, dk, dv)

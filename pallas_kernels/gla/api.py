@@ -30,6 +30,13 @@ from pallas_kernels.gla import reference
 from pallas_kernels.gla.layout import make_layout
 
 BACKENDS = ("pallas_gpu", "pallas_tpu", "xla", "reference")
+# chunk_gla raises log gates below this to it. The chunk forms take differences of float32
+# cumulative sums of the gates within a chunk, and one gate of -1e9 (or -inf: a hard reset)
+# would leave those differences nothing but rounding (or NaN). A decay of e ** -30 ~ 1e-13 is
+# below float32's resolution against anything the state holds, so the floor changes no result
+# beyond rounding, while a chunk's sums stay within 64 * 30 and round to ~1e-4 at worst. Such a
+# gate's gradient is 0 (its true value, e ** g times the state's terms, is as far below).
+GATE_FLOOR = -30.0
 CHUNK_SIZES = (16, 32, 64, 128)
 DEFAULT_CHUNK_SIZE = 64
 _PALLAS_MODULES = {"pallas_gpu": "pallas_kernels.gla.gpu", "pallas_tpu": "pallas_kernels.gla.tpu"}
@@ -283,7 +290,8 @@ def chunk_gla(
 ):
     """Gated linear attention over whole sequences, chunk by chunk.
 
-    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log forget gate (<= 0) per key dimension.
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log forget gate (<= 0) per key dimension;
+    -inf (a hard reset) and other gates below ``GATE_FLOOR`` act as ``GATE_FLOOR``.
     Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 or None).
     ``keep_states``: the backward reuses the forward's chunk states instead of recomputing them
     ('pallas_gpu'; the module docstring says what it costs).
@@ -299,6 +307,7 @@ def chunk_gla(
         keep_states=bool(keep_states),
     )
     opts = dataclasses.replace(opts, backend=_resolve_backend(backend, q, v, opts))
+    g = jnp.where(g < GATE_FLOOR, jnp.asarray(GATE_FLOOR, g.dtype), g)
     o, final_state = _gla(opts, q, k, v, g, initial_state, cu_seqlens)
     return o, (final_state if output_final_state else None)
 

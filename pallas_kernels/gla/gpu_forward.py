@@ -750,11 +750,12 @@ def transposed_scores_and_decayed_keys(
     spilled). Per piece one gate-sum matmul forms b_last - b (as its own sum, not as a
     difference, which would lose its small values to the rounding of large ones under strong
     gates), and b - b_mid follows from it and column sums (as in query_key_grads' factorized
-    kernel; the sums it comes from hold the chunk's first gate, the one gate the span does not
-    bound, so a first gate of size G rounds b - b_mid by about G * 2 ** -24). Where ``span``
-    allows, A^T is the sum of the pieces' factorized terms around the middle row; else the rows
-    ``exact_scores`` wrote, and the factorized terms formed for such a chunk are discarded, their
-    exponents clamped so that nothing overflows."""
+    kernel; the column sums hold the chunk's first gate, the one gate the span does not bound,
+    but their rounding is the same for every row of a column and cancels in each product of the
+    two factors; ``api.GATE_FLOOR`` bounds it anyway). Where ``span`` allows, A^T is the sum of
+    the pieces' factorized terms around the middle row; else the rows ``exact_scores`` wrote, and
+    the factorized terms formed for such a chunk are discarded, their exponents clamped so that
+    nothing overflows."""
     chunk, key_dim = q_ref.shape
     mid = chunk // 2
     scores, factors = jnp.zeros((chunk, chunk), F32), []
