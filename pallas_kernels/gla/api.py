@@ -30,14 +30,6 @@ from pallas_kernels.gla import reference
 from pallas_kernels.gla.layout import make_layout
 
 BACKENDS = ("pallas_gpu", "pallas_tpu", "xla", "reference")
-# chunk_gla raises log gates below this to it (inside its custom VJP). The chunk forms take
-# differences of float32 cumulative sums of the gates within a chunk, and one gate of -1e9 (or
-# -inf: a hard reset) would leave those differences nothing but rounding (or NaN). A decay of
-# e ** -30 ~ 1e-13 is below float32's resolution against anything the state holds, so the floor
-# changes no result beyond rounding, while a chunk's sums stay within 64 * 30 and round to ~1e-4
-# at worst. Such a gate's gradient is 0 (its true value, e ** g times the state's terms, is as
-# far below).
-GATE_FLOOR = -30.0
 CHUNK_SIZES = (16, 32, 64, 128)
 DEFAULT_CHUNK_SIZE = 64
 _PALLAS_MODULES = {"pallas_gpu": "pallas_kernels.gla.gpu", "pallas_tpu": "pallas_kernels.gla.tpu"}
@@ -122,18 +114,11 @@ def _recomputed_backward(backend, q, k, v, g, initial_state, cu_seqlens, do, dfi
 # --------------------------------------------------------------------------------------------
 
 
-def _floored(g):
-    """The gates the backends take: every gate below ``GATE_FLOOR`` raised to it. Applied inside
-    the custom VJP, so that the residuals stay the caller's g alone."""
-    return jnp.maximum(g, jnp.asarray(GATE_FLOOR, g.dtype))
-
-
 def _forward(opts, q, k, v, g, initial_state, cu_seqlens, keep_states):
     """((o in q's dtype, final state), the chunk states if ``keep_states`` and the backend keeps
     them, else None)."""
     backend = _load_backend(opts.backend)
     h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
-    g = _floored(g)
     if keep_states and hasattr(backend, "forward_keeping_states"):
         o, final_state, states = backend.forward_keeping_states(q, k, v, g, h0, cu_seqlens, opts)
     else:
@@ -158,7 +143,6 @@ def _gla_bwd(opts, residuals, cotangents):
     do, dfinal = cotangents
     backend = _load_backend(opts.backend)
     h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
-    g_in, g = g, _floored(g)
     if states is not None:
         grads = backend.backward(q, k, v, g, h0, cu_seqlens, do, dfinal, opts, states=states)
     elif hasattr(backend, "backward"):
@@ -167,7 +151,6 @@ def _gla_bwd(opts, residuals, cotangents):
         grads = _recomputed_backward(backend, q, k, v, g, h0, cu_seqlens, do, dfinal, opts)
     primals = (q, k, v, g, h0)
     dq, dk, dv, dg, dh0 = (d.astype(x.dtype) for d, x in zip(grads, primals, strict=True))
-    dg = jnp.where(g_in < GATE_FLOOR, jnp.zeros_like(dg), dg)  # the floor's own derivative
     return dq, dk, dv, dg, (None if initial_state is None else dh0), None
 
 
@@ -301,7 +284,8 @@ def chunk_gla(
     """Gated linear attention over whole sequences, chunk by chunk.
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log forget gate (<= 0) per key dimension;
-    -inf (a hard reset) and other gates below ``GATE_FLOOR`` act as ``GATE_FLOOR``.
+    -inf (a hard reset) and other gates below ``gates.GATE_FLOOR`` (-30) are computed as -30
+    (``gates.py`` says why).
     Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 or None).
     ``keep_states``: the backward reuses the forward's chunk states instead of recomputing them
     ('pallas_gpu'; the module docstring says what it costs).

@@ -57,6 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gla import tuning
+from pallas_kernels.gla.gates import floor_gates
 
 SUB_CHUNK = 16
 LOG2E = math.log2(math.e)
@@ -225,7 +226,9 @@ def _time_weights(chunk: int, kind: str):
 
 
 def _bfloat16_parts(g):
-    """bfloat16 values that add up to g exactly (three carry float32's 24 significant bits)."""
+    """bfloat16 values that add up to g exactly (three carry float32's 24 significant bits), the
+    gates floored (``gates.py``)."""
+    g = floor_gates(g)
     if g.dtype == jnp.bfloat16:
         return [g]
     rest, parts = g.astype(F32), []
@@ -250,8 +253,8 @@ def gate_sums(g, kind: str):
 
 def gate_total(g, upto=None):
     """[1, BK] float32: b_last, the chunk's whole decay in log2 units; or with ``upto``, b at
-    that row (the sum of the gates up to and including it)."""
-    g = g.astype(F32)
+    that row (the sum of the gates up to and including it). The gates floored (``gates.py``)."""
+    g = floor_gates(g.astype(F32))
     if upto is not None:
         g = jnp.where(lax.broadcasted_iota(jnp.int32, g.shape, 0) <= upto, g, 0.0)
     return jnp.sum(g, axis=0, keepdims=True) * LOG2E

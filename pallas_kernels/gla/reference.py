@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.gla.gates import floor_gates
 from pallas_kernels.gla.layout import ChunkLayout
 
 SUB_CHUNK = 16
@@ -91,9 +92,11 @@ def recurrent_gla(q, k, v, g, *, scale, initial_state, cu_seqlens=None):
 
 
 def chunk_local_cumsum(g: jax.Array, chunk_size: int) -> jax.Array:
-    """[..., T, K] log gates -> inclusive cumulative sums restarted at every chunk (float32)."""
+    """[..., T, K] log gates -> inclusive cumulative sums restarted at every chunk (float32), the
+    gates floored (``gates.py``)."""
     shape = g.shape
-    g = g.astype(jnp.float32).reshape(shape[:-2] + (shape[-2] // chunk_size, chunk_size, shape[-1]))
+    g = floor_gates(g.astype(jnp.float32))
+    g = g.reshape(shape[:-2] + (shape[-2] // chunk_size, chunk_size, shape[-1]))
     return jnp.cumsum(g, axis=-2).reshape(shape)
 
 

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.gla.gates import floor_gates
+
 SUB = 16  # secondary chunk: rows of one diagonal sub-block (a bf16 sublane tile)
 F32 = jnp.float32
 
@@ -92,7 +94,7 @@ class Chunk:
         self.qs = None if q is None else q.astype(F32) * scale
         self.k = k.astype(F32)
         self.v = v
-        self.b = inclusive_cumsum(g.astype(F32))  # [C, K], non-increasing along time
+        self.b = inclusive_cumsum(floor_gates(g.astype(F32)))  # [C, K], non-increasing in time
         self.b_last = row_of(self.b, self.size - 1)  # [1, K]
         self.decay_col = jnp.exp(as_column(self.b_last))  # [K, 1]: chunk decay of the state rows
 
