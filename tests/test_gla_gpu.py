@@ -372,6 +372,16 @@ def _chunk_spans(g, chunk=64):
     return gpu_forward.gate_spans(prepared.g, chunk=chunk, interpret=True)[0]
 
 
+def test_a_chunk_whose_first_gate_is_below_the_floor_is_not_factorizable():
+    """The factorized kernels read their gates unfloored (``gate_sums(floored=False)``), which is
+    sound only if every gate of a factorizable chunk is above the floor. The span leaves out the
+    chunk's first gate, so gate_spans must rule such a chunk out itself."""
+    g = jnp.full((1, 256, 1, 16), -0.01, jnp.float32)
+    g = g.at[0, 64].set(-jnp.inf).at[0, 128].set(-1e9).at[0, 192].set(-99.0)
+    spans = _chunk_spans(g)[0, :, 0]
+    assert [bool(s) for s in gpu_forward.factorizable(spans)] == [True, False, False, True]
+
+
 # Every dtype under the first fill; the path a chunk takes does not hang on the dtype, so the
 # other fills run at float32 only.
 FACTORIZATION_RUNS = [(dtype, FILLS[0]) for dtype in (jnp.float32, jnp.bfloat16, jnp.float16)]

@@ -284,7 +284,7 @@ def chunk_gla(
     """Gated linear attention over whole sequences, chunk by chunk.
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the log forget gate (<= 0) per key dimension;
-    -inf (a hard reset) and other gates below ``gates.GATE_FLOOR`` (-30) are computed as -30
+    -inf (a hard reset) and other gates below ``gates.GATE_FLOOR`` (-100) are computed as -100
     (``gates.py`` says why).
     Returns (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 or None).
     ``keep_states``: the backward reuses the forward's chunk states instead of recomputing them

@@ -373,13 +373,14 @@ def _factorized_key_grads_kernel(
         chunk = q_ref.shape[0]
         g, q_in, k_in, da = g_ref[...], q_ref[...], k_ref[...], da_ref[...]
         dq, dk, h_dh = _inter_chunk_grads(v_ref, do_ref, h_ref, dh_ref, block_v, dtype)
-        # One gate-sum matmul: b_last - b and b - b_mid follow from b and column sums.
-        total = gate_total(g)
-        b = gate_sums(g, "from_start")
+        # One gate-sum matmul: b_last - b and b - b_mid follow from b and column sums. A
+        # factorizable chunk's gates are all above the floor (``gate_spans``).
+        total = gate_total(g, floored=False)
+        b = gate_sums(g, "from_start", floored=False)
         dq = dq * decay(b)
         dk = dk * decay(total - b)
         d_last = decay(total) * h_dh + jnp.sum(k_in.astype(F32) * dk, axis=0, keepdims=True)
-        from_mid = b - gate_total(g, upto=chunk // 2)
+        from_mid = b - gate_total(g, upto=chunk // 2, floored=False)
         operands = factor_dtype(dtype)
         # dL/db: the inter-chunk terms from dq and dk as they stand, the intra-chunk ones from
         # the rounded factors (``_factorized_grads`` says why).

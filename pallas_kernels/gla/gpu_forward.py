@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gla import tuning
-from pallas_kernels.gla.gates import floor_gates
+from pallas_kernels.gla.gates import GATE_FLOOR, floor_gates
 
 SUB_CHUNK = 16
 LOG2E = math.log2(math.e)
@@ -226,9 +226,7 @@ def _time_weights(chunk: int, kind: str):
 
 
 def _bfloat16_parts(g):
-    """bfloat16 values that add up to g exactly (three carry float32's 24 significant bits), the
-    gates floored (``gates.py``)."""
-    g = floor_gates(g)
+    """bfloat16 values that add up to g exactly (three carry float32's 24 significant bits)."""
     if g.dtype == jnp.bfloat16:
         return [g]
     rest, parts = g.astype(F32), []
@@ -239,22 +237,26 @@ def _bfloat16_parts(g):
     return parts
 
 
-def gate_sums(g, kind: str):
+def gate_sums(g, kind: str, floored=True):
     """[C, BK] float32 sums along time of a chunk's log gates g [C, BK], in log2 units (so each
     decay is one ``exp2``): ``kind`` is 'from_start' (b), 'to_end' (b_last - b, <= 0) or
-    'from_mid' (b - b_mid, the factorizations' exponent)."""
+    'from_mid' (b - b_mid, the factorizations' exponent). The gates floored (``gates.py``),
+    unless ``floored`` is False: for a factorizable chunk, whose gates are all above the floor
+    (``gate_spans``), where the floor's registers would cost a kernel its speed."""
     weights = _time_weights(g.shape[0], kind)
     total = None
-    for part in _bfloat16_parts(g):
+    for part in _bfloat16_parts(floor_gates(g) if floored else g):
         term = mm(weights, part, jnp.bfloat16)
         total = term if total is None else total + term
     return total * LOG2E
 
 
-def gate_total(g, upto=None):
+def gate_total(g, upto=None, floored=True):
     """[1, BK] float32: b_last, the chunk's whole decay in log2 units; or with ``upto``, b at
-    that row (the sum of the gates up to and including it). The gates floored (``gates.py``)."""
-    g = floor_gates(g.astype(F32))
+    that row (the sum of the gates up to and including it). The gates floored, unless
+    ``floored`` is False (as in ``gate_sums``)."""
+    g = g.astype(F32)
+    g = floor_gates(g) if floored else g
     if upto is not None:
         g = jnp.where(lax.broadcasted_iota(jnp.int32, g.shape, 0) <= upto, g, 0.0)
     return jnp.sum(g, axis=0, keepdims=True) * LOG2E
@@ -262,8 +264,11 @@ def gate_total(g, upto=None):
 
 def _gate_spans_kernel(g_ref, span_ref, b_ref):
     g = g_ref[...]
-    # The chunk's factorization span: the largest |b_i - b_mid| over positions and K.
+    # The chunk's factorization span: the largest |b_i - b_mid| over positions and K; infinite
+    # where the first gate, which the span leaves out, is below the floor, so that every gate of
+    # a factorizable chunk is above it (``gate_sums(floored=False)`` relies on that).
     span = jnp.max(jnp.abs(gate_sums(g, "from_mid")))
+    span = jnp.where(jnp.min(row(g_ref, 0)) < GATE_FLOOR, jnp.inf, span)
     span_ref[...] = span
 
     @pl.when(jnp.logical_not(factorizable(span)))
@@ -724,7 +729,7 @@ def chunk_scores(span, q_ref, k_ref, g_ref, exact_ref, *, scale, block_k, dtype)
         scores = jnp.zeros((chunk, chunk), F32)
         for ks in key_pieces(key_dim, block_k):
             q = q_ref[:, ks].astype(F32) * scale
-            from_mid = gate_sums(g_ref[:, ks], "from_mid")
+            from_mid = gate_sums(g_ref[:, ks], "from_mid", floored=False)  # factorizable
             scores += factorized_scores(q, k_ref[:, ks].astype(F32), from_mid, dtype)
         return jnp.where(causal_mask(chunk), scores, 0.0)
 
@@ -755,7 +760,7 @@ def transposed_scores_and_decayed_keys(
     gates), and b - b_mid follows from it and column sums (as in query_key_grads' factorized
     kernel; the column sums hold the chunk's first gate, the one gate the span does not bound,
     but their rounding is the same for every row of a column and cancels in each product of the
-    two factors; ``api.GATE_FLOOR`` bounds it anyway). Where ``span`` allows, A^T is the sum of
+    two factors; ``gates.GATE_FLOOR`` bounds it anyway). Where ``span`` allows, A^T is the sum of
     the pieces' factorized terms around the middle row; else the rows ``exact_scores`` wrote, and
     the factorized terms formed for such a chunk are discarded, their exponents clamped so that
     nothing overflows."""
