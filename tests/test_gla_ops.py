@@ -82,7 +82,8 @@ def _reset_gates(key, gate_logits):
     (chunk starts among them), and a run of them longer than a chunk's secondary sub-chunks.
     Step 0 is left to chance, so that the initial state's gradient is not all exactly 0."""
     t = jnp.arange(gate_logits.shape[1])[None, :, None, None]
-    pick = jax.random.uniform(key, gate_logits.shape)
+    # Its own key: drawn from the logits' key, the picks would follow the logits' values.
+    pick = jax.random.uniform(jax.random.fold_in(key, 1), gate_logits.shape)
     g = jax.nn.log_sigmoid(gate_logits) / 16
     g = jnp.where(pick < 0.04, -jnp.inf, g)
     g = jnp.where((pick >= 0.04) & (pick < 0.07), -1e9, g)
