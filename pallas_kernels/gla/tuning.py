@@ -26,8 +26,8 @@ class GpuConfig:
     # A state-walk launch halves its tile (V first, down to 32 x 32) until it has at least this
     # many programs (``state_tiles``; why 128: the comment above it).
     state_min_programs: int = 128
-    # The same for a launch of one walk: the forward's, and state_grads' where the backward has
-    # the forward's states (``keep_states``). 0: state_min_programs.
+    # The same for a launch of one walk: the forward's, and the backward's walks where they run
+    # apart (``keep_states``, or paired_walks off). 0: state_min_programs.
     lone_walk_min_programs: int = 0
     scores_warps: int = 4  # exact_scores / score_grads
     # The exact launches (exact_scores, query_key_grads_exact) loop over up to 8 consecutive
