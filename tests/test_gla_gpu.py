@@ -536,15 +536,6 @@ def test_state_min_programs_sets_the_floor():
     assert tuning.state_tiles(floors[512], 128, 128, 64) == (64, 32)
 
 
-def test_lone_walk_min_programs_sets_the_floor_of_one_walk_launches_only():
-    # T = 16K's 32 (row, head) pairs: the forward walk alone, and the backward's two walks.
-    config = tuning.config_for(128, 128, jnp.bfloat16, interpret=False)
-    lone = dataclasses.replace(config, lone_walk_min_programs=256)
-    assert tuning.state_tiles(lone, 128, 128, 32, lone=True) == (64, 32)
-    assert tuning.state_tiles(lone, 128, 128, 64) == tuning.state_tiles(config, 128, 128, 64)
-    assert tuning.state_tiles(config, 128, 128, 32, lone=True) == (64, 64)  # 0: the shared floor
-
-
 @pytest.mark.parametrize(
     "walks, programs, tile, expected",
     [

@@ -442,9 +442,7 @@ def state_walks(
     if interpret:  # the tiles as configured: shrinking only adds grid steps to interpret
         block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
     else:
-        block_k, block_v = tuning.state_tiles(
-            config, key_dim, value_dim, count * lanes * heads, lone=count == 1
-        )
+        block_k, block_v = tuning.state_tiles(config, key_dim, value_dim, count * lanes * heads)
     programs = count * lanes * heads * (key_dim // block_k) * (value_dim // block_v)
 
     def row_of(i):  # program i's row: its lane's, or the packed row

@@ -26,9 +26,6 @@ class GpuConfig:
     # A state-walk launch halves its tile (V first, down to 32 x 32) until it has at least this
     # many programs (``state_tiles``; why 128: the comment above it).
     state_min_programs: int = 128
-    # The same for a launch of one walk: the forward's, and the backward's walks where they run
-    # apart (``keep_states``, or paired_walks off). 0: state_min_programs.
-    lone_walk_min_programs: int = 0
     scores_warps: int = 4  # exact_scores / score_grads
     # The exact launches (exact_scores, query_key_grads_exact) loop over up to 8 consecutive
     # chunks per program while a launch keeps at least this many programs
@@ -119,20 +116,17 @@ def heuristic(key_dim: int, value_dim: int, dtype) -> GpuConfig:
 # 0.764 as 256 of 64 x 64.
 
 
-def state_tiles(
-    config: GpuConfig, key_dim: int, value_dim: int, walks: int, lone: bool = False
-) -> tuple[int, int]:
+def state_tiles(config: GpuConfig, key_dim: int, value_dim: int, walks: int) -> tuple[int, int]:
     """The (K, V) state tile of a launch of ``walks`` (walk, row, head) triples: the configured
-    tile, halved (V first) until the launch has ``config.state_min_programs`` programs (with
-    ``lone``, a launch of one walk: ``lone_walk_min_programs`` where set) or the tile is 32 x 32.
+    tile, halved (V first) until the launch has ``config.state_min_programs`` programs or the tile
+    is 32 x 32.
     """
     block_k, block_v = min(config.state_block_k, key_dim), min(config.state_block_v, value_dim)
-    minimum = (lone and config.lone_walk_min_programs) or config.state_min_programs
 
     def programs():
         return walks * (key_dim // block_k) * (value_dim // block_v)
 
-    while programs() < minimum and max(block_k, block_v) > 32:
+    while programs() < config.state_min_programs and max(block_k, block_v) > 32:
         if block_v >= block_k:
             block_v //= 2
         else:
