@@ -8,6 +8,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from gla_jax.ops import chunk_gla
@@ -380,6 +381,23 @@ def test_a_chunk_whose_first_gate_is_below_the_floor_is_not_factorizable():
     g = g.at[0, 64].set(-jnp.inf).at[0, 128].set(-1e9).at[0, 192].set(-99.0)
     spans = _chunk_spans(g)[0, :, 0]
     assert [bool(s) for s in gpu_forward.factorizable(spans)] == [True, False, False, True]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gate_total_column_is_the_floored_chunk_sum_as_a_column(dtype):
+    """The walks scale their state tiles by gate_total_column, a matmul form of the chunk's
+    floored gate sum: against a float64 sum, with gates across the float32 range, resets among
+    them (float32 gates go through the matmul as three bfloat16 parts)."""
+    key_g, key_scale = jax.random.split(jax.random.PRNGKey(0))
+    scale = jnp.exp(jax.random.uniform(key_scale, (64, 32), minval=-12.0, maxval=4.0))
+    g = (-jnp.abs(jax.random.normal(key_g, (64, 32))) * scale).at[5, 3].set(-jnp.inf)
+    g = g.at[0, 7].set(-1e9).astype(dtype)
+    column = gpu_forward.gate_total_column(g)
+    floored = np.maximum(np.asarray(g, np.float64), -100.0)
+    expected = floored.sum(axis=0)[:, None] * np.log2(np.e)
+    assert column.shape == (32, 1) and column.dtype == jnp.float32
+    bound = 1e-6 * np.abs(floored).sum(axis=0)[:, None] * np.log2(np.e)
+    assert np.all(np.abs(np.asarray(column, np.float64) - expected) <= bound)
 
 
 # Every dtype under the first fill; the path a chunk takes does not hang on the dtype, so the

@@ -56,6 +56,7 @@ from pallas_kernels.gla.gpu_forward import (
     factorizable,
     gate_sums,
     gate_total,
+    gate_total_column,
     mm,
     mm_nt,
     mm_tn,
@@ -114,7 +115,7 @@ def _state_grads_kernel(
         )
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
         q_decayed = q.astype(F32) * (scale * decay(gate_sums(g, "from_start")))
-        grad = grad * decay(gate_total(g)).T + mm_tn(q_decayed, do, dtype)
+        grad = grad * decay(gate_total_column(g)) + mm_tn(q_decayed, do, dtype)
         seq = first_ref[row, c]
 
         @pl.when(seq >= 0)

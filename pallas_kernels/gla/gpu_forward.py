@@ -262,6 +262,25 @@ def gate_total(g, upto=None, floored=True):
     return jnp.sum(g, axis=0, keepdims=True) * LOG2E
 
 
+# The smallest dimension Triton takes for a matmul operand (a [BK, C] x [C, N] product).
+_COLUMN_WIDTH = 16
+
+
+def gate_total_column(g):
+    """[BK, 1] float32: b_last (``gate_total``, the gates floored) as a column, for scaling a
+    [BK, BV] state tile. Formed as g^T @ ones[C, 16], every column of which is b_last, then a max
+    along those 16 columns: the result comes in the register layout of the walks' matmuls, where
+    the state tile is, rather than as a column sum across the warps that hold the chunk's rows
+    followed by a transpose through shared memory. The products are exact and the sums float32,
+    as in ``gate_sums``."""
+    ones = jnp.ones((g.shape[0], _COLUMN_WIDTH), jnp.bfloat16)
+    total = None
+    for part in _bfloat16_parts(floor_gates(g)):
+        term = mm_tn(part, ones, jnp.bfloat16)
+        total = term if total is None else total + term
+    return jnp.max(total, axis=1, keepdims=True) * LOG2E
+
+
 def _gate_spans_kernel(g_ref, span_ref, b_ref):
     g = g_ref[...]
     # The chunk's factorization span: the largest |b_i - b_mid| over positions and K; infinite
@@ -336,7 +355,7 @@ def _chunk_states_kernel(
         state = lax.cond(seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state)
         states_ref[c] = state.astype(states_ref.dtype)
         k_to_end = k.astype(F32) * decay(gate_sums(g, "to_end"))
-        state = state * decay(gate_total(g)).T + mm_tn(k_to_end, v, dtype)
+        state = state * decay(gate_total_column(g)) + mm_tn(k_to_end, v, dtype)
         seq_end = last_ref[row, c]
 
         @pl.when(seq_end >= 0)
