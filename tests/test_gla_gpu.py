@@ -47,6 +47,8 @@ NO_PREFETCH = dict(prefetch_max_programs=0)
 # A packed row's walks one program per row, through its sequences in turn (the default is one
 # program per sequence).
 ROW_WALKS = dict(sequence_walks=False)
+# The walks' b_last as a matmul column (``gpu_forward.gate_total_column``).
+TOTAL_COLUMN = dict(walk_total_column=True)
 
 
 # Rows, and packed rows with strong gates and with empty first and last sequences, in tiles
@@ -106,6 +108,8 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         ROW_WALKS,
         {**ROW_WALKS, **UNPAIRED},
         {**ROW_WALKS, **UNPAIRED, **NO_PREFETCH},
+        TOTAL_COLUMN,
+        {**UNPAIRED, **TOTAL_COLUMN},
     ],
     ids=[
         "paired",
@@ -114,6 +118,8 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         "row_walks",
         "row_walks_unpaired",
         "row_walks_unpaired_no_prefetch",
+        "total_column",
+        "unpaired_total_column",
     ],
 )
 def test_small_tiles_match_oracle(case, switches):
@@ -289,6 +295,15 @@ def test_every_kernel_lowers_through_triton(shape):
     assert module.count("__gpu$xla.gpu.triton") == 11
     for name in KERNELS:
         assert name in module
+
+
+@pytest.mark.parametrize(
+    "shape", [(4, 1024, 16, 128, 128, jnp.bfloat16), (2, 100, 2, 20, 48, jnp.float32)]
+)
+def test_walks_with_a_matmul_column_total_lower_through_triton(shape):
+    module = _export_for_cuda(*shape, switches=TOTAL_COLUMN)
+    assert module.count("__gpu$xla.gpu.triton") == 11
+    assert "gla_chunk_states" in module and "gla_backward_walks" in module
 
 
 @pytest.mark.parametrize("shape", [(4, 1024, 16, 128, 128), (2, 100, 2, 20, 48)])

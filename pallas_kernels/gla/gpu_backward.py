@@ -56,7 +56,6 @@ from pallas_kernels.gla.gpu_forward import (
     factorizable,
     gate_sums,
     gate_total,
-    gate_total_column,
     mm,
     mm_nt,
     mm_tn,
@@ -67,6 +66,7 @@ from pallas_kernels.gla.gpu_forward import (
     scored_tiles_kernel,
     span_spec,
     split_rows,
+    state_decay,
     state_spec,
     state_walks,
     states_walk,
@@ -101,6 +101,7 @@ def _state_grads_kernel(
     scale,
     dtype,
     prefetch,
+    total_column,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
@@ -115,7 +116,7 @@ def _state_grads_kernel(
         )
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
         q_decayed = q.astype(F32) * (scale * decay(gate_sums(g, "from_start")))
-        grad = grad * decay(gate_total_column(g)) + mm_tn(q_decayed, do, dtype)
+        grad = grad * decay(state_decay(g, total_column)) + mm_tn(q_decayed, do, dtype)
         seq = first_ref[row, c]
 
         @pl.when(seq >= 0)

@@ -281,6 +281,11 @@ def gate_total_column(g):
     return jnp.max(total, axis=1, keepdims=True) * LOG2E
 
 
+def state_decay(g, total_column: bool):
+    """[BK, 1] float32: the log2 decay of a state tile's rows over the chunk of gates g."""
+    return gate_total_column(g) if total_column else gate_total(g).T
+
+
 def _gate_spans_kernel(g_ref, span_ref, b_ref):
     g = g_ref[...]
     # The chunk's factorization span: the largest |b_i - b_mid| over positions and K; infinite
@@ -342,6 +347,7 @@ def _chunk_states_kernel(
     block_v,
     dtype,
     prefetch,
+    total_column,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
@@ -355,7 +361,7 @@ def _chunk_states_kernel(
         state = lax.cond(seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state)
         states_ref[c] = state.astype(states_ref.dtype)
         k_to_end = k.astype(F32) * decay(gate_sums(g, "to_end"))
-        state = state * decay(gate_total_column(g)) + mm_tn(k_to_end, v, dtype)
+        state = state * decay(state_decay(g, total_column)) + mm_tn(k_to_end, v, dtype)
         seq_end = last_ref[row, c]
 
         @pl.when(seq_end >= 0)
@@ -412,9 +418,10 @@ class StateWalk:
 
     body(first_ref, last_ref, key_ref, value_ref, g_ref, boundary_ref, per_chunk_ref,
     boundary_out_ref, *, row, head, kt, vt, chunk, chunks, block_k, block_v, dtype, prefetch,
-    **options) walks the chunks ``chunks`` (``walk_chunks``) of row ``row`` and head ``head`` for
-    the state tile (kt, vt). key_side [B', Tp, H, K], value_side [B', Tp, H, V] and boundary
-    [N, H, K, V] are its inputs."""
+    total_column, **options) walks the chunks ``chunks`` (``walk_chunks``) of row ``row`` and
+    head ``head`` for the state tile (kt, vt), scaling it by ``state_decay(g, total_column)``.
+    key_side [B', Tp, H, K], value_side [B', Tp, H, V] and boundary [N, H, K, V] are its
+    inputs."""
 
     body: Callable
     key_side: jax.Array
@@ -483,6 +490,7 @@ def state_walks(
         block_v=block_v,
         dtype=first.dtype,
         prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
+        total_column=config.walk_total_column,
     )
 
     def kernel(first_ref, last_ref, *refs):

@@ -53,6 +53,10 @@ class GpuConfig:
     # per row, through every sequence in turn (False). 16 sequences of 2K in one row, 16 x 128
     # (H100, December 5): forward+backward 4.20 ms against 5.05, forward 1.40 against 1.82.
     sequence_walks: bool = True
+    # The walks scale their state tiles by b_last formed as a matmul column
+    # (``gpu_forward.gate_total_column``) rather than a column sum and a transpose. Off until
+    # timed (BENCHMARKS.md, version 7.12).
+    walk_total_column: bool = False
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
