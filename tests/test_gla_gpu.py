@@ -13,6 +13,7 @@ import pytest
 
 from gla_jax.ops import chunk_gla
 from pallas_kernels.gla import api, gpu, gpu_forward, tuning
+from pallas_kernels.gla.gates import GATE_FLOOR
 from tests.gla_backends import GPU_INTERPRET
 from tests.gla_oracle import gla_oracle
 from tests.test_gla_ops import TOLERANCE, Case, _make_inputs, _rel_err
@@ -408,7 +409,7 @@ def test_gate_total_column_is_the_floored_chunk_sum_as_a_column(dtype):
     g = (-jnp.abs(jax.random.normal(key_g, (64, 32))) * scale).at[5, 3].set(-jnp.inf)
     g = g.at[0, 7].set(-1e9).astype(dtype)
     column = gpu_forward.gate_total_column(g)
-    floored = np.maximum(np.asarray(g, np.float64), -100.0)
+    floored = np.maximum(np.asarray(g, np.float64), GATE_FLOOR)
     expected = floored.sum(axis=0)[:, None] * np.log2(np.e)
     assert column.shape == (32, 1) and column.dtype == jnp.float32
     bound = 1e-6 * np.abs(floored).sum(axis=0)[:, None] * np.log2(np.e)

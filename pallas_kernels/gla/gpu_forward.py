@@ -237,6 +237,16 @@ def _bfloat16_parts(g):
     return parts
 
 
+def _exact_product(g, product):
+    """``product`` (a bfloat16 matmul with a matrix of 0s, 1s and -1s) of g, summed over g's
+    bfloat16 parts: the products exact, their sum float32."""
+    total = None
+    for part in _bfloat16_parts(g):
+        term = product(part)
+        total = term if total is None else total + term
+    return total
+
+
 def gate_sums(g, kind: str, floored=True):
     """[C, BK] float32 sums along time of a chunk's log gates g [C, BK], in log2 units (so each
     decay is one ``exp2``): ``kind`` is 'from_start' (b), 'to_end' (b_last - b, <= 0) or
@@ -244,11 +254,8 @@ def gate_sums(g, kind: str, floored=True):
     unless ``floored`` is False: for a factorizable chunk, whose gates are all above the floor
     (``gate_spans``), where the floor's registers would cost a kernel its speed."""
     weights = _time_weights(g.shape[0], kind)
-    total = None
-    for part in _bfloat16_parts(floor_gates(g) if floored else g):
-        term = mm(weights, part, jnp.bfloat16)
-        total = term if total is None else total + term
-    return total * LOG2E
+    gates = floor_gates(g) if floored else g
+    return _exact_product(gates, lambda part: mm(weights, part, jnp.bfloat16)) * LOG2E
 
 
 def gate_total(g, upto=None, floored=True):
@@ -274,10 +281,7 @@ def gate_total_column(g):
     followed by a transpose through shared memory. The products are exact and the sums float32,
     as in ``gate_sums``."""
     ones = jnp.ones((g.shape[0], _COLUMN_WIDTH), jnp.bfloat16)
-    total = None
-    for part in _bfloat16_parts(floor_gates(g)):
-        term = mm_tn(part, ones, jnp.bfloat16)
-        total = term if total is None else total + term
+    total = _exact_product(floor_gates(g), lambda part: mm_tn(part, ones, jnp.bfloat16))
     return jnp.max(total, axis=1, keepdims=True) * LOG2E
 
 
