@@ -49,6 +49,7 @@ from pallas_kernels.gla.gpu_forward import (
     chunk_rows,
     chunk_spec,
     decay,
+    decayed_factors,
     diagonal_span,
     each_exact_chunk,
     exact_group,
@@ -66,7 +67,6 @@ from pallas_kernels.gla.gpu_forward import (
     scored_tiles_kernel,
     span_spec,
     split_rows,
-    state_decay,
     state_spec,
     state_walks,
     states_walk,
@@ -108,15 +108,18 @@ def _state_grads_kernel(
     def load(c):
         return chunk_rows((g_ref, q_ref, do_ref), c, chunk)
 
-    def step(c, grad, loaded):
+    def prepare(loaded):
         g, q, do = loaded
+        return decayed_factors(q, g, "from_start", total_column, dtype, scale) + (do,)
+
+    def step(c, grad, operands):
         seq_end = last_ref[row, c]
         grad = lax.cond(
             seq_end >= 0, lambda: dfinal_ref[jnp.maximum(seq_end, 0), head, ks, vs], lambda: grad
         )
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
-        q_decayed = q.astype(F32) * (scale * decay(gate_sums(g, "from_start")))
-        grad = grad * decay(state_decay(g, total_column)) + mm_tn(q_decayed, do, dtype)
+        q_decayed, chunk_decay, do = operands()
+        grad = grad * chunk_decay + mm_tn(q_decayed, do, dtype)
         seq = first_ref[row, c]
 
         @pl.when(seq >= 0)
@@ -127,7 +130,7 @@ def _state_grads_kernel(
         return jnp.where(seq >= 0, 0.0, grad)
 
     init = jnp.zeros((block_k, block_v), F32)
-    walk_chunks(chunks, load, step, init, prefetch=prefetch, reverse=True)
+    walk_chunks(chunks, load, prepare, step, init, prefetch=prefetch, reverse=True)
 
 
 def state_grads_walk(q, do, dfinal, scale):

@@ -358,14 +358,17 @@ def _chunk_states_kernel(
     def load(c):
         return chunk_rows((g_ref, k_ref, v_ref), c, chunk)
 
-    def step(c, state, loaded):
+    def prepare(loaded):
         g, k, v = loaded
+        return decayed_factors(k, g, "to_end", total_column, dtype) + (v,)
+
+    def step(c, state, operands):
         seq = first_ref[row, c]
         # A sequence starts here: its initial state replaces the carried one.
         state = lax.cond(seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state)
         states_ref[c] = state.astype(states_ref.dtype)
-        k_to_end = k.astype(F32) * decay(gate_sums(g, "to_end"))
-        state = state * decay(state_decay(g, total_column)) + mm_tn(k_to_end, v, dtype)
+        k_to_end, chunk_decay, v = operands()
+        state = state * chunk_decay + mm_tn(k_to_end, v, dtype)
         seq_end = last_ref[row, c]
 
         @pl.when(seq_end >= 0)
@@ -374,7 +377,19 @@ def _chunk_states_kernel(
 
         return state
 
-    walk_chunks(chunks, load, step, jnp.zeros((block_k, block_v), F32), prefetch=prefetch)
+    init = jnp.zeros((block_k, block_v), F32)
+    walk_chunks(chunks, load, prepare, step, init, prefetch=prefetch)
+
+
+def decayed_factors(x, g, kind, total_column, dtype, scale=1.0):
+    """A walk step's operands from its chunk of keys (queries) x and gates g: x decayed by
+    ``gate_sums(g, kind)`` (to the chunk's end for keys, from its start for queries) and scaled,
+    in the matmul operand dtype, and the [BK, 1] decay of the state tile over the chunk. They
+    depend on the chunk alone, not on the state, so a prefetching walk forms them with the next
+    chunk's loads (``walk_chunks``), off the chain of dependent steps."""
+    factor = decay(gate_sums(g, kind))
+    decayed = x.astype(F32) * (factor if scale == 1.0 else scale * factor)
+    return decayed.astype(dtype), decay(state_decay(g, total_column))
 
 
 def chunk_rows(refs, c, chunk):
@@ -382,8 +397,8 @@ def chunk_rows(refs, c, chunk):
     return tuple(ref[pl.ds(c * chunk, chunk), :] for ref in refs)
 
 
-def walk_chunks(chunks, load, step, init, *, prefetch, reverse=False):
-    """Runs carry = step(c, carry, load(c)) over the chunks ``chunks`` = (first, count, in_row)
+def walk_chunks(chunks, load, prepare, step, init, *, prefetch, reverse=False):
+    """Runs carry = step(c, carry, operands) over the chunks ``chunks`` = (first, count, in_row)
     names in order (reverse: the last first): ``count`` chunks from ``first``, of a row of
     ``in_row``. first and count are static for whole rows, data for a packed row's sequences.
 
@@ -404,16 +419,20 @@ def walk_chunks(chunks, load, step, init, *, prefetch, reverse=False):
         return load(jnp.clip(c, 0, in_row - 1))  # an empty sequence reads nothing outside the row
 
     if not prefetch:
-        return lax.fori_loop(
-            0, count, lambda i, carry: step(chunk_at(i), carry, load_at(chunk_at(i))), init
-        )
 
-    def ahead_step(i, carry_and_loaded):
-        carry, loaded = carry_and_loaded
-        ahead = load_at(chunk_at(jnp.minimum(i + 1, count - 1)))
-        return step(chunk_at(i), carry, loaded), ahead
+        def in_step(i, carry):
+            loaded = load_at(chunk_at(i))
+            return step(chunk_at(i), carry, lambda: prepare(loaded))
 
-    return lax.fori_loop(0, count, ahead_step, (init, load_at(chunk_at(0))))[0]
+        return lax.fori_loop(0, count, in_step, init)
+
+    def ahead_step(i, carry_and_operands):
+        carry, operands = carry_and_operands
+        ahead = prepare(load_at(chunk_at(jnp.minimum(i + 1, count - 1))))
+        return step(chunk_at(i), carry, lambda: operands), ahead
+
+    first_operands = prepare(load_at(chunk_at(0)))
+    return lax.fori_loop(0, count, ahead_step, (init, first_operands))[0]
 
 
 @dataclasses.dataclass(frozen=True)
