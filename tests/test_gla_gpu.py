@@ -50,6 +50,8 @@ NO_PREFETCH = dict(prefetch_max_programs=0)
 ROW_WALKS = dict(sequence_walks=False)
 # The walks' b_last as a matmul column (``gpu_forward.gate_total_column``).
 TOTAL_COLUMN = dict(walk_total_column=True)
+# Prefetching walks carry the next chunk's prepared operands (``gpu_forward.walk_chunks``).
+OPERANDS_AHEAD = dict(walk_operands_ahead=True)
 
 
 # Rows, and packed rows with strong gates and with empty first and last sequences, in tiles
@@ -111,6 +113,8 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         {**ROW_WALKS, **UNPAIRED, **NO_PREFETCH},
         TOTAL_COLUMN,
         {**UNPAIRED, **TOTAL_COLUMN},
+        {**UNPAIRED, **OPERANDS_AHEAD},
+        {**ROW_WALKS, **UNPAIRED, **OPERANDS_AHEAD},
     ],
     ids=[
         "paired",
@@ -121,6 +125,8 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         "row_walks_unpaired_no_prefetch",
         "total_column",
         "unpaired_total_column",
+        "unpaired_operands_ahead",
+        "row_walks_unpaired_operands_ahead",
     ],
 )
 def test_small_tiles_match_oracle(case, switches):
@@ -585,10 +591,15 @@ def test_only_small_single_walk_launches_prefetch(walks, programs, tile, expecte
     assert not tuning.prefetches(dataclasses.replace(config, **NO_PREFETCH), walks, programs, tile)
 
 
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
-def test_sequence_walks_lower_through_triton(prefetch):
+@pytest.mark.parametrize(
+    "prefetch, ahead",
+    [(True, False), (True, True), (False, False)],
+    ids=["prefetch", "prefetch_operands_ahead", "no_prefetch"],
+)
+def test_sequence_walks_lower_through_triton(prefetch, ahead):
     """A packed row's walks, one program per sequence: loops whose bounds are data (the
-    sequence's chunk range) lower through Triton, with and without the prefetching walk."""
+    sequence's chunk range) lower through Triton, with and without the prefetching walk, which
+    carries the next chunk's loaded tiles or its prepared operands."""
     from benchmarks.kernel_resources import export_for_cuda
 
     heads, dim, num_seqs = 4, 128, 3
@@ -597,6 +608,7 @@ def test_sequence_walks_lower_through_triton(prefetch):
         tuning.config_for(dim, dim, jnp.bfloat16, interpret=False),
         sequence_walks=True,
         prefetch_max_programs=1024 if prefetch else 0,  # the forward's 192 programs of 32 x 32
+        walk_operands_ahead=ahead,
     )
 
     def forward_and_backward(q, k, v, g, h0, do, dfinal, cu_seqlens):

@@ -101,6 +101,7 @@ def _state_grads_kernel(
     scale,
     dtype,
     prefetch,
+    operands_ahead,
     total_column,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
@@ -130,7 +131,16 @@ def _state_grads_kernel(
         return jnp.where(seq >= 0, 0.0, grad)
 
     init = jnp.zeros((block_k, block_v), F32)
-    walk_chunks(chunks, load, prepare, step, init, prefetch=prefetch, reverse=True)
+    walk_chunks(
+        chunks,
+        load,
+        prepare,
+        step,
+        init,
+        prefetch=prefetch,
+        operands_ahead=operands_ahead,
+        reverse=True,
+    )
 
 
 def state_grads_walk(q, do, dfinal, scale):

@@ -351,6 +351,7 @@ def _chunk_states_kernel(
     block_v,
     dtype,
     prefetch,
+    operands_ahead,
     total_column,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
@@ -378,15 +379,15 @@ def _chunk_states_kernel(
         return state
 
     init = jnp.zeros((block_k, block_v), F32)
-    walk_chunks(chunks, load, prepare, step, init, prefetch=prefetch)
+    walk_chunks(chunks, load, prepare, step, init, prefetch=prefetch, operands_ahead=operands_ahead)
 
 
 def decayed_factors(x, g, kind, total_column, dtype, scale=1.0):
     """A walk step's operands from its chunk of keys (queries) x and gates g: x decayed by
     ``gate_sums(g, kind)`` (to the chunk's end for keys, from its start for queries) and scaled,
     in the matmul operand dtype, and the [BK, 1] decay of the state tile over the chunk. They
-    depend on the chunk alone, not on the state, so a prefetching walk forms them with the next
-    chunk's loads (``walk_chunks``), off the chain of dependent steps."""
+    depend on the chunk alone, not on the state, so a prefetching walk may form them with the
+    next chunk's loads (``walk_chunks``' operands_ahead), off the chain of dependent steps."""
     factor = decay(gate_sums(g, kind))
     decayed = x.astype(F32) * (factor if scale == 1.0 else scale * factor)
     return decayed.astype(dtype), decay(state_decay(g, total_column))
@@ -397,17 +398,21 @@ def chunk_rows(refs, c, chunk):
     return tuple(ref[pl.ds(c * chunk, chunk), :] for ref in refs)
 
 
-def walk_chunks(chunks, load, prepare, step, init, *, prefetch, reverse=False):
+def walk_chunks(chunks, load, prepare, step, init, *, prefetch, operands_ahead, reverse=False):
     """Runs carry = step(c, carry, operands) over the chunks ``chunks`` = (first, count, in_row)
     names in order (reverse: the last first): ``count`` chunks from ``first``, of a row of
     ``in_row``. first and count are static for whole rows, data for a packed row's sequences.
+    ``operands()`` gives the step prepare(load(c)), chunk c's operands, which depend on the
+    chunk alone; the step calls it where it needs them.
 
     With ``prefetch`` each step issues the next chunk's loads before its own arithmetic and
     carries them into the next step, so the walk waits on memory once rather than once per
     chunk. Only worth it where nothing else hides that wait: a walk is one chain of dependent
     steps, and a launch of one program per multiprocessor (long rows, few of them) has nothing to
     switch to; where several programs share a multiprocessor, the carried tiles cost the
-    registers that let them (``tuning.prefetches``)."""
+    registers that let them (``tuning.prefetches``). With ``operands_ahead`` too, the next
+    chunk's operands are prepared with its loads and carried instead of its loaded tiles, taking
+    that arithmetic off the chain of dependent steps (BENCHMARKS.md, version 7.13)."""
     first, count, in_row = chunks
 
     def chunk_at(i):
@@ -426,13 +431,17 @@ def walk_chunks(chunks, load, prepare, step, init, *, prefetch, reverse=False):
 
         return lax.fori_loop(0, count, in_step, init)
 
-    def ahead_step(i, carry_and_operands):
-        carry, operands = carry_and_operands
-        ahead = prepare(load_at(chunk_at(jnp.minimum(i + 1, count - 1))))
-        return step(chunk_at(i), carry, lambda: operands), ahead
+    def ahead(i):  # what is carried into the step of walk position i
+        loaded = load_at(chunk_at(i))
+        return prepare(loaded) if operands_ahead else loaded
 
-    first_operands = prepare(load_at(chunk_at(0)))
-    return lax.fori_loop(0, count, ahead_step, (init, first_operands))[0]
+    def ahead_step(i, carry_and_ahead):
+        carry, carried = carry_and_ahead
+        after = ahead(jnp.minimum(i + 1, count - 1))  # issued before this step's arithmetic
+        operands = (lambda: carried) if operands_ahead else (lambda: prepare(carried))
+        return step(chunk_at(i), carry, operands), after
+
+    return lax.fori_loop(0, count, ahead_step, (init, ahead(0)))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,8 +450,9 @@ class StateWalk:
 
     body(first_ref, last_ref, key_ref, value_ref, g_ref, boundary_ref, per_chunk_ref,
     boundary_out_ref, *, row, head, kt, vt, chunk, chunks, block_k, block_v, dtype, prefetch,
-    total_column, **options) walks the chunks ``chunks`` (``walk_chunks``) of row ``row`` and
-    head ``head`` for the state tile (kt, vt), scaling it by ``state_decay(g, total_column)``.
+    operands_ahead, total_column, **options) walks the chunks ``chunks`` (``walk_chunks``) of
+    row ``row`` and head ``head`` for the state tile (kt, vt), scaling it by
+    ``state_decay(g, total_column)``.
     key_side [B', Tp, H, K], value_side [B', Tp, H, V] and boundary [N, H, K, V] are its
     inputs."""
 
@@ -513,6 +523,7 @@ def state_walks(
         block_v=block_v,
         dtype=first.dtype,
         prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
+        operands_ahead=config.walk_operands_ahead,
         total_column=config.walk_total_column,
     )
 

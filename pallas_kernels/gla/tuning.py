@@ -57,6 +57,10 @@ class GpuConfig:
     # (``gpu_forward.gate_total_column``) rather than a column sum and a transpose. Off until
     # timed (BENCHMARKS.md, version 7.12).
     walk_total_column: bool = False
+    # A prefetching walk forms the next chunk's decayed keys (queries) and decay with its loads
+    # and carries those, rather than the loaded tiles (``gpu_forward.walk_chunks``). Off until
+    # timed (BENCHMARKS.md, version 7.13).
+    walk_operands_ahead: bool = False
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
