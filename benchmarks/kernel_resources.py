@@ -6,6 +6,9 @@ device time is spent timing it:
 
   python -m benchmarks.kernel_resources --shapes 16x128x128,4x256x512 --variants ";grad_warps=8"
 
+`--sass DIR` also writes each kernel's machine code, to read where a loop's loads, matrix
+products and exponentials sit (BENCHMARKS.md, version 7.13).
+
 A kernel that needs more than its 255 registers a thread keeps the rest in a stack frame in local
 memory (the "spill" column, bytes a thread): every access is a round trip through L1 or further.
 The compile is the `triton` package's pipeline, not the one built into the GPU jaxlib, so a figure
@@ -159,9 +162,10 @@ def parse_resource_usage(text: str) -> dict:
     return dict(registers=int(fields["REG"]), stack=int(fields["STACK"]))
 
 
-def compile_resources(launch: Launch) -> dict:
+def compile_resources(launch: Launch, sass_path: str | None = None) -> dict:
     """``launch`` compiled for sm_90: registers and spilled bytes a thread (cuobjdump) and the
-    shared memory its pipeline stages take (Triton's metadata, bytes)."""
+    shared memory its pipeline stages take (Triton's metadata, bytes). With ``sass_path`` the
+    kernel's machine code (cuobjdump -sass) is written there, to read what a loop does."""
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -184,6 +188,10 @@ def compile_resources(launch: Launch) -> dict:
         usage = subprocess.run(
             [cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
         ).stdout
+        if sass_path:
+            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
+            with open(sass_path, "w") as f:
+                f.write(sass.stdout)
     return dict(parse_resource_usage(usage), shared=kernel.metadata.shared)
 
 
@@ -195,7 +203,10 @@ def main():
         "--variants", default="", help="';'-separated --set specs ('' first: the default)"
     )
     parser.add_argument("--kernels", default="", help="only these kernels (gla_ names, ',')")
+    parser.add_argument("--sass", default="", help="also write each kernel's SASS to this folder")
     args = parser.parse_args()
+    if args.sass:
+        os.makedirs(args.sass, exist_ok=True)
     wanted = set(filter(None, args.kernels.split(",")))
     print("| shape | settings | kernel | warps | stages | registers | spill B | shared KiB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -205,7 +216,10 @@ def main():
             for launch in kernel_launches(args.seq_len, heads, key_dim, value_dim, spec):
                 if wanted and launch.name not in wanted:
                     continue
-                r = compile_resources(launch)
+                sass_path = args.sass and os.path.join(
+                    args.sass, f"{shape}-{spec or 'default'}-{launch.name}.sass"
+                )
+                r = compile_resources(launch, sass_path)
                 print(
                     f"| {shape} | {spec or 'default'} | {launch.name} | {launch.num_warps} | "
                     f"{launch.num_stages} | {r['registers']} | {r['stack']} | "

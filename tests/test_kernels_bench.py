@@ -249,9 +249,9 @@ def test_kernel_resources_capture_every_kernel_with_its_launch_settings():
     assert by_name["gla_chunk_outputs"].num_warps == 4
 
 
-def test_kernel_resources_compile_for_sm90():
-    """The whole chain where the triton extra is installed: a kernel compiled for sm_90 and its
-    registers read from the cubin."""
+def test_kernel_resources_compile_for_sm90(tmp_path):
+    """The whole chain where the triton extra is installed: a kernel compiled for sm_90, its
+    registers read from the cubin and its machine code written out."""
     pytest.importorskip("triton")
     from benchmarks.kernel_resources import compile_resources, kernel_launches
 
@@ -260,6 +260,10 @@ def test_kernel_resources_compile_for_sm90():
         for launch in kernel_launches(128, 2, 32, 64, batch=1)
         if launch.name == "gla_score_grads"
     )
-    resources = compile_resources(launch)
+    sass_path = str(tmp_path / "score_grads.sass")
+    resources = compile_resources(launch, sass_path)
     assert 16 <= resources["registers"] <= 255 and resources["stack"] >= 0
     assert resources["shared"] > 0
+    with open(sass_path) as f:
+        sass = f.read()
+    assert "gla_score_grads" in sass and "EXIT" in sass
