@@ -6,8 +6,10 @@ device time is spent timing it:
 
   python -m benchmarks.kernel_resources --shapes 16x128x128,4x256x512 --variants ";grad_warps=8"
 
-`--sass DIR` also writes each kernel's machine code, to read where a loop's loads, matrix
-products and exponentials sit (BENCHMARKS.md, version 7.13).
+`--loops` adds what one iteration of each loop of a kernel executes, counted by instruction
+class from its machine code (loads, spills, barriers, tensor-core products, exponentials,
+shuffles), to compare variants' per-step work; `--sass DIR` writes the machine code itself, to
+read where in a loop each thing sits (BENCHMARKS.md, versions 7.12 and 7.13).
 
 A kernel that needs more than its 255 registers a thread keeps the rest in a stack frame in local
 memory (the "spill" column, bytes a thread): every access is a round trip through L1 or further.
@@ -162,10 +164,40 @@ def parse_resource_usage(text: str) -> dict:
     return dict(registers=int(fields["REG"]), stack=int(fields["STACK"]))
 
 
+# The instruction classes ``sass_loops`` counts: global loads (LDG; LDGSTS copies to shared
+# memory) and stores, spill reloads and stores (LDL, STL), barriers, tensor-core products
+# (HGMMA), special functions such as exp2 (MUFU), cross-lane shuffles, shared-memory traffic.
+LOOP_CLASSES = ("LDG", "LDGSTS", "STG", "LDL", "STL", "BAR", "HGMMA", "MUFU", "SHFL", "STS", "LDS")
+
+
+def sass_loops(sass: str, min_instructions: int = 50) -> list[dict]:
+    """Each loop in a kernel's SASS (cuobjdump -sass): a branch back to an earlier address, with
+    at least ``min_instructions`` from there to the branch. Gives its address range, instruction
+    count and count of each ``LOOP_CLASSES`` class, in address order of the branches."""
+    instructions = [
+        (int(address, 16), text.split())
+        for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;\n]*);", sass)
+    ]
+
+    def opcode(words):  # "@!P0 BRA 0x2480" -> "BRA"; "MUFU.EX2 R1, R2" -> "MUFU"
+        return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+    loops = []
+    for address, words in instructions:
+        if opcode(words) != "BRA" or not words[-1].startswith("0x"):
+            continue
+        target = int(words[-1], 16)
+        body = [opcode(w) for a, w in instructions if target <= a <= address]
+        if target < address and len(body) >= min_instructions:
+            counts = {name: body.count(name) for name in LOOP_CLASSES}
+            loops.append(dict(start=target, end=address, instructions=len(body), **counts))
+    return loops
+
+
 def compile_resources(launch: Launch, sass_path: str | None = None) -> dict:
-    """``launch`` compiled for sm_90: registers and spilled bytes a thread (cuobjdump) and the
-    shared memory its pipeline stages take (Triton's metadata, bytes). With ``sass_path`` the
-    kernel's machine code (cuobjdump -sass) is written there, to read what a loop does."""
+    """``launch`` compiled for sm_90: registers and spilled bytes a thread (cuobjdump), the
+    shared memory its pipeline stages take (Triton's metadata, bytes) and its loops
+    (``sass_loops``). With ``sass_path`` the machine code is also written there."""
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -188,11 +220,13 @@ def compile_resources(launch: Launch, sass_path: str | None = None) -> dict:
         usage = subprocess.run(
             [cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
         ).stdout
-        if sass_path:
-            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
-            with open(sass_path, "w") as f:
-                f.write(sass.stdout)
-    return dict(parse_resource_usage(usage), shared=kernel.metadata.shared)
+        sass = subprocess.run(
+            [cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True
+        ).stdout
+    if sass_path:
+        with open(sass_path, "w") as f:
+            f.write(sass)
+    return dict(parse_resource_usage(usage), shared=kernel.metadata.shared, loops=sass_loops(sass))
 
 
 def main():
@@ -203,6 +237,7 @@ def main():
         "--variants", default="", help="';'-separated --set specs ('' first: the default)"
     )
     parser.add_argument("--kernels", default="", help="only these kernels (gla_ names, ',')")
+    parser.add_argument("--loops", action="store_true", help="also each loop's work a step")
     parser.add_argument("--sass", default="", help="also write each kernel's SASS to this folder")
     args = parser.parse_args()
     if args.sass:
@@ -210,6 +245,7 @@ def main():
     wanted = set(filter(None, args.kernels.split(",")))
     print("| shape | settings | kernel | warps | stages | registers | spill B | shared KiB |")
     print("|---|---|---|---|---|---|---|---|")
+    loop_rows = []
     for shape in args.shapes.split(","):
         heads, key_dim, value_dim = (int(x) for x in shape.split("x"))
         for spec in args.variants.split(";"):
@@ -226,6 +262,17 @@ def main():
                     f"{r['shared'] / 1024:.0f} |",
                     flush=True,
                 )
+                for loop in r["loops"]:
+                    counts = " | ".join(str(loop[name]) for name in LOOP_CLASSES)
+                    loop_rows.append(
+                        f"| {shape} | {spec or 'default'} | {launch.name} | "
+                        f"{loop['start']:#x}-{loop['end']:#x} | {loop['instructions']} | {counts} |"
+                    )
+    if args.loops:
+        print("\nEach loop's instructions a step, by class:\n")
+        print(f"| shape | settings | kernel | loop | all | {' | '.join(LOOP_CLASSES)} |")
+        print("|---" * (5 + len(LOOP_CLASSES)) + "|")
+        print("\n".join(loop_rows))
 
 
 if __name__ == "__main__":

@@ -232,6 +232,34 @@ def test_resource_usage_reads_registers_and_spills():
     assert parse_resource_usage(RESOURCE_USAGE) == dict(registers=255, stack=576)
 
 
+SASS = """
+        Function : gla_demo
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;           /* 0x0000000404027981 */
+.L_x_0:
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;          /* 0x0000000000007b1d */
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R6.64] ;       /* 0x0000000406087981 */
+        /*0040*/                   MUFU.EX2 R3, R3 ;                      /* 0x0000000300037308 */
+        /*0050*/              @!P0 BRA 0x70 ;                             /* 0x0000000000008947 */
+        /*0060*/                   LDL R9, [R1+0x8] ;                     /* 0x0000080001097983 */
+        /*0070*/                   MUFU.EX2 R5, R5 ;                      /* 0x0000000500057308 */
+        /*0080*/               @P1 BRA 0x20 ;                             /* 0xfffffffc00fc7947 */
+        /*0090*/                   EXIT ;                                 /* 0x000000000000794d */
+        /*00a0*/                   BRA 0xa0;                              /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_sass_loops_counts_one_iteration_by_class():
+    """``--loops``: the body between a backward branch and its target, counted by class; a
+    forward branch, and a branch to itself, are not loops."""
+    from benchmarks.kernel_resources import sass_loops
+
+    (loop,) = sass_loops(SASS, min_instructions=2)
+    assert (loop["start"], loop["end"], loop["instructions"]) == (0x20, 0x80, 7)
+    assert (loop["LDG"], loop["BAR"], loop["MUFU"], loop["LDL"], loop["STG"]) == (1, 1, 2, 1, 0)
+    assert sass_loops(SASS, min_instructions=8) == []
+
+
 def test_kernel_resources_capture_every_kernel_with_its_launch_settings():
     """``benchmarks/kernel_resources.py``: the op lowered for CUDA on the CPU hands over one Triton
     IR module per kernel, each with the warps and stages its launch asks for under --set."""
@@ -267,3 +295,4 @@ def test_kernel_resources_compile_for_sm90(tmp_path):
     with open(sass_path) as f:
         sass = f.read()
     assert "gla_score_grads" in sass and "EXIT" in sass
+    assert all(loop["instructions"] >= 50 for loop in resources["loops"])
