@@ -6,10 +6,11 @@ device time is spent timing it:
 
   python -m benchmarks.kernel_resources --shapes 16x128x128,4x256x512 --variants ";grad_warps=8"
 
-`--loops` adds what one iteration of each loop of a kernel executes, counted by instruction
-class from its machine code (loads, spills, barriers, tensor-core products, exponentials,
-shuffles), to compare variants' per-step work; `--sass DIR` writes the machine code itself, to
-read where in a loop each thing sits (BENCHMARKS.md, versions 7.12 and 7.13).
+`--loops` adds the instructions in the body of each loop of a kernel (its conditional blocks
+included), counted by class from its machine code (loads, spills, barriers, tensor-core
+products, exponentials, shuffles), to compare variants' per-step work; `--sass DIR` writes
+the machine code itself, to read where in a loop each thing sits (BENCHMARKS.md, versions 7.12
+and 7.13).
 
 A kernel that needs more than its 255 registers a thread keeps the rest in a stack frame in local
 memory (the "spill" column, bytes a thread): every access is a round trip through L1 or further.
@@ -173,7 +174,8 @@ LOOP_CLASSES = ("LDG", "LDGSTS", "STG", "LDL", "STL", "BAR", "HGMMA", "MUFU", "S
 def sass_loops(sass: str, min_instructions: int = 50) -> list[dict]:
     """Each loop in a kernel's SASS (cuobjdump -sass): a branch back to an earlier address, with
     at least ``min_instructions`` from there to the branch. Gives its address range, instruction
-    count and count of each ``LOOP_CLASSES`` class, in address order of the branches."""
+    count and count of each ``LOOP_CLASSES`` class, in address order of the branches. The body's
+    conditional blocks are counted, whether or not a given iteration runs them."""
     instructions = [
         (int(address, 16), text.split())
         for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;\n]*);", sass)
@@ -237,7 +239,7 @@ def main():
         "--variants", default="", help="';'-separated --set specs ('' first: the default)"
     )
     parser.add_argument("--kernels", default="", help="only these kernels (gla_ names, ',')")
-    parser.add_argument("--loops", action="store_true", help="also each loop's work a step")
+    parser.add_argument("--loops", action="store_true", help="also each loop body's instructions")
     parser.add_argument("--sass", default="", help="also write each kernel's SASS to this folder")
     args = parser.parse_args()
     if args.sass:
@@ -269,7 +271,7 @@ def main():
                         f"{loop['start']:#x}-{loop['end']:#x} | {loop['instructions']} | {counts} |"
                     )
     if args.loops:
-        print("\nEach loop's instructions a step, by class:\n")
+        print("\nEach loop body's instructions, by class:\n")
         print(f"| shape | settings | kernel | loop | all | {' | '.join(LOOP_CLASSES)} |")
         print("|---" * (5 + len(LOOP_CLASSES)) + "|")
         print("\n".join(loop_rows))
