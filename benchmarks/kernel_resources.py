@@ -258,17 +258,17 @@ def main():
                     args.sass, f"{shape}-{spec or 'default'}-{launch.name}.sass"
                 )
                 r = compile_resources(launch, sass_path)
+                label = f"| {shape} | {spec or 'default'} | {launch.name} |"
                 print(
-                    f"| {shape} | {spec or 'default'} | {launch.name} | {launch.num_warps} | "
-                    f"{launch.num_stages} | {r['registers']} | {r['stack']} | "
-                    f"{r['shared'] / 1024:.0f} |",
+                    f"{label} {launch.num_warps} | {launch.num_stages} | {r['registers']} | "
+                    f"{r['stack']} | {r['shared'] / 1024:.0f} |",
                     flush=True,
                 )
-                for loop in r["loops"]:
+                for loop in r["loops"] if args.loops else []:
                     counts = " | ".join(str(loop[name]) for name in LOOP_CLASSES)
                     loop_rows.append(
-                        f"| {shape} | {spec or 'default'} | {launch.name} | "
-                        f"{loop['start']:#x}-{loop['end']:#x} | {loop['instructions']} | {counts} |"
+                        f"{label} {loop['start']:#x}-{loop['end']:#x} | {loop['instructions']} | "
+                        f"{counts} |"
                     )
     if args.loops:
         print("\nEach loop body's instructions, by class:\n")
