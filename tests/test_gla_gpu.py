@@ -52,6 +52,8 @@ ROW_WALKS = dict(sequence_walks=False)
 TOTAL_COLUMN = dict(walk_total_column=True)
 # Prefetching walks carry the next chunk's prepared operands (``gpu_forward.walk_chunks``).
 OPERANDS_AHEAD = dict(walk_operands_ahead=True)
+# gate_spans forms the walks' decayed keys, queries and state decays (``gpu_forward.Predecayed``).
+PREDECAYED = dict(predecayed_walks=True)
 
 
 # Rows, and packed rows with strong gates and with empty first and last sequences, in tiles
@@ -115,6 +117,9 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         {**UNPAIRED, **TOTAL_COLUMN},
         {**UNPAIRED, **OPERANDS_AHEAD},
         {**ROW_WALKS, **UNPAIRED, **OPERANDS_AHEAD},
+        PREDECAYED,
+        {**UNPAIRED, **PREDECAYED},
+        {**ROW_WALKS, **UNPAIRED, **PREDECAYED},
     ],
     ids=[
         "paired",
@@ -127,6 +132,9 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         "unpaired_total_column",
         "unpaired_operands_ahead",
         "row_walks_unpaired_operands_ahead",
+        "predecayed",
+        "unpaired_predecayed",
+        "row_walks_unpaired_predecayed",
     ],
 )
 def test_small_tiles_match_oracle(case, switches):

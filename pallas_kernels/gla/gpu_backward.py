@@ -46,10 +46,10 @@ from pallas_kernels.gla.gpu_forward import (
     F32,
     StateWalk,
     causal_mask,
+    chunk_factors,
     chunk_rows,
     chunk_spec,
     decay,
-    decayed_factors,
     diagonal_span,
     each_exact_chunk,
     exact_group,
@@ -73,6 +73,7 @@ from pallas_kernels.gla.gpu_forward import (
     sub_chunk,
     tile_loop,
     walk_chunks,
+    walk_factors,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -103,15 +104,17 @@ def _state_grads_kernel(
     prefetch,
     operands_ahead,
     total_column,
+    predecayed,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
     def load(c):
-        return chunk_rows((g_ref, q_ref, do_ref), c, chunk)
+        return chunk_factors(q_ref, g_ref, c, chunk, predecayed) + chunk_rows((do_ref,), c, chunk)
 
     def prepare(loaded):
-        g, q, do = loaded
-        return decayed_factors(q, g, "from_start", total_column, dtype, scale) + (do,)
+        q, g, do = loaded
+        factors = walk_factors(q, g, "from_start", total_column, dtype, predecayed, scale)
+        return factors + (do,)
 
     def step(c, grad, operands):
         seq_end = last_ref[row, c]
@@ -150,7 +153,8 @@ def state_grads_walk(q, do, dfinal, scale):
 
 def state_grads(q, do, g, dfinal, first_seq, last_seq, *, scale, **launch):
     """dH [B', NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V].
-    ``launch``: state_walks' chunk, state_dtype, config, interpret and seq_chunks.
+    ``launch``: state_walks' chunk, state_dtype, config, interpret, seq_chunks and
+    predecayed (then q and g are ``Predecayed`` arrays).
 
     dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
     """

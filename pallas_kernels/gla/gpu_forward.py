@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -290,7 +291,10 @@ def state_decay(g, total_column: bool):
     return gate_total_column(g) if total_column else gate_total(g).T
 
 
-def _gate_spans_kernel(g_ref, span_ref, b_ref):
+def _gate_spans_kernel(g_ref, *refs, walk_inputs, scale):
+    """walk_inputs: which of 'keys' and 'queries' are decayed here for the walks (then refs holds
+    those inputs, then spans, b, the chunk decays and the decayed arrays)."""
+    x_refs, (span_ref, b_ref, *walk_refs) = refs[: len(walk_inputs)], refs[len(walk_inputs) :]
     g = g_ref[...]
     # The chunk's factorization span: the largest |b_i - b_mid| over positions and K; infinite
     # where the first gate, which the span leaves out, is below the floor, so that every gate of
@@ -303,27 +307,99 @@ def _gate_spans_kernel(g_ref, span_ref, b_ref):
     def _():
         b_ref[...] = gate_sums(g, "from_start")
 
+    if walk_inputs:
+        predecay_chunk(g_ref, x_refs, walk_refs, walk_inputs, scale)
 
-def gate_spans(g, *, chunk, interpret):
+
+# What each walk input is decayed by, and its scale: keys to the chunk's end (the forward
+# recurrence), queries from its start (the reverse one).
+WALK_DECAYS = {"keys": "to_end", "queries": "from_start"}
+
+
+def predecay_chunk(g_ref, x_refs, walk_refs, walk_inputs, scale):
+    """The walks' operands of one chunk, formed as a walk step would form them
+    (``decayed_factors``), a K piece at a time: each input decayed and the state tile's decay
+    over the chunk, written into walk_refs = (decays [K, NC] column c, decayed inputs)."""
+    decays_ref, decayed_refs = walk_refs[0], walk_refs[1:]
+    c = pl.program_id(0)
+    key_dim = g_ref.shape[1]
+    for piece in key_pieces(key_dim, min(key_dim, PREDECAY_BLOCK_K)):
+        g = g_ref[:, piece]
+        for name, x_ref, out_ref in zip(walk_inputs, x_refs, decayed_refs, strict=True):
+            decayed, chunk_decay = decayed_factors(
+                x_ref[:, piece],
+                g,
+                WALK_DECAYS[name],
+                True,
+                out_ref.dtype,
+                scale if name == "queries" else 1.0,
+            )
+            out_ref[:, piece] = decayed
+        decays_ref[piece, pl.ds(c, 1)] = chunk_decay
+
+
+# gate_spans' K piece when it decays the walks' inputs: [C, 64] float32 sums per input keep its
+# registers as they are without them.
+PREDECAY_BLOCK_K = 64
+
+
+class Predecayed(NamedTuple):
+    """The walks' operands formed by ``gate_spans`` (``GpuConfig.predecayed_walks``) rather than
+    by each walk step: the walks then read these instead of the keys (queries) and the gates.
+    decays [B', H, K, NC] float32: 2 ** b_last of every chunk, the state's decay over it, per K
+    row; keys [B', Tp, H, K]: each chunk's keys decayed to its end; queries likewise, decayed
+    from its start and scaled. keys or queries are None where they were not asked for."""
+
+    decays: jax.Array
+    keys: jax.Array | None
+    queries: jax.Array | None
+
+
+def gate_spans(g, *, chunk, interpret, keys=None, queries=None, scale=1.0):
     """spans [B', NC, H] float32: each chunk's largest |b_i - b_mid| (see ``factorizable``); and
     exact_b [B', Tp, H, K] float32, b in log2 units, written for the chunks that are not
     factorizable only: the exact kernels read it there; every other kernel forms its own gate
-    sums, and the other rows of this buffer are left unwritten."""
+    sums, and the other rows of this buffer are left unwritten.
+
+    With ``keys`` and/or ``queries`` (in the kernels' layout, as g), also a ``Predecayed`` of
+    them, formed in the same pass over g (else None): (spans, exact_b, predecayed)."""
     rows_, padded_len, heads, key_dim = g.shape
+    num_chunks = padded_len // chunk
     spec = chunk_spec(chunk, heads, key_dim)
-    return pl.pallas_call(
-        _gate_spans_kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((rows_, padded_len // chunk, heads), F32),
-            jax.ShapeDtypeStruct(g.shape, F32),
-        ),
-        grid=(padded_len // chunk, rows_ * heads),
-        in_specs=[spec],
-        out_specs=(span_spec(heads), spec),
+    inputs = {name: x for name, x in (("keys", keys), ("queries", queries)) if x is not None}
+    out_shape = [
+        jax.ShapeDtypeStruct((rows_, num_chunks, heads), F32),
+        jax.ShapeDtypeStruct(g.shape, F32),
+    ]
+    out_specs = [span_spec(heads), spec]
+    if inputs:
+        decays_shape = (rows_, heads, key_dim, num_chunks)
+        out_shape.append(jax.ShapeDtypeStruct(decays_shape, F32))
+        # Each program writes its chunk's column of its (row, head)'s block.
+        out_specs.append(
+            pl.BlockSpec(
+                (SQUEEZED, SQUEEZED, key_dim, num_chunks),
+                lambda c, bh: (bh // heads, bh % heads, 0, 0),
+            )
+        )
+        for x in inputs.values():
+            out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+            out_specs.append(spec)
+    outs = pl.pallas_call(
+        functools.partial(_gate_spans_kernel, walk_inputs=tuple(inputs), scale=scale),
+        out_shape=tuple(out_shape),
+        grid=(num_chunks, rows_ * heads),
+        in_specs=[spec] * (1 + len(inputs)),
+        out_specs=tuple(out_specs),
         compiler_params=params(4, 1),
         interpret=interpret,
         name="gla_gate_spans",
-    )(g)
+    )(g, *inputs.values())
+    spans, exact_b = outs[:2]
+    if not inputs:
+        return spans, exact_b, None
+    decayed = dict(zip(inputs, outs[3:], strict=True))
+    return spans, exact_b, Predecayed(outs[2], decayed.get("keys"), decayed.get("queries"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,15 +429,16 @@ def _chunk_states_kernel(
     prefetch,
     operands_ahead,
     total_column,
+    predecayed,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
     def load(c):
-        return chunk_rows((g_ref, k_ref, v_ref), c, chunk)
+        return chunk_factors(k_ref, g_ref, c, chunk, predecayed) + chunk_rows((v_ref,), c, chunk)
 
     def prepare(loaded):
-        g, k, v = loaded
-        return decayed_factors(k, g, "to_end", total_column, dtype) + (v,)
+        k, g, v = loaded
+        return walk_factors(k, g, "to_end", total_column, dtype, predecayed) + (v,)
 
     def step(c, state, operands):
         seq = first_ref[row, c]
@@ -392,6 +469,23 @@ def decayed_factors(x, g, kind, total_column, dtype, scale=1.0):
     # Unscaled keys skip the multiply: the compiled walk keeps two instructions fewer a step.
     decayed = x.astype(F32) * (factor if scale == 1.0 else scale * factor)
     return decayed.astype(dtype), decay(state_decay(g, total_column))
+
+
+def chunk_factors(x_ref, g_ref, c, chunk, predecayed):
+    """What a walk step forms its operands from (``walk_factors``): chunk c's keys (queries) and
+    gates, or with ``predecayed`` its decayed keys (queries) and the [BK, 1] column c of the
+    state's decays (``Predecayed``; g_ref is then the [BK, NC] decays of this K tile)."""
+    if predecayed:
+        return chunk_rows((x_ref,), c, chunk) + (g_ref[:, pl.ds(c, 1)],)
+    return chunk_rows((x_ref, g_ref), c, chunk)
+
+
+def walk_factors(x, g, kind, total_column, dtype, predecayed, scale=1.0):
+    """A walk step's operands (``decayed_factors``) from what ``chunk_factors`` loaded: formed
+    here, or as loaded where ``gate_spans`` formed them."""
+    if predecayed:
+        return x, g
+    return decayed_factors(x, g, kind, total_column, dtype, scale)
 
 
 def chunk_rows(refs, c, chunk):
@@ -451,9 +545,9 @@ class StateWalk:
 
     body(first_ref, last_ref, key_ref, value_ref, g_ref, boundary_ref, per_chunk_ref,
     boundary_out_ref, *, row, head, kt, vt, chunk, chunks, block_k, block_v, dtype, prefetch,
-    operands_ahead, total_column, **options) walks the chunks ``chunks`` (``walk_chunks``) of
-    row ``row`` and head ``head`` for the state tile (kt, vt), scaling it by
-    ``state_decay(g, total_column)``.
+    operands_ahead, total_column, predecayed, **options) walks the chunks ``chunks``
+    (``walk_chunks``) of row ``row`` and head ``head`` for the state tile (kt, vt), scaling it
+    by ``state_decay(g, total_column)`` (``walk_factors``).
     key_side [B', Tp, H, K], value_side [B', Tp, H, V] and boundary [N, H, K, V] are its
     inputs."""
 
@@ -476,6 +570,7 @@ def state_walks(
     interpret,
     name,
     seq_chunks=None,
+    predecayed=False,
 ):
     """Launches walks over the chunks of every (row, head, K tile, V tile), one program each, and
     returns each walk's (per-chunk [B', NC, H, K, V] in ``state_dtype``, boundary [N, H, K, V]
@@ -483,7 +578,8 @@ def state_walks(
     a packed row, B' = 1): one program per sequence instead, walking only its own chunks, so the
     sequences of a packed row are walked side by side rather than as one chain (the states reset
     at each sequence's start anyway); the chunks after the last sequence are left unwritten (their
-    outputs are padding, dropped).
+    outputs are padding, dropped). ``predecayed``: the walks' key sides are ``Predecayed`` arrays
+    and g is its decays [B', H, K, NC], read instead of the gates.
 
     The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
     dfinal -> state gradients, dh0) share this launch. Several independent walks go in one launch,
@@ -526,6 +622,7 @@ def state_walks(
         prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
         operands_ahead=config.walk_operands_ahead,
         total_column=config.walk_total_column,
+        predecayed=predecayed,
     )
 
     def kernel(first_ref, last_ref, *refs):
@@ -571,6 +668,13 @@ def state_walks(
             jax.ShapeDtypeStruct(walk.boundary.shape, F32),
         ]
     ranges = [seq_chunks] if per_sequence else []
+    if predecayed:  # a K tile's decays of every chunk: [BK, NC]
+        gates_spec = pl.BlockSpec(
+            (SQUEEZED, SQUEEZED, block_k, num_chunks),
+            lambda kt, vt, i: (row_of(i), (i // count) % heads, kt, 0),
+        )
+    else:
+        gates_spec = seq_spec(block_k, "k")
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
@@ -584,7 +688,7 @@ def state_walks(
             whole(first_seq.shape),
             whole(last_seq.shape),
             *[whole(r.shape) for r in ranges],
-            seq_spec(block_k, "k"),
+            gates_spec,
             *in_specs,
         ],
         out_specs=tuple(out_specs),
@@ -602,7 +706,8 @@ def states_walk(k, v, h0):
 
 def chunk_states(k, v, g, h0, first_seq, last_seq, **launch):
     """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32.
-    ``launch``: state_walks' chunk, state_dtype, config, interpret and seq_chunks."""
+    ``launch``: state_walks' chunk, state_dtype, config, interpret, seq_chunks and
+    predecayed (then k and g are ``Predecayed`` arrays)."""
     (result,) = state_walks(
         [states_walk(k, v, h0)], g, first_seq, last_seq, name="gla_chunk_states", **launch
     )

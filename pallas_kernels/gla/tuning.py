@@ -61,6 +61,10 @@ class GpuConfig:
     # and carries those, rather than the loaded tiles (``gpu_forward.walk_chunks``). Off until
     # timed (BENCHMARKS.md, version 7.13).
     walk_operands_ahead: bool = False
+    # gate_spans forms the walks' decayed keys (queries) and state decays in its pass over the
+    # gates, and the walks read those instead of the keys (queries) and gates
+    # (``gpu_forward.Predecayed``). Off until timed (BENCHMARKS.md, version 7.14).
+    predecayed_walks: bool = False
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
