@@ -321,6 +321,15 @@ def test_walks_with_a_matmul_column_total_lower_through_triton(shape):
     assert "gla_chunk_states" in module and "gla_backward_walks" in module
 
 
+@pytest.mark.parametrize(
+    "shape", [(8, 4096, 4, 256, 512, jnp.bfloat16), (2, 100, 2, 20, 48, jnp.float32)]
+)
+def test_predecayed_walks_lower_through_triton(shape):
+    module = _export_for_cuda(*shape, switches=PREDECAYED)
+    assert module.count("__gpu$xla.gpu.triton") == 11
+    assert "gla_chunk_states" in module and "gla_backward_walks" in module
+
+
 @pytest.mark.parametrize("shape", [(4, 1024, 16, 128, 128), (2, 100, 2, 20, 48)])
 def test_unpaired_walks_lower_through_triton(shape):
     module = _export_for_cuda(*shape, jnp.bfloat16, switches=UNPAIRED)
@@ -428,6 +437,34 @@ def test_gate_total_column_is_the_floored_chunk_sum_as_a_column(dtype):
     assert column.shape == (32, 1) and column.dtype == jnp.float32
     bound = 1e-6 * np.abs(floored).sum(axis=0)[:, None] * np.log2(np.e)
     assert np.all(np.abs(np.asarray(column, np.float64) - expected) <= bound)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gate_spans_predecays_the_walks_operands_as_float64(dtype):
+    """gate_spans' ``Predecayed``: per chunk, 2 ** (floored b_last) per K row, the keys times
+    2 ** (b_last - b_i) and the queries times scale * 2 ** b_i (b the floored chunk-local
+    cumulative sum), against float64, with a reset among mild gates; every chunk's column of the
+    decays is written by its own program."""
+    chunk, scale = 16, 0.3
+    key_q, key_k, key_g = jax.random.split(jax.random.PRNGKey(3), 3)
+    shape = (2, 4 * chunk, 3, 32)
+    q, k = (jax.random.normal(key, shape).astype(dtype) for key in (key_q, key_k))
+    g = (-0.2 * jnp.abs(jax.random.normal(key_g, shape))).at[1, 21, 2, 5].set(-1e9).astype(dtype)
+    _, _, out = gpu_forward.gate_spans(
+        g, chunk=chunk, interpret=True, keys=k, queries=q, scale=scale
+    )
+    chunks = lambda x: np.asarray(x, np.float64).reshape(2, 4, chunk, 3, 32)  # noqa: E731
+    b = np.cumsum(np.maximum(chunks(g), GATE_FLOOR), axis=2)
+    b_last = b[:, :, -1:]
+    expected_decays = np.exp(b_last[:, :, 0]).transpose(0, 2, 3, 1)  # [B', H, K, NC]
+    expected_keys = chunks(k) * np.exp(b_last - b)
+    expected_queries = chunks(q) * scale * np.exp(b)
+    assert out.decays.shape == (2, 3, 32, 4) and out.keys.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out.decays), expected_decays, rtol=1e-5, atol=1e-30)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    for actual, expected in ((out.keys, expected_keys), (out.queries, expected_queries)):
+        np.testing.assert_allclose(chunks(actual), expected, rtol=tol, atol=tol)
+    assert float(out.decays[1, 2, 5, 1]) == 0.0  # the reset: nothing of chunk 1 carries on
 
 
 # Every dtype under the first fill; the path a chunk takes does not hang on the dtype, so the
