@@ -8,12 +8,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from gla_jax.ops import chunk_gla
 from pallas_kernels.gla import api, gpu, gpu_forward, tuning
-from pallas_kernels.gla.gates import GATE_FLOOR
 from tests.gla_backends import GPU_INTERPRET
 from tests.gla_oracle import gla_oracle
 from tests.test_gla_ops import TOLERANCE, Case, _make_inputs, _rel_err
@@ -48,12 +46,6 @@ NO_PREFETCH = dict(prefetch_max_programs=0)
 # A packed row's walks one program per row, through its sequences in turn (the default is one
 # program per sequence).
 ROW_WALKS = dict(sequence_walks=False)
-# The walks' b_last as a matmul column (``gpu_forward.gate_total_column``).
-TOTAL_COLUMN = dict(walk_total_column=True)
-# Prefetching walks carry the next chunk's prepared operands (``gpu_forward.walk_chunks``).
-OPERANDS_AHEAD = dict(walk_operands_ahead=True)
-# gate_spans forms the walks' decayed keys, queries and state decays (``gpu_forward.Predecayed``).
-PREDECAYED = dict(predecayed_walks=True)
 
 
 # Rows, and packed rows with strong gates and with empty first and last sequences, in tiles
@@ -113,13 +105,6 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         ROW_WALKS,
         {**ROW_WALKS, **UNPAIRED},
         {**ROW_WALKS, **UNPAIRED, **NO_PREFETCH},
-        TOTAL_COLUMN,
-        {**UNPAIRED, **TOTAL_COLUMN},
-        {**UNPAIRED, **OPERANDS_AHEAD},
-        {**ROW_WALKS, **UNPAIRED, **OPERANDS_AHEAD},
-        PREDECAYED,
-        {**UNPAIRED, **PREDECAYED},
-        {**ROW_WALKS, **UNPAIRED, **PREDECAYED},
     ],
     ids=[
         "paired",
@@ -128,13 +113,6 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         "row_walks",
         "row_walks_unpaired",
         "row_walks_unpaired_no_prefetch",
-        "total_column",
-        "unpaired_total_column",
-        "unpaired_operands_ahead",
-        "row_walks_unpaired_operands_ahead",
-        "predecayed",
-        "unpaired_predecayed",
-        "row_walks_unpaired_predecayed",
     ],
 )
 def test_small_tiles_match_oracle(case, switches):
@@ -312,24 +290,6 @@ def test_every_kernel_lowers_through_triton(shape):
         assert name in module
 
 
-@pytest.mark.parametrize(
-    "shape", [(4, 1024, 16, 128, 128, jnp.bfloat16), (2, 100, 2, 20, 48, jnp.float32)]
-)
-def test_walks_with_a_matmul_column_total_lower_through_triton(shape):
-    module = _export_for_cuda(*shape, switches=TOTAL_COLUMN)
-    assert module.count("__gpu$xla.gpu.triton") == 11
-    assert "gla_chunk_states" in module and "gla_backward_walks" in module
-
-
-@pytest.mark.parametrize(
-    "shape", [(8, 4096, 4, 256, 512, jnp.bfloat16), (2, 100, 2, 20, 48, jnp.float32)]
-)
-def test_predecayed_walks_lower_through_triton(shape):
-    module = _export_for_cuda(*shape, switches=PREDECAYED)
-    assert module.count("__gpu$xla.gpu.triton") == 11
-    assert "gla_chunk_states" in module and "gla_backward_walks" in module
-
-
 @pytest.mark.parametrize("shape", [(4, 1024, 16, 128, 128), (2, 100, 2, 20, 48)])
 def test_unpaired_walks_lower_through_triton(shape):
     module = _export_for_cuda(*shape, jnp.bfloat16, switches=UNPAIRED)
@@ -420,51 +380,6 @@ def test_a_chunk_whose_first_gate_is_below_the_floor_is_not_factorizable():
     g = g.at[0, 64].set(-jnp.inf).at[0, 128].set(-1e9).at[0, 192].set(-99.0)
     spans = _chunk_spans(g)[0, :, 0]
     assert [bool(s) for s in gpu_forward.factorizable(spans)] == [True, False, False, True]
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gate_total_column_is_the_floored_chunk_sum_as_a_column(dtype):
-    """The walks scale their state tiles by gate_total_column, a matmul form of the chunk's
-    floored gate sum: against a float64 sum, with gates across the float32 range, resets among
-    them (float32 gates go through the matmul as three bfloat16 parts)."""
-    key_g, key_scale = jax.random.split(jax.random.PRNGKey(0))
-    scale = jnp.exp(jax.random.uniform(key_scale, (64, 32), minval=-12.0, maxval=4.0))
-    g = (-jnp.abs(jax.random.normal(key_g, (64, 32))) * scale).at[5, 3].set(-jnp.inf)
-    g = g.at[0, 7].set(-1e9).astype(dtype)
-    column = gpu_forward.gate_total_column(g)
-    floored = np.maximum(np.asarray(g, np.float64), GATE_FLOOR)
-    expected = floored.sum(axis=0)[:, None] * np.log2(np.e)
-    assert column.shape == (32, 1) and column.dtype == jnp.float32
-    bound = 1e-6 * np.abs(floored).sum(axis=0)[:, None] * np.log2(np.e)
-    assert np.all(np.abs(np.asarray(column, np.float64) - expected) <= bound)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gate_spans_predecays_the_walks_operands_as_float64(dtype):
-    """gate_spans' ``Predecayed``: per chunk, 2 ** (floored b_last) per K row, the keys times
-    2 ** (b_last - b_i) and the queries times scale * 2 ** b_i (b the floored chunk-local
-    cumulative sum), against float64, with a reset among mild gates; every chunk's column of the
-    decays is written by its own program."""
-    chunk, scale = 16, 0.3
-    key_q, key_k, key_g = jax.random.split(jax.random.PRNGKey(3), 3)
-    shape = (2, 4 * chunk, 3, 32)
-    q, k = (jax.random.normal(key, shape).astype(dtype) for key in (key_q, key_k))
-    g = (-0.2 * jnp.abs(jax.random.normal(key_g, shape))).at[1, 21, 2, 5].set(-1e9).astype(dtype)
-    _, _, out = gpu_forward.gate_spans(
-        g, chunk=chunk, interpret=True, keys=k, queries=q, scale=scale
-    )
-    chunks = lambda x: np.asarray(x, np.float64).reshape(2, 4, chunk, 3, 32)  # noqa: E731
-    b = np.cumsum(np.maximum(chunks(g), GATE_FLOOR), axis=2)
-    b_last = b[:, :, -1:]
-    expected_decays = np.exp(b_last[:, :, 0]).transpose(0, 2, 3, 1)  # [B', H, K, NC]
-    expected_keys = chunks(k) * np.exp(b_last - b)
-    expected_queries = chunks(q) * scale * np.exp(b)
-    assert out.decays.shape == (2, 3, 32, 4) and out.keys.dtype == dtype
-    np.testing.assert_allclose(np.asarray(out.decays), expected_decays, rtol=1e-5, atol=1e-30)
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    for actual, expected in ((out.keys, expected_keys), (out.queries, expected_queries)):
-        np.testing.assert_allclose(chunks(actual), expected, rtol=tol, atol=tol)
-    assert float(out.decays[1, 2, 5, 1]) == 0.0  # the reset: nothing of chunk 1 carries on
 
 
 # Every dtype under the first fill; the path a chunk takes does not hang on the dtype, so the
@@ -636,15 +551,10 @@ def test_only_small_single_walk_launches_prefetch(walks, programs, tile, expecte
     assert not tuning.prefetches(dataclasses.replace(config, **NO_PREFETCH), walks, programs, tile)
 
 
-@pytest.mark.parametrize(
-    "prefetch, ahead",
-    [(True, False), (True, True), (False, False)],
-    ids=["prefetch", "prefetch_operands_ahead", "no_prefetch"],
-)
-def test_sequence_walks_lower_through_triton(prefetch, ahead):
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
+def test_sequence_walks_lower_through_triton(prefetch):
     """A packed row's walks, one program per sequence: loops whose bounds are data (the
-    sequence's chunk range) lower through Triton, with and without the prefetching walk, which
-    carries the next chunk's loaded tiles or its prepared operands."""
+    sequence's chunk range) lower through Triton, with and without the prefetching walk."""
     from benchmarks.kernel_resources import export_for_cuda
 
     heads, dim, num_seqs = 4, 128, 3
@@ -653,7 +563,6 @@ def test_sequence_walks_lower_through_triton(prefetch, ahead):
         tuning.config_for(dim, dim, jnp.bfloat16, interpret=False),
         sequence_walks=True,
         prefetch_max_programs=1024 if prefetch else 0,  # the forward's 192 programs of 32 x 32
-        walk_operands_ahead=ahead,
     )
 
     def forward_and_backward(q, k, v, g, h0, do, dfinal, cu_seqlens):

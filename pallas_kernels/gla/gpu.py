@@ -117,25 +117,15 @@ def _final_states(p: Prepared, final, initial_state):
     return jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
 
 
-def _scores(p: Prepared, opts, config, walk_keys=False, walk_queries=False):
+def _scores(p: Prepared, opts, config):
     """What forward and backward both start from: the chunks' factorization spans, and b and the
-    scores A of the chunks that take the exact path; and with ``config.predecayed_walks`` the
-    walks' operands (``gpu_forward.Predecayed``) of the keys and/or queries the walks to come
-    read, else None."""
+    scores A of the chunks that take the exact path."""
     chunk, interpret = opts.chunk_size, opts.interpret
-    predecay = config.predecayed_walks
-    spans, exact_b, predecayed = gpu_forward.gate_spans(
-        p.g,
-        chunk=chunk,
-        interpret=interpret,
-        keys=p.k if predecay and walk_keys else None,
-        queries=p.q if predecay and walk_queries else None,
-        scale=opts.scale,
-    )
+    spans, exact_b = gpu_forward.gate_spans(p.g, chunk=chunk, interpret=interpret)
     exact = gpu_forward.exact_scores(
         p.q, p.k, exact_b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
     )
-    return spans, exact_b, exact, predecayed
+    return spans, exact_b, exact
 
 
 def _sequence_chunks(p: Prepared):
@@ -154,16 +144,7 @@ def _walk_options(p: Prepared, opts, config):
         config=config,
         interpret=opts.interpret,
         seq_chunks=_sequence_chunks(p) if packed and config.sequence_walks else None,
-        predecayed=config.predecayed_walks,
     )
-
-
-def _walk_inputs(p: Prepared, predecayed):
-    """(keys, queries, gates) as the walks read them: the ``Predecayed`` arrays where gate_spans
-    formed them (None: the keys, queries and gates themselves)."""
-    if predecayed is None:
-        return p.k, p.q, p.g
-    return predecayed.keys, predecayed.queries, predecayed.decays
 
 
 def forward(q, k, v, g, initial_state, cu_seqlens, opts, config=None):
@@ -176,11 +157,10 @@ def forward_keeping_states(q, k, v, g, initial_state, cu_seqlens, opts, config=N
     ``backward(..., states=)``."""
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
-    spans, _, exact, predecayed = _scores(p, opts, config, walk_keys=True)
+    spans, _, exact = _scores(p, opts, config)
     h0 = _padded_h0(p, initial_state)
-    keys, _, gates = _walk_inputs(p, predecayed)
     states, final = gpu_forward.chunk_states(
-        keys, p.v, gates, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
+        p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
     )
     o = gpu_forward.chunk_outputs(
         p.q,
@@ -200,20 +180,19 @@ def forward_keeping_states(q, k, v, g, initial_state, cu_seqlens, opts, config=N
     return o, _final_states(p, final, initial_state), states
 
 
-def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config, states, predecayed):
+def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config, states):
     """The states entering every chunk (``states`` when the forward kept them), dH and dh0: the
     backward's two walks, or only the gradients' walk."""
     h0 = _padded_h0(p, initial_state)
     dfinal_padded = _pad_state(dfinal.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
     walk = _walk_options(p, opts, config)
-    keys, queries, gates = _walk_inputs(p, predecayed)
     if states is None and config.paired_walks:
         return gpu_backward.backward_walks(
-            queries,
-            keys,
+            p.q,
+            p.k,
             p.v,
             do_rows,
-            gates,
+            p.g,
             h0,
             dfinal_padded,
             p.first_seq,
@@ -222,9 +201,9 @@ def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config, 
             **walk,
         )
     if states is None:
-        states, _ = gpu_forward.chunk_states(keys, p.v, gates, h0, p.first_seq, p.last_seq, **walk)
+        states, _ = gpu_forward.chunk_states(p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **walk)
     dstates, dh0 = gpu_backward.state_grads(
-        queries, do_rows, gates, dfinal_padded, p.first_seq, p.last_seq, scale=opts.scale, **walk
+        p.q, do_rows, p.g, dfinal_padded, p.first_seq, p.last_seq, scale=opts.scale, **walk
     )
     return states, dstates, dh0
 
@@ -233,13 +212,9 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
-    spans, exact_b, exact, predecayed = _scores(
-        p, opts, config, walk_keys=states is None, walk_queries=True
-    )
+    spans, exact_b, exact = _scores(p, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), p.v.shape[-1])
-    states, dstates, dh0 = _backward_states(
-        p, initial_state, do_rows, dfinal, opts, config, states, predecayed
-    )
+    states, dstates, dh0 = _backward_states(p, initial_state, do_rows, dfinal, opts, config, states)
     dv = gpu_backward.value_grads(
         p.q,
         p.k,

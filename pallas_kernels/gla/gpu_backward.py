@@ -46,7 +46,6 @@ from pallas_kernels.gla.gpu_forward import (
     F32,
     StateWalk,
     causal_mask,
-    chunk_factors,
     chunk_rows,
     chunk_spec,
     decay,
@@ -73,7 +72,6 @@ from pallas_kernels.gla.gpu_forward import (
     sub_chunk,
     tile_loop,
     walk_chunks,
-    walk_factors,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -102,28 +100,21 @@ def _state_grads_kernel(
     scale,
     dtype,
     prefetch,
-    operands_ahead,
-    total_column,
-    predecayed,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
     def load(c):
-        return chunk_factors(q_ref, g_ref, c, chunk, predecayed) + chunk_rows((do_ref,), c, chunk)
+        return chunk_rows((g_ref, q_ref, do_ref), c, chunk)
 
-    def prepare(loaded):
-        q, g, do = loaded
-        factors = walk_factors(q, g, "from_start", total_column, dtype, predecayed, scale)
-        return factors + (do,)
-
-    def step(c, grad, operands):
+    def step(c, grad, loaded):
+        g, q, do = loaded
         seq_end = last_ref[row, c]
         grad = lax.cond(
             seq_end >= 0, lambda: dfinal_ref[jnp.maximum(seq_end, 0), head, ks, vs], lambda: grad
         )
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
-        q_decayed, chunk_decay, do = operands()
-        grad = grad * chunk_decay + mm_tn(q_decayed, do, dtype)
+        q_decayed = q.astype(F32) * (scale * decay(gate_sums(g, "from_start")))
+        grad = grad * decay(gate_total(g)).T + mm_tn(q_decayed, do, dtype)
         seq = first_ref[row, c]
 
         @pl.when(seq >= 0)
@@ -134,16 +125,7 @@ def _state_grads_kernel(
         return jnp.where(seq >= 0, 0.0, grad)
 
     init = jnp.zeros((block_k, block_v), F32)
-    walk_chunks(
-        chunks,
-        load,
-        prepare,
-        step,
-        init,
-        prefetch=prefetch,
-        operands_ahead=operands_ahead,
-        reverse=True,
-    )
+    walk_chunks(chunks, load, step, init, prefetch=prefetch, reverse=True)
 
 
 def state_grads_walk(q, do, dfinal, scale):
@@ -153,8 +135,7 @@ def state_grads_walk(q, do, dfinal, scale):
 
 def state_grads(q, do, g, dfinal, first_seq, last_seq, *, scale, **launch):
     """dH [B', NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V].
-    ``launch``: state_walks' chunk, state_dtype, config, interpret, seq_chunks and
-    predecayed (then q and g are ``Predecayed`` arrays).
+    ``launch``: state_walks' chunk, state_dtype, config, interpret and seq_chunks.
 
     dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
     """

@@ -49,7 +49,6 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -238,16 +237,6 @@ def _bfloat16_parts(g):
     return parts
 
 
-def _exact_product(g, product):
-    """``product`` (a bfloat16 matmul with a matrix of 0s, 1s and -1s) of g, summed over g's
-    bfloat16 parts: the products exact, their sum float32."""
-    total = None
-    for part in _bfloat16_parts(g):
-        term = product(part)
-        total = term if total is None else total + term
-    return total
-
-
 def gate_sums(g, kind: str, floored=True):
     """[C, BK] float32 sums along time of a chunk's log gates g [C, BK], in log2 units (so each
     decay is one ``exp2``): ``kind`` is 'from_start' (b), 'to_end' (b_last - b, <= 0) or
@@ -255,8 +244,11 @@ def gate_sums(g, kind: str, floored=True):
     unless ``floored`` is False: for a factorizable chunk, whose gates are all above the floor
     (``gate_spans``), where the floor's registers would cost a kernel its speed."""
     weights = _time_weights(g.shape[0], kind)
-    gates = floor_gates(g) if floored else g
-    return _exact_product(gates, lambda part: mm(weights, part, jnp.bfloat16)) * LOG2E
+    total = None
+    for part in _bfloat16_parts(floor_gates(g) if floored else g):
+        term = mm(weights, part, jnp.bfloat16)
+        total = term if total is None else total + term
+    return total * LOG2E
 
 
 def gate_total(g, upto=None, floored=True):
@@ -270,31 +262,7 @@ def gate_total(g, upto=None, floored=True):
     return jnp.sum(g, axis=0, keepdims=True) * LOG2E
 
 
-# The smallest dimension Triton takes for a matmul operand (a [BK, C] x [C, N] product).
-_COLUMN_WIDTH = 16
-
-
-def gate_total_column(g):
-    """[BK, 1] float32: b_last (``gate_total``, the gates floored) as a column, for scaling a
-    [BK, BV] state tile. Formed as g^T @ ones[C, 16], every column of which is b_last, then a max
-    along those 16 columns: the result comes in the register layout of the walks' matmuls, where
-    the state tile is, rather than as a column sum across the warps that hold the chunk's rows
-    followed by a transpose through shared memory. The products are exact and the sums float32,
-    as in ``gate_sums``."""
-    ones = jnp.ones((g.shape[0], _COLUMN_WIDTH), jnp.bfloat16)
-    total = _exact_product(floor_gates(g), lambda part: mm_tn(part, ones, jnp.bfloat16))
-    return jnp.max(total, axis=1, keepdims=True) * LOG2E
-
-
-def state_decay(g, total_column: bool):
-    """[BK, 1] float32: the log2 decay of a state tile's rows over the chunk of gates g."""
-    return gate_total_column(g) if total_column else gate_total(g).T
-
-
-def _gate_spans_kernel(g_ref, *refs, walk_inputs, scale):
-    """walk_inputs: which of 'keys' and 'queries' are decayed here for the walks (then refs holds
-    those inputs, then spans, b, the chunk decays and the decayed arrays)."""
-    x_refs, (span_ref, b_ref, *walk_refs) = refs[: len(walk_inputs)], refs[len(walk_inputs) :]
+def _gate_spans_kernel(g_ref, span_ref, b_ref):
     g = g_ref[...]
     # The chunk's factorization span: the largest |b_i - b_mid| over positions and K; infinite
     # where the first gate, which the span leaves out, is below the floor, so that every gate of
@@ -307,99 +275,27 @@ def _gate_spans_kernel(g_ref, *refs, walk_inputs, scale):
     def _():
         b_ref[...] = gate_sums(g, "from_start")
 
-    if walk_inputs:
-        predecay_chunk(g_ref, x_refs, walk_refs, walk_inputs, scale)
 
-
-# What each walk input is decayed by, and its scale: keys to the chunk's end (the forward
-# recurrence), queries from its start (the reverse one).
-WALK_DECAYS = {"keys": "to_end", "queries": "from_start"}
-
-
-def predecay_chunk(g_ref, x_refs, walk_refs, walk_inputs, scale):
-    """The walks' operands of one chunk, formed as a walk step would form them
-    (``decayed_factors``), a K piece at a time: each input decayed and the state tile's decay
-    over the chunk, written into walk_refs = (decays [K, NC] column c, decayed inputs)."""
-    decays_ref, decayed_refs = walk_refs[0], walk_refs[1:]
-    c = pl.program_id(0)
-    key_dim = g_ref.shape[1]
-    for piece in key_pieces(key_dim, min(key_dim, PREDECAY_BLOCK_K)):
-        g = g_ref[:, piece]
-        for name, x_ref, out_ref in zip(walk_inputs, x_refs, decayed_refs, strict=True):
-            decayed, chunk_decay = decayed_factors(
-                x_ref[:, piece],
-                g,
-                WALK_DECAYS[name],
-                True,
-                out_ref.dtype,
-                scale if name == "queries" else 1.0,
-            )
-            out_ref[:, piece] = decayed
-        decays_ref[piece, pl.ds(c, 1)] = chunk_decay
-
-
-# gate_spans' K piece when it decays the walks' inputs: [C, 64] float32 sums per input keep its
-# registers as they are without them.
-PREDECAY_BLOCK_K = 64
-
-
-class Predecayed(NamedTuple):
-    """The walks' operands formed by ``gate_spans`` (``GpuConfig.predecayed_walks``) rather than
-    by each walk step: the walks then read these instead of the keys (queries) and the gates.
-    decays [B', H, K, NC] float32: 2 ** b_last of every chunk, the state's decay over it, per K
-    row; keys [B', Tp, H, K]: each chunk's keys decayed to its end; queries likewise, decayed
-    from its start and scaled. keys or queries are None where they were not asked for."""
-
-    decays: jax.Array
-    keys: jax.Array | None
-    queries: jax.Array | None
-
-
-def gate_spans(g, *, chunk, interpret, keys=None, queries=None, scale=1.0):
+def gate_spans(g, *, chunk, interpret):
     """spans [B', NC, H] float32: each chunk's largest |b_i - b_mid| (see ``factorizable``); and
     exact_b [B', Tp, H, K] float32, b in log2 units, written for the chunks that are not
     factorizable only: the exact kernels read it there; every other kernel forms its own gate
-    sums, and the other rows of this buffer are left unwritten.
-
-    With ``keys`` and/or ``queries`` (in the kernels' layout, as g), also a ``Predecayed`` of
-    them, formed in the same pass over g (else None): (spans, exact_b, predecayed)."""
+    sums, and the other rows of this buffer are left unwritten."""
     rows_, padded_len, heads, key_dim = g.shape
-    num_chunks = padded_len // chunk
     spec = chunk_spec(chunk, heads, key_dim)
-    inputs = {name: x for name, x in (("keys", keys), ("queries", queries)) if x is not None}
-    out_shape = [
-        jax.ShapeDtypeStruct((rows_, num_chunks, heads), F32),
-        jax.ShapeDtypeStruct(g.shape, F32),
-    ]
-    out_specs = [span_spec(heads), spec]
-    if inputs:
-        decays_shape = (rows_, heads, key_dim, num_chunks)
-        out_shape.append(jax.ShapeDtypeStruct(decays_shape, F32))
-        # Each program writes its chunk's column of its (row, head)'s block.
-        out_specs.append(
-            pl.BlockSpec(
-                (SQUEEZED, SQUEEZED, key_dim, num_chunks),
-                lambda c, bh: (bh // heads, bh % heads, 0, 0),
-            )
-        )
-        for x in inputs.values():
-            out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
-            out_specs.append(spec)
-    outs = pl.pallas_call(
-        functools.partial(_gate_spans_kernel, walk_inputs=tuple(inputs), scale=scale),
-        out_shape=tuple(out_shape),
-        grid=(num_chunks, rows_ * heads),
-        in_specs=[spec] * (1 + len(inputs)),
-        out_specs=tuple(out_specs),
+    return pl.pallas_call(
+        _gate_spans_kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((rows_, padded_len // chunk, heads), F32),
+            jax.ShapeDtypeStruct(g.shape, F32),
+        ),
+        grid=(padded_len // chunk, rows_ * heads),
+        in_specs=[spec],
+        out_specs=(span_spec(heads), spec),
         compiler_params=params(4, 1),
         interpret=interpret,
         name="gla_gate_spans",
-    )(g, *inputs.values())
-    spans, exact_b = outs[:2]
-    if not inputs:
-        return spans, exact_b, None
-    decayed = dict(zip(inputs, outs[3:], strict=True))
-    return spans, exact_b, Predecayed(outs[2], decayed.get("keys"), decayed.get("queries"))
+    )(g)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,26 +323,20 @@ def _chunk_states_kernel(
     block_v,
     dtype,
     prefetch,
-    operands_ahead,
-    total_column,
-    predecayed,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
     def load(c):
-        return chunk_factors(k_ref, g_ref, c, chunk, predecayed) + chunk_rows((v_ref,), c, chunk)
+        return chunk_rows((g_ref, k_ref, v_ref), c, chunk)
 
-    def prepare(loaded):
-        k, g, v = loaded
-        return walk_factors(k, g, "to_end", total_column, dtype, predecayed) + (v,)
-
-    def step(c, state, operands):
+    def step(c, state, loaded):
+        g, k, v = loaded
         seq = first_ref[row, c]
         # A sequence starts here: its initial state replaces the carried one.
         state = lax.cond(seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state)
         states_ref[c] = state.astype(states_ref.dtype)
-        k_to_end, chunk_decay, v = operands()
-        state = state * chunk_decay + mm_tn(k_to_end, v, dtype)
+        k_to_end = k.astype(F32) * decay(gate_sums(g, "to_end"))
+        state = state * decay(gate_total(g)).T + mm_tn(k_to_end, v, dtype)
         seq_end = last_ref[row, c]
 
         @pl.when(seq_end >= 0)
@@ -455,37 +345,7 @@ def _chunk_states_kernel(
 
         return state
 
-    init = jnp.zeros((block_k, block_v), F32)
-    walk_chunks(chunks, load, prepare, step, init, prefetch=prefetch, operands_ahead=operands_ahead)
-
-
-def decayed_factors(x, g, kind, total_column, dtype, scale=1.0):
-    """A walk step's operands from its chunk of keys (queries) x and gates g: x decayed by
-    ``gate_sums(g, kind)`` (to the chunk's end for keys, from its start for queries) and scaled,
-    in the matmul operand dtype, and the [BK, 1] decay of the state tile over the chunk. They
-    depend on the chunk alone, not on the state, so a prefetching walk may form them with the
-    next chunk's loads (``walk_chunks``' operands_ahead), off the chain of dependent steps."""
-    factor = decay(gate_sums(g, kind))
-    # Unscaled keys skip the multiply: the compiled walk keeps two instructions fewer a step.
-    decayed = x.astype(F32) * (factor if scale == 1.0 else scale * factor)
-    return decayed.astype(dtype), decay(state_decay(g, total_column))
-
-
-def chunk_factors(x_ref, g_ref, c, chunk, predecayed):
-    """What a walk step forms its operands from (``walk_factors``): chunk c's keys (queries) and
-    gates, or with ``predecayed`` its decayed keys (queries) and the [BK, 1] column c of the
-    state's decays (``Predecayed``; g_ref is then the [BK, NC] decays of this K tile)."""
-    if predecayed:
-        return chunk_rows((x_ref,), c, chunk) + (g_ref[:, pl.ds(c, 1)],)
-    return chunk_rows((x_ref, g_ref), c, chunk)
-
-
-def walk_factors(x, g, kind, total_column, dtype, predecayed, scale=1.0):
-    """A walk step's operands (``decayed_factors``) from what ``chunk_factors`` loaded: formed
-    here, or as loaded where ``gate_spans`` formed them."""
-    if predecayed:
-        return x, g
-    return decayed_factors(x, g, kind, total_column, dtype, scale)
+    walk_chunks(chunks, load, step, jnp.zeros((block_k, block_v), F32), prefetch=prefetch)
 
 
 def chunk_rows(refs, c, chunk):
@@ -493,21 +353,17 @@ def chunk_rows(refs, c, chunk):
     return tuple(ref[pl.ds(c * chunk, chunk), :] for ref in refs)
 
 
-def walk_chunks(chunks, load, prepare, step, init, *, prefetch, operands_ahead, reverse=False):
-    """Runs carry = step(c, carry, operands) over the chunks ``chunks`` = (first, count, in_row)
+def walk_chunks(chunks, load, step, init, *, prefetch, reverse=False):
+    """Runs carry = step(c, carry, load(c)) over the chunks ``chunks`` = (first, count, in_row)
     names in order (reverse: the last first): ``count`` chunks from ``first``, of a row of
     ``in_row``. first and count are static for whole rows, data for a packed row's sequences.
-    ``operands()`` gives the step prepare(load(c)), chunk c's operands, which depend on the
-    chunk alone; the step calls it where it needs them.
 
     With ``prefetch`` each step issues the next chunk's loads before its own arithmetic and
     carries them into the next step, so the walk waits on memory once rather than once per
     chunk. Only worth it where nothing else hides that wait: a walk is one chain of dependent
     steps, and a launch of one program per multiprocessor (long rows, few of them) has nothing to
     switch to; where several programs share a multiprocessor, the carried tiles cost the
-    registers that let them (``tuning.prefetches``). With ``operands_ahead`` too, the next
-    chunk's operands are prepared with its loads and carried instead of its loaded tiles, taking
-    that arithmetic off the chain of dependent steps (BENCHMARKS.md, version 7.13)."""
+    registers that let them (``tuning.prefetches``)."""
     first, count, in_row = chunks
 
     def chunk_at(i):
@@ -519,24 +375,16 @@ def walk_chunks(chunks, load, prepare, step, init, *, prefetch, operands_ahead, 
         return load(jnp.clip(c, 0, in_row - 1))  # an empty sequence reads nothing outside the row
 
     if not prefetch:
+        return lax.fori_loop(
+            0, count, lambda i, carry: step(chunk_at(i), carry, load_at(chunk_at(i))), init
+        )
 
-        def in_step(i, carry):
-            loaded = load_at(chunk_at(i))
-            return step(chunk_at(i), carry, lambda: prepare(loaded))
+    def ahead_step(i, carry_and_loaded):
+        carry, loaded = carry_and_loaded
+        ahead = load_at(chunk_at(jnp.minimum(i + 1, count - 1)))
+        return step(chunk_at(i), carry, loaded), ahead
 
-        return lax.fori_loop(0, count, in_step, init)
-
-    def ahead(i):  # what is carried into the step of walk position i
-        loaded = load_at(chunk_at(i))
-        return prepare(loaded) if operands_ahead else loaded
-
-    def ahead_step(i, carry_and_ahead):
-        carry, carried = carry_and_ahead
-        after = ahead(jnp.minimum(i + 1, count - 1))  # issued before this step's arithmetic
-        operands = (lambda: carried) if operands_ahead else (lambda: prepare(carried))
-        return step(chunk_at(i), carry, operands), after
-
-    return lax.fori_loop(0, count, ahead_step, (init, ahead(0)))[0]
+    return lax.fori_loop(0, count, ahead_step, (init, load_at(chunk_at(0))))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,11 +393,9 @@ class StateWalk:
 
     body(first_ref, last_ref, key_ref, value_ref, g_ref, boundary_ref, per_chunk_ref,
     boundary_out_ref, *, row, head, kt, vt, chunk, chunks, block_k, block_v, dtype, prefetch,
-    operands_ahead, total_column, predecayed, **options) walks the chunks ``chunks``
-    (``walk_chunks``) of row ``row`` and head ``head`` for the state tile (kt, vt), scaling it
-    by ``state_decay(g, total_column)`` (``walk_factors``).
-    key_side [B', Tp, H, K], value_side [B', Tp, H, V] and boundary [N, H, K, V] are its
-    inputs."""
+    **options) walks the chunks ``chunks`` (``walk_chunks``) of row ``row`` and head ``head`` for
+    the state tile (kt, vt). key_side [B', Tp, H, K], value_side [B', Tp, H, V] and boundary
+    [N, H, K, V] are its inputs."""
 
     body: Callable
     key_side: jax.Array
@@ -570,7 +416,6 @@ def state_walks(
     interpret,
     name,
     seq_chunks=None,
-    predecayed=False,
 ):
     """Launches walks over the chunks of every (row, head, K tile, V tile), one program each, and
     returns each walk's (per-chunk [B', NC, H, K, V] in ``state_dtype``, boundary [N, H, K, V]
@@ -578,8 +423,7 @@ def state_walks(
     a packed row, B' = 1): one program per sequence instead, walking only its own chunks, so the
     sequences of a packed row are walked side by side rather than as one chain (the states reset
     at each sequence's start anyway); the chunks after the last sequence are left unwritten (their
-    outputs are padding, dropped). ``predecayed``: the walks' key sides are ``Predecayed`` arrays
-    and g is its decays [B', H, K, NC], read instead of the gates.
+    outputs are padding, dropped).
 
     The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
     dfinal -> state gradients, dh0) share this launch. Several independent walks go in one launch,
@@ -620,9 +464,6 @@ def state_walks(
         block_v=block_v,
         dtype=first.dtype,
         prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
-        operands_ahead=config.walk_operands_ahead,
-        total_column=config.walk_total_column,
-        predecayed=predecayed,
     )
 
     def kernel(first_ref, last_ref, *refs):
@@ -668,13 +509,6 @@ def state_walks(
             jax.ShapeDtypeStruct(walk.boundary.shape, F32),
         ]
     ranges = [seq_chunks] if per_sequence else []
-    if predecayed:  # a K tile's decays of every chunk: [BK, NC]
-        gates_spec = pl.BlockSpec(
-            (SQUEEZED, SQUEEZED, block_k, num_chunks),
-            lambda kt, vt, i: (row_of(i), (i // count) % heads, kt, 0),
-        )
-    else:
-        gates_spec = seq_spec(block_k, "k")
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
@@ -688,7 +522,7 @@ def state_walks(
             whole(first_seq.shape),
             whole(last_seq.shape),
             *[whole(r.shape) for r in ranges],
-            gates_spec,
+            seq_spec(block_k, "k"),
             *in_specs,
         ],
         out_specs=tuple(out_specs),
@@ -706,8 +540,7 @@ def states_walk(k, v, h0):
 
 def chunk_states(k, v, g, h0, first_seq, last_seq, **launch):
     """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32.
-    ``launch``: state_walks' chunk, state_dtype, config, interpret, seq_chunks and
-    predecayed (then k and g are ``Predecayed`` arrays)."""
+    ``launch``: state_walks' chunk, state_dtype, config, interpret and seq_chunks."""
     (result,) = state_walks(
         [states_walk(k, v, h0)], g, first_seq, last_seq, name="gla_chunk_states", **launch
     )

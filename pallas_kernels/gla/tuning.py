@@ -53,18 +53,6 @@ class GpuConfig:
     # per row, through every sequence in turn (False). 16 sequences of 2K in one row, 16 x 128
     # (H100, December 5): forward+backward 4.20 ms against 5.05, forward 1.40 against 1.82.
     sequence_walks: bool = True
-    # The walks scale their state tiles by b_last formed as a matmul column
-    # (``gpu_forward.gate_total_column``) rather than a column sum and a transpose. Off until
-    # timed (BENCHMARKS.md, version 7.12).
-    walk_total_column: bool = False
-    # A prefetching walk forms the next chunk's decayed keys (queries) and decay with its loads
-    # and carries those, rather than the loaded tiles (``gpu_forward.walk_chunks``). Off until
-    # timed (BENCHMARKS.md, version 7.13).
-    walk_operands_ahead: bool = False
-    # gate_spans forms the walks' decayed keys (queries) and state decays in its pass over the
-    # gates, and the walks read those instead of the keys (queries) and gates
-    # (``gpu_forward.Predecayed``). Off until timed (BENCHMARKS.md, version 7.14).
-    predecayed_walks: bool = False
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
