@@ -235,6 +235,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="16x128x128,4x256x512", help="H x K x V, ','-separated")
     parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=api.DEFAULT_CHUNK_SIZE, help="chunk_size")
     parser.add_argument(
         "--variants", default="", help="';'-separated --set specs ('' first: the default)"
     )
@@ -251,7 +252,9 @@ def main():
     for shape in args.shapes.split(","):
         heads, key_dim, value_dim = (int(x) for x in shape.split("x"))
         for spec in args.variants.split(";"):
-            for launch in kernel_launches(args.seq_len, heads, key_dim, value_dim, spec):
+            for launch in kernel_launches(
+                args.seq_len, heads, key_dim, value_dim, spec, chunk=args.chunk
+            ):
                 if wanted and launch.name not in wanted:
                     continue
                 sass_path = args.sass and os.path.join(
