@@ -15,9 +15,11 @@ gates leave the result unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.compute_on import compute_on
 
 from pallas_kernels.gla import gpu_backward, gpu_forward, tuning
 from pallas_kernels.gla.layout import ChunkLayout, make_layout
@@ -117,15 +119,27 @@ def _final_states(p: Prepared, final, initial_state):
     return jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
 
 
+def _beside_walks(fn, config):
+    """``fn``, as a call on the second GPU stream when ``config.side_stream``: for launches whose
+    inputs do not come from a state walk, so that XLA can run them while one walks."""
+    if not config.side_stream:
+        return fn
+    return compute_on("gpu_stream:1")(jax.jit(fn))
+
+
 def _scores(p: Prepared, opts, config):
     """What forward and backward both start from: the chunks' factorization spans, and b and the
     scores A of the chunks that take the exact path."""
     chunk, interpret = opts.chunk_size, opts.interpret
-    spans, exact_b = gpu_forward.gate_spans(p.g, chunk=chunk, interpret=interpret)
-    exact = gpu_forward.exact_scores(
-        p.q, p.k, exact_b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
-    )
-    return spans, exact_b, exact
+
+    def scores(q, k, g):
+        spans, exact_b = gpu_forward.gate_spans(g, chunk=chunk, interpret=interpret)
+        exact = gpu_forward.exact_scores(
+            q, k, exact_b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
+        )
+        return spans, exact_b, exact
+
+    return _beside_walks(scores, config)(p.q, p.k, p.g)
 
 
 def _sequence_chunks(p: Prepared):
@@ -214,6 +228,10 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
     spans, exact_b, exact = _scores(p, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), p.v.shape[-1])
+    score_grads = functools.partial(
+        gpu_backward.score_grads, chunk=chunk, config=config, interpret=interpret
+    )
+    dscores = _beside_walks(score_grads, config)(do_rows, p.v)
     states, dstates, dh0 = _backward_states(p, initial_state, do_rows, dfinal, opts, config, states)
     dv = gpu_backward.value_grads(
         p.q,
@@ -228,9 +246,6 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         out_dtype=p.v.dtype,
         config=config,
         interpret=interpret,
-    )
-    dscores = gpu_backward.score_grads(
-        do_rows, p.v, chunk=chunk, config=config, interpret=interpret
     )
     dq, dk, dg = gpu_backward.query_key_grads(
         p.q,
