@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -119,27 +120,41 @@ def _final_states(p: Prepared, final, initial_state):
     return jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
 
 
+@functools.cache
+def _on_side_stream(fn):
+    """``fn`` as a jitted call on the second GPU stream, its keyword arguments static; cached,
+    so that calls outside jit compile it once."""
+    params = inspect.signature(fn).parameters.values()
+    static = [param.name for param in params if param.kind is param.KEYWORD_ONLY]
+    return compute_on("gpu_stream:1")(jax.jit(fn, static_argnames=static))
+
+
 def _beside_walks(fn, config):
-    """``fn``, as a call on the second GPU stream when ``config.side_stream``: for launches whose
-    inputs do not come from a state walk, so that XLA can run them while one walks."""
-    if not config.side_stream:
-        return fn
-    return compute_on("gpu_stream:1")(jax.jit(fn))
+    """``fn``, on the second GPU stream when ``config.side_stream``: for launches whose inputs
+    do not come from a state walk, so that XLA can run them while one walks."""
+    return _on_side_stream(fn) if config.side_stream else fn
+
+
+def _score_launches(q, k, g, *, chunk, scale, config, interpret):
+    spans, exact_b = gpu_forward.gate_spans(g, chunk=chunk, interpret=interpret)
+    exact = gpu_forward.exact_scores(
+        q, k, exact_b, spans, chunk=chunk, scale=scale, config=config, interpret=interpret
+    )
+    return spans, exact_b, exact
 
 
 def _scores(p: Prepared, opts, config):
     """What forward and backward both start from: the chunks' factorization spans, and b and the
     scores A of the chunks that take the exact path."""
-    chunk, interpret = opts.chunk_size, opts.interpret
-
-    def scores(q, k, g):
-        spans, exact_b = gpu_forward.gate_spans(g, chunk=chunk, interpret=interpret)
-        exact = gpu_forward.exact_scores(
-            q, k, exact_b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
-        )
-        return spans, exact_b, exact
-
-    return _beside_walks(scores, config)(p.q, p.k, p.g)
+    return _beside_walks(_score_launches, config)(
+        p.q,
+        p.k,
+        p.g,
+        chunk=opts.chunk_size,
+        scale=opts.scale,
+        config=config,
+        interpret=opts.interpret,
+    )
 
 
 def _sequence_chunks(p: Prepared):
@@ -228,10 +243,9 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
     spans, exact_b, exact = _scores(p, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), p.v.shape[-1])
-    score_grads = functools.partial(
-        gpu_backward.score_grads, chunk=chunk, config=config, interpret=interpret
+    dscores = _beside_walks(gpu_backward.score_grads, config)(
+        do_rows, p.v, chunk=chunk, config=config, interpret=interpret
     )
-    dscores = _beside_walks(score_grads, config)(do_rows, p.v)
     states, dstates, dh0 = _backward_states(p, initial_state, do_rows, dfinal, opts, config, states)
     dv = gpu_backward.value_grads(
         p.q,
