@@ -120,19 +120,31 @@ def _final_states(p: Prepared, final, initial_state):
     return jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
 
 
+def _stream_call(fn, stream):
+    """``fn`` as a call that XLA schedules on GPU ``stream``. jax 0.11 made ``compute_on`` a
+    transform of ``fn`` that also names where its outputs live; in 0.10 it is a context manager,
+    used here as a decorator."""
+    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
+        from jax.memory import Space  # jax >= 0.11 only
+
+        return compute_on(fn, compute_type=stream, out_memory_spaces=Space.Device)
+    return compute_on(stream)(fn)
+
+
 @functools.cache
-def _on_side_stream(fn):
-    """``fn`` as a jitted call on the second GPU stream, its keyword arguments static; cached,
-    so that calls outside jit compile it once."""
-    params = inspect.signature(fn).parameters.values()
-    static = [param.name for param in params if param.kind is param.KEYWORD_ONLY]
-    return compute_on("gpu_stream:1")(jax.jit(fn, static_argnames=static))
+def _on_side_stream(fn, static: tuple):
+    """``fn`` with its keyword arguments ``static`` bound, as a jitted call on the second GPU
+    stream; cached, so that calls outside jit compile it once."""
+    return _stream_call(jax.jit(functools.partial(fn, **dict(static))), "gpu_stream:1")
 
 
 def _beside_walks(fn, config):
     """``fn``, on the second GPU stream when ``config.side_stream``: for launches whose inputs
-    do not come from a state walk, so that XLA can run them while one walks."""
-    return _on_side_stream(fn) if config.side_stream else fn
+    do not come from a state walk, so that XLA can run them while one walks. Keyword arguments
+    are static."""
+    if not config.side_stream:
+        return fn
+    return lambda *arrays, **static: _on_side_stream(fn, tuple(sorted(static.items())))(*arrays)
 
 
 def _score_launches(q, k, g, *, chunk, scale, config, interpret):
