@@ -46,8 +46,6 @@ NO_PREFETCH = dict(prefetch_max_programs=0)
 # A packed row's walks one program per row, through its sequences in turn (the default is one
 # program per sequence).
 ROW_WALKS = dict(sequence_walks=False)
-# The launches that do not wait on a walk as calls on a second GPU stream.
-SIDE_STREAM = dict(side_stream=True)
 
 
 # Rows, and packed rows with strong gates and with empty first and last sequences, in tiles
@@ -107,7 +105,6 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         ROW_WALKS,
         {**ROW_WALKS, **UNPAIRED},
         {**ROW_WALKS, **UNPAIRED, **NO_PREFETCH},
-        SIDE_STREAM,
     ],
     ids=[
         "paired",
@@ -116,7 +113,6 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
         "row_walks",
         "row_walks_unpaired",
         "row_walks_unpaired_no_prefetch",
-        "side_stream",
     ],
 )
 def test_small_tiles_match_oracle(case, switches):
@@ -300,35 +296,6 @@ def test_unpaired_walks_lower_through_triton(shape):
     # The backward's chunk_states and state_grads in two launches: one more than paired.
     assert module.count("__gpu$xla.gpu.triton") == 12
     assert "gla_state_grads" in module and "gla_backward_walks" not in module
-
-
-def _functions(module: str) -> dict[str, str]:
-    """Each function of an exported module's text, by name (the location table left out: it
-    names every launch)."""
-    text = "\n".join(line for line in module.splitlines() if not line.startswith("#loc"))
-    parts = text.split("func.func ")[1:]
-    return {part.split("@", 1)[1].split("(", 1)[0]: part for part in parts}
-
-
-@pytest.mark.parametrize("switches", [SIDE_STREAM, {}], ids=["side_stream", "default"])
-def test_side_stream_calls_hold_the_launches_that_skip_the_walks(switches):
-    functions = _functions(_export_for_cuda(4, 1024, 4, 64, 64, jnp.bfloat16, switches=switches))
-    lines = [line for body in functions.values() for line in body.splitlines()]
-    on_side = [
-        line.split(" = call @", 1)[1].split("(", 1)[0]
-        for line in lines
-        if " = call @" in line and "_xla_stream_annotation" in line
-    ]
-    if not switches:
-        assert on_side == []
-        return
-    # gate_spans and exact_scores in the forward and again in the backward, and score_grads.
-    assert len(on_side) == 3, on_side
-    launches = "".join(functions[name] for name in on_side)
-    for name in ("gla_gate_spans", "gla_exact_scores", "gla_score_grads"):
-        assert name in launches
-    for name in ("gla_chunk_states", "gla_backward_walks", "gla_chunk_outputs"):
-        assert name not in launches
 
 
 @pytest.mark.parametrize("shape", [(32, 1024, 16, 128, 128), (8, 4096, 4, 256, 512)])

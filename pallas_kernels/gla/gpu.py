@@ -15,12 +15,9 @@ gates leave the result unchanged.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.compute_on import compute_on
 
 from pallas_kernels.gla import gpu_backward, gpu_forward, tuning
 from pallas_kernels.gla.layout import ChunkLayout, make_layout
@@ -120,53 +117,15 @@ def _final_states(p: Prepared, final, initial_state):
     return jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
 
 
-def _stream_call(fn, stream):
-    """``fn`` as a call that XLA schedules on GPU ``stream``. jax 0.11 made ``compute_on`` a
-    transform of ``fn`` that also names where its outputs live; in 0.10 it is a context manager,
-    used here as a decorator."""
-    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
-        from jax.memory import Space  # jax >= 0.11 only
-
-        return compute_on(fn, compute_type=stream, out_memory_spaces=Space.Device)
-    return compute_on(stream)(fn)
-
-
-@functools.cache
-def _on_side_stream(fn, static: tuple):
-    """``fn`` with its keyword arguments ``static`` bound, as a jitted call on the second GPU
-    stream; cached, so that calls outside jit compile it once."""
-    return _stream_call(jax.jit(functools.partial(fn, **dict(static))), "gpu_stream:1")
-
-
-def _beside_walks(fn, config):
-    """``fn``, on the second GPU stream when ``config.side_stream``: for launches whose inputs
-    do not come from a state walk, so that XLA can run them while one walks. Keyword arguments
-    are static."""
-    if not config.side_stream:
-        return fn
-    return lambda *arrays, **static: _on_side_stream(fn, tuple(sorted(static.items())))(*arrays)
-
-
-def _score_launches(q, k, g, *, chunk, scale, config, interpret):
-    spans, exact_b = gpu_forward.gate_spans(g, chunk=chunk, interpret=interpret)
-    exact = gpu_forward.exact_scores(
-        q, k, exact_b, spans, chunk=chunk, scale=scale, config=config, interpret=interpret
-    )
-    return spans, exact_b, exact
-
-
 def _scores(p: Prepared, opts, config):
     """What forward and backward both start from: the chunks' factorization spans, and b and the
     scores A of the chunks that take the exact path."""
-    return _beside_walks(_score_launches, config)(
-        p.q,
-        p.k,
-        p.g,
-        chunk=opts.chunk_size,
-        scale=opts.scale,
-        config=config,
-        interpret=opts.interpret,
+    chunk, interpret = opts.chunk_size, opts.interpret
+    spans, exact_b = gpu_forward.gate_spans(p.g, chunk=chunk, interpret=interpret)
+    exact = gpu_forward.exact_scores(
+        p.q, p.k, exact_b, spans, chunk=chunk, scale=opts.scale, config=config, interpret=interpret
     )
+    return spans, exact_b, exact
 
 
 def _sequence_chunks(p: Prepared):
@@ -255,7 +214,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
     chunk, scale, interpret = opts.chunk_size, opts.scale, opts.interpret
     spans, exact_b, exact = _scores(p, opts, config)
     do_rows = _to_rows(p.layout, do.astype(p.q.dtype), p.v.shape[-1])
-    dscores = _beside_walks(gpu_backward.score_grads, config)(
+    dscores = gpu_backward.score_grads(
         do_rows, p.v, chunk=chunk, config=config, interpret=interpret
     )
     states, dstates, dh0 = _backward_states(p, initial_state, do_rows, dfinal, opts, config, states)

@@ -53,10 +53,6 @@ class GpuConfig:
     # per row, through every sequence in turn (False). 16 sequences of 2K in one row, 16 x 128
     # (H100, December 5): forward+backward 4.20 ms against 5.05, forward 1.40 against 1.82.
     sequence_walks: bool = True
-    # The launches that do not depend on the state walks (gate_spans and exact_scores in the
-    # forward; score_grads in the backward) on a second GPU stream, so that they can run beside
-    # a walk, which at long T leaves each multiprocessor room for other programs.
-    side_stream: bool = False
 
 
 def _key(key_dim: int, value_dim: int, dtype) -> str:
