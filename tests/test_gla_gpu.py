@@ -75,21 +75,34 @@ SMALL_TILE_CASES = [
 
 
 def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False):
-    """``keep_states``: the backward reads the states the forward kept instead of its own walk."""
+    """``keep_states``: the backward reads the states the forward kept instead of its own walk.
+    A case without an initial state passes None (no dh0 comes back); one without a final-state
+    cotangent asks for no final state and passes dfinal None."""
     q, k, v, g, h0, do, dfinal = _make_inputs(case, seed)
-    h0 = h0 if h0 is not None else jnp.zeros(dfinal.shape)
     cu = None if case.cu_seqlens is None else jnp.asarray(case.cu_seqlens, jnp.int32)
     scale = case.scale if case.scale is not None else case.key_dim**-0.5
-    opts = api.Options("pallas_gpu", scale, case.chunk_size, True)
+    with_final = case.final_state_cotangent
+    opts = api.Options("pallas_gpu", scale, case.chunk_size, True, output_final_state=with_final)
     o, final, states = gpu.forward_keeping_states(q, k, v, g, h0, cu, opts, config)
     states = states if keep_states else None
-    grads = gpu.backward(q, k, v, g, h0, cu, do, dfinal, opts, config, states=states)
+    given_dfinal = dfinal if with_final else None
+    grads = gpu.backward(q, k, v, g, h0, cu, do, given_dfinal, opts, config, states=states)
     expected = gla_oracle(
-        q, k, v, g, scale=scale, initial_state=h0, cu_seqlens=case.cu_seqlens, do=do, dfinal=dfinal
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=h0 if h0 is not None else jnp.zeros(dfinal.shape),
+        cu_seqlens=case.cu_seqlens,
+        do=do,
+        dfinal=dfinal,
     )
-    actual = dict(
-        o=o, final_state=final, **dict(zip(("dq", "dk", "dv", "dg", "dh0"), grads, strict=True))
-    )
+    names = ("dq", "dk", "dv", "dg", "dh0")
+    actual = dict(o=o, final_state=final, **dict(zip(names, grads, strict=True)))
+    for name, needed in (("final_state", with_final), ("dh0", h0 is not None)):
+        if not needed:
+            assert actual.pop(name) is None, f"{name} came back though nothing asked for it"
     tol = TOLERANCE[case.dtype]
     errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
     assert all(err <= tol for err in errors.values()), errors
@@ -117,6 +130,32 @@ def _check_against_oracle(case: Case, seed: int, config=None, keep_states=False)
 )
 def test_small_tiles_match_oracle(case, switches):
     _check_against_oracle(case, seed=5, config=dataclasses.replace(SMALL_TILES, **switches))
+
+
+# Packed rows whose sequences start from zeros nobody gave (the walks read no initial state),
+# with and without a final state, and a row given an initial state but asked for no final state
+# (the gradients' walk reads no dfinal).
+ABSENT_STATE_CASES = [
+    dataclasses.replace(SMALL_TILE_CASES[0], name="packed_no_states", initial_state=False),
+    dataclasses.replace(
+        SMALL_TILE_CASES[2],
+        name="packed_empty_ends_nothing",
+        initial_state=False,
+        final_state_cotangent=False,
+    ),
+    dataclasses.replace(SMALL_TILE_CASES[1], name="rows_no_final", final_state_cotangent=False),
+]
+
+
+@pytest.mark.parametrize("case", ABSENT_STATE_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "switches, keep_states",
+    [({}, False), (UNPAIRED, False), (ROW_WALKS, False), ({}, True)],
+    ids=["paired", "unpaired", "row_walks", "kept"],
+)
+def test_absent_states_match_oracle(case, switches, keep_states):
+    config = dataclasses.replace(SMALL_TILES, **switches)
+    _check_against_oracle(case, seed=9, config=config, keep_states=keep_states)
 
 
 @pytest.mark.parametrize(

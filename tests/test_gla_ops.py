@@ -28,8 +28,8 @@ class Case:
     gates: str = "mild"  # mild | strong | zero | resets
     dtype: type = jnp.float32
     cu_seqlens: tuple | None = None
-    initial_state: bool = True
-    final_state_cotangent: bool = True
+    initial_state: bool = True  # False: initial_state=None (zeros)
+    final_state_cotangent: bool = True  # False: output_final_state=False (dfinal = 0)
     chunk_size: int = 64
     scale: float | None = None
 
@@ -40,6 +40,23 @@ CASES = [
     Case("f32_zero_gates", seq_len=77, gates="zero", initial_state=False),
     Case("f32_reset_gates", seq_len=140, gates="resets"),
     Case("f32_packed", batch=1, seq_len=150, cu_seqlens=(0, 17, 17, 90, 150), gates="strong"),
+    # Every packed sequence, empty ones at the ends included, starts from zeros it is not given.
+    Case(
+        "f32_packed_no_state",
+        batch=1,
+        seq_len=150,
+        cu_seqlens=(0, 0, 61, 150, 150),
+        initial_state=False,
+        final_state_cotangent=False,
+    ),
+    Case(
+        "f32_packed_no_final_state",
+        batch=1,
+        seq_len=110,
+        cu_seqlens=(0, 30, 30, 110),
+        gates="strong",
+        final_state_cotangent=False,
+    ),
     Case(
         "f32_short_chunk16",
         batch=1,
@@ -130,24 +147,24 @@ def test_forward_and_gradients_match_oracle(backend, case):
     q, k, v, g, h0, do, dfinal = _make_inputs(case, seed)
     cu = None if case.cu_seqlens is None else jnp.asarray(case.cu_seqlens, jnp.int32)
 
-    def run(q, k, v, g, h0):
+    def run(q, k, v, g, *h0):  # h0: (the initial state,), or () for none
         return chunk_gla(
             q,
             k,
             v,
             g,
             scale=case.scale,
-            initial_state=h0,
-            output_final_state=True,
+            initial_state=h0[0] if h0 else None,
+            output_final_state=case.final_state_cotangent,
             cu_seqlens=cu,
             chunk_size=case.chunk_size,
             backend=name,
             interpret=interpret,
         )
 
-    h0_arg = h0 if h0 is not None else jnp.zeros(dfinal.shape)
-    (o, final), vjp = jax.vjp(run, q, k, v, g, h0_arg)
-    dq, dk, dv, dg, dh0 = vjp((do, dfinal))
+    given = () if h0 is None else (h0,)
+    (o, final), vjp = jax.vjp(run, q, k, v, g, *given)
+    dq, dk, dv, dg, *dh0 = vjp((do, dfinal if case.final_state_cotangent else None))
 
     scale = case.scale if case.scale is not None else case.key_dim**-0.5
     expected = gla_oracle(
@@ -156,7 +173,7 @@ def test_forward_and_gradients_match_oracle(backend, case):
         v,
         g,
         scale=scale,
-        initial_state=h0_arg,
+        initial_state=h0 if h0 is not None else jnp.zeros(dfinal.shape),
         cu_seqlens=case.cu_seqlens,
         do=do,
         dfinal=dfinal,
@@ -167,9 +184,15 @@ def test_forward_and_gradients_match_oracle(backend, case):
         case.heads,
         case.value_dim,
     )
-    assert final.dtype == jnp.float32 and final.shape == dfinal.shape
     tol = TOLERANCE[case.dtype]
-    actual = dict(o=o, final_state=final, dq=dq, dk=dk, dv=dv, dg=dg, dh0=dh0)
+    actual = dict(o=o, dq=dq, dk=dk, dv=dv, dg=dg)
+    if h0 is not None:
+        actual["dh0"] = dh0[0]
+    if case.final_state_cotangent:
+        assert final.dtype == jnp.float32 and final.shape == dfinal.shape
+        actual["final_state"] = final
+    else:
+        assert final is None
     errors = {key: _rel_err(actual[key], expected[key]) for key in actual}
     bad = {key: err for key, err in errors.items() if not err <= tol}
     assert not bad, f"relative errors above {tol}: {bad}"

@@ -9,6 +9,10 @@ The custom VJP keeps only the inputs as residuals: every backward recomputes the
 needs, so memory stays O(T (K + V) + (T / C) K V) per head. Backends without a hand-written
 backward get one from ``jax.vjp`` of their forward, recomputed inside the backward pass.
 
+A backend with ``takes_absent_states`` also takes None for initial_state and dfinal (zeros: it
+skips reading them) and returns None for the final state unless ``opts.output_final_state``, and
+for dh0 when initial_state is None (it skips writing them); the others get zeros.
+
 With ``keep_states=True`` a backend that can (one with ``forward_keeping_states``) also keeps the
 chunk states its forward wrote, one [K, V] state per chunk and head in its own layout, and its
 backward reads them instead of walking them again (``backward(..., states=)``): the same result,
@@ -47,6 +51,7 @@ class Options:
     chunk_size: int
     interpret: bool
     keep_states: bool = False
+    output_final_state: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,16 +119,25 @@ def _recomputed_backward(backend, q, k, v, g, initial_state, cu_seqlens, do, dfi
 # --------------------------------------------------------------------------------------------
 
 
+def _state_for(backend, state, q, v, cu_seqlens):
+    """An initial state or final-state gradient as ``backend`` takes it: None stays None for one
+    that ``takes_absent_states``, else becomes zeros."""
+    if getattr(backend, "takes_absent_states", False):
+        return state
+    return _state_or_zeros(state, q, v, cu_seqlens)
+
+
 def _forward(opts, q, k, v, g, initial_state, cu_seqlens, keep_states):
-    """((o in q's dtype, final state), the chunk states if ``keep_states`` and the backend keeps
-    them, else None)."""
+    """((o in q's dtype, final state or None unless ``opts.output_final_state``), the chunk
+    states if ``keep_states`` and the backend keeps them, else None)."""
     backend = _load_backend(opts.backend)
-    h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
+    h0 = _state_for(backend, initial_state, q, v, cu_seqlens)
     if keep_states and hasattr(backend, "forward_keeping_states"):
         o, final_state, states = backend.forward_keeping_states(q, k, v, g, h0, cu_seqlens, opts)
     else:
         (o, final_state), states = backend.forward(q, k, v, g, h0, cu_seqlens, opts), None
-    return (o.astype(q.dtype), final_state), states
+    # Unless asked for, the final state is not an output, so its gradient (dfinal) is None.
+    return (o.astype(q.dtype), final_state if opts.output_final_state else None), states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -142,16 +156,17 @@ def _gla_bwd(opts, residuals, cotangents):
     q, k, v, g, initial_state, cu_seqlens, states = residuals
     do, dfinal = cotangents
     backend = _load_backend(opts.backend)
-    h0 = _state_or_zeros(initial_state, q, v, cu_seqlens)
+    h0 = _state_for(backend, initial_state, q, v, cu_seqlens)
+    dfinal = _state_for(backend, dfinal, q, v, cu_seqlens)
     if states is not None:
         grads = backend.backward(q, k, v, g, h0, cu_seqlens, do, dfinal, opts, states=states)
     elif hasattr(backend, "backward"):
         grads = backend.backward(q, k, v, g, h0, cu_seqlens, do, dfinal, opts)
     else:
         grads = _recomputed_backward(backend, q, k, v, g, h0, cu_seqlens, do, dfinal, opts)
-    primals = (q, k, v, g, h0)
-    dq, dk, dv, dg, dh0 = (d.astype(x.dtype) for d, x in zip(grads, primals, strict=True))
-    return dq, dk, dv, dg, (None if initial_state is None else dh0), None
+    dq, dk, dv, dg = (d.astype(x.dtype) for d, x in zip(grads[:4], (q, k, v, g), strict=True))
+    dh0 = None if initial_state is None else grads[4].astype(initial_state.dtype)
+    return dq, dk, dv, dg, dh0, None
 
 
 def _state_shape(q, v, cu_seqlens):
@@ -299,10 +314,10 @@ def chunk_gla(
         chunk_size=int(chunk_size),
         interpret=bool(interpret),
         keep_states=bool(keep_states),
+        output_final_state=bool(output_final_state),
     )
     opts = dataclasses.replace(opts, backend=_resolve_backend(backend, q, v, opts))
-    o, final_state = _gla(opts, q, k, v, g, initial_state, cu_seqlens)
-    return o, (final_state if output_final_state else None)
+    return _gla(opts, q, k, v, g, initial_state, cu_seqlens)
 
 
 def fused_recurrent_gla(

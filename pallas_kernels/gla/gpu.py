@@ -107,14 +107,22 @@ def _config(p: Prepared, opts, config):
     return tuning.config_for(p.q.shape[-1], p.v.shape[-1], p.q.dtype, opts.interpret)
 
 
-def _padded_h0(p: Prepared, initial_state):
-    return _pad_state(initial_state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
+def _padded_boundary(p: Prepared, state):
+    """An [N, H, K, V] initial state or final-state gradient in the kernels' padded dims; None
+    (zeros, which the walks skip reading) stays None."""
+    if state is None:
+        return None
+    return _pad_state(state.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
 
 
 def _final_states(p: Prepared, final, initial_state):
-    # An empty sequence's final state is its initial state.
+    """The walk's boundary output unpadded, None when it wrote none. An empty sequence's final
+    state is its initial state (zeros when None)."""
+    if final is None:
+        return None
     empty = (p.layout.seq_last_chunk < 0)[:, None, None, None]
-    return jnp.where(empty, initial_state, final[..., : p.key_dim, : p.value_dim])
+    initial = 0.0 if initial_state is None else initial_state
+    return jnp.where(empty, initial, final[..., : p.key_dim, : p.value_dim])
 
 
 def _scores(p: Prepared, opts, config):
@@ -143,6 +151,8 @@ def _walk_options(p: Prepared, opts, config):
         state_dtype=_state_dtype(p.q.dtype),
         config=config,
         interpret=opts.interpret,
+        num_seqs=p.layout.seq_last_chunk.shape[0],
+        packed=packed,
         seq_chunks=_sequence_chunks(p) if packed and config.sequence_walks else None,
     )
 
@@ -158,9 +168,15 @@ def forward_keeping_states(q, k, v, g, initial_state, cu_seqlens, opts, config=N
     p = prepare(q, k, v, g, cu_seqlens, opts.chunk_size)
     config = _config(p, opts, config)
     spans, _, exact = _scores(p, opts, config)
-    h0 = _padded_h0(p, initial_state)
     states, final = gpu_forward.chunk_states(
-        p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **_walk_options(p, opts, config)
+        p.k,
+        p.v,
+        p.g,
+        _padded_boundary(p, initial_state),
+        p.first_seq,
+        p.last_seq,
+        writes_final=opts.output_final_state,
+        **_walk_options(p, opts, config),
     )
     o = gpu_forward.chunk_outputs(
         p.q,
@@ -181,11 +197,10 @@ def forward_keeping_states(q, k, v, g, initial_state, cu_seqlens, opts, config=N
 
 
 def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config, states):
-    """The states entering every chunk (``states`` when the forward kept them), dH and dh0: the
-    backward's two walks, or only the gradients' walk."""
-    h0 = _padded_h0(p, initial_state)
-    dfinal_padded = _pad_state(dfinal.astype(jnp.float32), p.q.shape[-1], p.v.shape[-1])
-    walk = _walk_options(p, opts, config)
+    """The states entering every chunk (``states`` when the forward kept them), dH and dh0 (None
+    without an initial state): the backward's two walks, or only the gradients' walk."""
+    h0, dfinal_padded = _padded_boundary(p, initial_state), _padded_boundary(p, dfinal)
+    walk = dict(_walk_options(p, opts, config), writes_dh0=initial_state is not None)
     if states is None and config.paired_walks:
         return gpu_backward.backward_walks(
             p.q,
@@ -201,7 +216,16 @@ def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config, 
             **walk,
         )
     if states is None:
-        states, _ = gpu_forward.chunk_states(p.k, p.v, p.g, h0, p.first_seq, p.last_seq, **walk)
+        states, _ = gpu_forward.chunk_states(
+            p.k,
+            p.v,
+            p.g,
+            h0,
+            p.first_seq,
+            p.last_seq,
+            writes_final=False,
+            **_walk_options(p, opts, config),
+        )
     dstates, dh0 = gpu_backward.state_grads(
         p.q, do_rows, p.g, dfinal_padded, p.first_seq, p.last_seq, scale=opts.scale, **walk
     )
@@ -250,7 +274,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
         interpret=interpret,
     )
     # An empty sequence's final state is its initial state: its gradient passes straight through.
-    dh0 = _final_states(p, dh0, dfinal.astype(jnp.float32))
+    dh0 = _final_states(p, dh0, None if dfinal is None else dfinal.astype(jnp.float32))
     unpad = lambda x, width: _from_rows(p.layout, x, width)  # noqa: E731
     return (
         unpad(dq, p.key_dim),
@@ -263,6 +287,7 @@ def backward(q, k, v, g, initial_state, cu_seqlens, do, dfinal, opts, config=Non
 
 class GpuBackend:
     name = "pallas_gpu"
+    takes_absent_states = True
 
     @staticmethod
     def supports(q_shape, v_shape, dtype, opts) -> str | None:

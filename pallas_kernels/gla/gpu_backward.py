@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.gla.gpu_forward import (
     F32,
     StateWalk,
+    boundary_state,
     causal_mask,
     chunk_rows,
     chunk_spec,
@@ -69,6 +70,7 @@ from pallas_kernels.gla.gpu_forward import (
     state_spec,
     state_walks,
     states_walk,
+    store_boundary_state,
     sub_chunk,
     tile_loop,
     walk_chunks,
@@ -100,6 +102,7 @@ def _state_grads_kernel(
     scale,
     dtype,
     prefetch,
+    crosses_sequences,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
@@ -108,47 +111,49 @@ def _state_grads_kernel(
 
     def step(c, grad, loaded):
         g, q, do = loaded
+        # A sequence ends here: the final state's gradient replaces the carried one.
         seq_end = last_ref[row, c]
-        grad = lax.cond(
-            seq_end >= 0, lambda: dfinal_ref[jnp.maximum(seq_end, 0), head, ks, vs], lambda: grad
-        )
+        grad = boundary_state(dfinal_ref, seq_end, grad, head, ks, vs, crosses_sequences)
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
         q_decayed = q.astype(F32) * (scale * decay(gate_sums(g, "from_start")))
         grad = grad * decay(gate_total(g)).T + mm_tn(q_decayed, do, dtype)
         seq = first_ref[row, c]
-
-        @pl.when(seq >= 0)
-        def _():
-            dh0_ref[jnp.maximum(seq, 0), head, ks, vs] = grad
-
+        store_boundary_state(dh0_ref, seq, grad, head, ks, vs)
         # The chunk before a sequence's first chunk ends another sequence: nothing flows back.
-        return jnp.where(seq >= 0, 0.0, grad)
+        # (A walk of one sequence ends at its first chunk.)
+        return jnp.where(seq >= 0, 0.0, grad) if crosses_sequences else grad
 
     init = jnp.zeros((block_k, block_v), F32)
     walk_chunks(chunks, load, step, init, prefetch=prefetch, reverse=True)
 
 
-def state_grads_walk(q, do, dfinal, scale):
+def state_grads_walk(q, do, dfinal, scale, writes_dh0):
     """The reverse recurrence as a ``StateWalk``: q, do, dfinal -> dH, dh0."""
-    return StateWalk(_state_grads_kernel, q, do, dfinal, dict(scale=scale))
+    return StateWalk(_state_grads_kernel, q, do, dfinal, writes_dh0, dict(scale=scale))
 
 
-def state_grads(q, do, g, dfinal, first_seq, last_seq, *, scale, **launch):
-    """dH [B', NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V].
-    ``launch``: state_walks' chunk, state_dtype, config, interpret and seq_chunks.
+def state_grads(q, do, g, dfinal, first_seq, last_seq, *, scale, writes_dh0=True, **launch):
+    """dH [B', NC, H, K, V] (gradient of the state leaving each chunk) and dh0 [N, H, K, V]
+    (None unless ``writes_dh0``); dfinal None: zeros. ``launch``: state_walks' chunk,
+    state_dtype, config, interpret, num_seqs, packed and seq_chunks.
 
     dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
     """
-    walk = state_grads_walk(q, do, dfinal, scale)
+    walk = state_grads_walk(q, do, dfinal, scale, writes_dh0)
     (result,) = state_walks([walk], g, first_seq, last_seq, name="gla_state_grads", **launch)
     return result
 
 
-def backward_walks(q, k, v, do, g, h0, dfinal, first_seq, last_seq, *, scale, **launch):
+def backward_walks(
+    q, k, v, do, g, h0, dfinal, first_seq, last_seq, *, scale, writes_dh0=True, **launch
+):
     """``chunk_states`` and ``state_grads`` in one launch, their programs side by side (they
     read different inputs and neither waits for the other): the states entering every chunk,
     dH and dh0 (as ``state_grads``)."""
-    walks = [states_walk(k, v, h0), state_grads_walk(q, do, dfinal, scale)]
+    walks = [
+        states_walk(k, v, h0, writes_final=False),
+        state_grads_walk(q, do, dfinal, scale, writes_dh0),
+    ]
     (states, _), (dstates, dh0) = state_walks(
         walks, g, first_seq, last_seq, name="gla_backward_walks", **launch
     )

@@ -323,6 +323,7 @@ def _chunk_states_kernel(
     block_v,
     dtype,
     prefetch,
+    crosses_sequences,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
@@ -331,21 +332,39 @@ def _chunk_states_kernel(
 
     def step(c, state, loaded):
         g, k, v = loaded
-        seq = first_ref[row, c]
         # A sequence starts here: its initial state replaces the carried one.
-        state = lax.cond(seq >= 0, lambda: h0_ref[jnp.maximum(seq, 0), head, ks, vs], lambda: state)
+        state = boundary_state(h0_ref, first_ref[row, c], state, head, ks, vs, crosses_sequences)
         states_ref[c] = state.astype(states_ref.dtype)
         k_to_end = k.astype(F32) * decay(gate_sums(g, "to_end"))
         state = state * decay(gate_total(g)).T + mm_tn(k_to_end, v, dtype)
-        seq_end = last_ref[row, c]
-
-        @pl.when(seq_end >= 0)
-        def _():
-            final_ref[jnp.maximum(seq_end, 0), head, ks, vs] = state
-
+        store_boundary_state(final_ref, last_ref[row, c], state, head, ks, vs)
         return state
 
     walk_chunks(chunks, load, step, jnp.zeros((block_k, block_v), F32), prefetch=prefetch)
+
+
+def boundary_state(ref, seq, carried, head, ks, vs, crosses_sequences):
+    """The state tile a walk step starts from: ``carried``, but where a sequence starts
+    (``seq`` >= 0) that sequence's boundary state from ``ref`` [N, H, K, V], or zeros when
+    ``ref`` is None (no state given). A walk of one sequence (not ``crosses_sequences``) starts
+    from zeros already, so without ``ref`` it skips the per-step select (and the load of
+    ``seq``, which Triton then drops)."""
+    if ref is None and not crosses_sequences:
+        return carried
+    if ref is None:
+        return jnp.where(seq >= 0, 0.0, carried)
+    return lax.cond(seq >= 0, lambda: ref[jnp.maximum(seq, 0), head, ks, vs], lambda: carried)
+
+
+def store_boundary_state(ref, seq, state, head, ks, vs):
+    """Stores the state tile a sequence ends with where one ends (``seq`` >= 0), unless ``ref``
+    is None (nothing reads it)."""
+    if ref is None:
+        return
+
+    @pl.when(seq >= 0)
+    def _():
+        ref[jnp.maximum(seq, 0), head, ks, vs] = state
 
 
 def chunk_rows(refs, c, chunk):
@@ -393,14 +412,23 @@ class StateWalk:
 
     body(first_ref, last_ref, key_ref, value_ref, g_ref, boundary_ref, per_chunk_ref,
     boundary_out_ref, *, row, head, kt, vt, chunk, chunks, block_k, block_v, dtype, prefetch,
-    **options) walks the chunks ``chunks`` (``walk_chunks``) of row ``row`` and head ``head`` for
-    the state tile (kt, vt). key_side [B', Tp, H, K], value_side [B', Tp, H, V] and boundary
-    [N, H, K, V] are its inputs."""
+    crosses_sequences, **options) walks the chunks ``chunks`` (``walk_chunks``) of row ``row``
+    and head ``head`` for the state tile (kt, vt); ``crosses_sequences``: the walk may pass from
+    one sequence into the next (a packed row walked whole), so its state resets on the way.
+
+    key_side [B', Tp, H, K] and value_side [B', Tp, H, V] are its inputs; so is boundary
+    [N, H, K, V] float32, the state each sequence's walk starts from (the initial state, or the
+    final state's gradient), unless None (zeros: the body gets boundary_ref None).
+    ``writes_boundary``: the walk also returns the state it ends each sequence with (the final
+    state, or dh0); without it the body gets boundary_out_ref None. Neither a zero boundary nor
+    an unread one is worth its [N, H, K, V] of traffic: at T = 1K each is 34-67 MB, read or
+    written beside walks that are short of bandwidth already."""
 
     body: Callable
     key_side: jax.Array
     value_side: jax.Array
-    boundary: jax.Array
+    boundary: jax.Array | None
+    writes_boundary: bool = True
     options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -415,15 +443,19 @@ def state_walks(
     config,
     interpret,
     name,
+    num_seqs,
+    packed,
     seq_chunks=None,
 ):
     """Launches walks over the chunks of every (row, head, K tile, V tile), one program each, and
     returns each walk's (per-chunk [B', NC, H, K, V] in ``state_dtype``, boundary [N, H, K, V]
-    float32) outputs. ``seq_chunks`` [N, 2] int32 (first chunk, chunk count of each sequence of
-    a packed row, B' = 1): one program per sequence instead, walking only its own chunks, so the
-    sequences of a packed row are walked side by side rather than as one chain (the states reset
-    at each sequence's start anyway); the chunks after the last sequence are left unwritten (their
-    outputs are padding, dropped).
+    float32 or None unless it ``writes_boundary``) outputs; N = ``num_seqs``; ``packed``: the
+    rows hold several sequences each (cu_seqlens). ``seq_chunks``
+    [N, 2] int32 (first chunk, chunk count of each sequence of a packed row, B' = 1): one
+    program per sequence instead, walking only its own chunks, so the sequences of a packed row
+    are walked side by side rather than as one chain (the states reset at each sequence's start
+    anyway); the chunks after the last sequence are left unwritten (their outputs are padding,
+    dropped).
 
     The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
     dfinal -> state gradients, dh0) share this launch. Several independent walks go in one launch,
@@ -464,6 +496,7 @@ def state_walks(
         block_v=block_v,
         dtype=first.dtype,
         prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
+        crosses_sequences=packed and not per_sequence,
     )
 
     def kernel(first_ref, last_ref, *refs):
@@ -475,16 +508,21 @@ def state_walks(
         else:
             g_ref, *refs = refs
             chunks = (0, num_chunks, num_chunks)
-        inputs, outputs = refs[: 3 * count], refs[3 * count :]
+        inputs, outputs = iter(refs[: len(in_specs)]), iter(refs[len(in_specs) :])
         for w, walk in enumerate(walks):
-            key_ref, value_ref, boundary_ref = inputs[3 * w : 3 * w + 3]
+            key_ref, value_ref = next(inputs), next(inputs)
+            boundary_ref = None if walk.boundary is None else next(inputs)
+            per_chunk_ref = next(outputs)
+            boundary_out_ref = next(outputs) if walk.writes_boundary else None
 
-            def run(walk=walk, refs=(key_ref, value_ref, g_ref, boundary_ref), w=w):
+            def run(
+                walk=walk,
+                refs=(key_ref, value_ref, g_ref, boundary_ref, per_chunk_ref, boundary_out_ref),
+            ):
                 walk.body(
                     first_ref,
                     last_ref,
                     *refs,
-                    *outputs[2 * w : 2 * w + 2],
                     row=row_of(i),
                     head=(i // count) % heads,
                     kt=kt,
@@ -499,15 +537,21 @@ def state_walks(
             else:
                 pl.when(i % count == w)(run)
 
+    boundary_shape = (num_seqs, heads, key_dim, value_dim)
     in_specs, inputs, out_specs, out_shape = [], [], [], []
     for walk in walks:
-        in_specs += [seq_spec(block_k, "k"), seq_spec(block_v, "v"), whole(walk.boundary.shape)]
-        inputs += [walk.key_side, walk.value_side, walk.boundary]
-        out_specs += [per_chunk_spec, whole(walk.boundary.shape)]
-        out_shape += [
-            jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype),
-            jax.ShapeDtypeStruct(walk.boundary.shape, F32),
-        ]
+        in_specs += [seq_spec(block_k, "k"), seq_spec(block_v, "v")]
+        inputs += [walk.key_side, walk.value_side]
+        if walk.boundary is not None:
+            in_specs.append(whole(boundary_shape))
+            inputs.append(walk.boundary)
+        out_specs.append(per_chunk_spec)
+        out_shape.append(
+            jax.ShapeDtypeStruct((rows_, num_chunks, heads, key_dim, value_dim), state_dtype)
+        )
+        if walk.writes_boundary:
+            out_specs.append(whole(boundary_shape))
+            out_shape.append(jax.ShapeDtypeStruct(boundary_shape, F32))
     ranges = [seq_chunks] if per_sequence else []
     outs = pl.pallas_call(
         kernel,
@@ -530,20 +574,21 @@ def state_walks(
         interpret=interpret,
         name=name,
     )(first_seq, last_seq, *ranges, g, *inputs)
-    return [tuple(outs[2 * w : 2 * w + 2]) for w in range(count)]
+    outs = iter(outs)
+    return [(next(outs), next(outs) if walk.writes_boundary else None) for walk in walks]
 
 
-def states_walk(k, v, h0):
+def states_walk(k, v, h0, writes_final=True):
     """The forward state recurrence as a ``StateWalk``: k, v, h0 -> states, final states."""
-    return StateWalk(_chunk_states_kernel, k, v, h0)
+    return StateWalk(_chunk_states_kernel, k, v, h0, writes_final)
 
 
-def chunk_states(k, v, g, h0, first_seq, last_seq, **launch):
-    """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32.
-    ``launch``: state_walks' chunk, state_dtype, config, interpret and seq_chunks."""
-    (result,) = state_walks(
-        [states_walk(k, v, h0)], g, first_seq, last_seq, name="gla_chunk_states", **launch
-    )
+def chunk_states(k, v, g, h0, first_seq, last_seq, *, writes_final=True, **launch):
+    """States entering every chunk [B', NC, H, K, V] and final states [N, H, K, V] float32 (None
+    unless ``writes_final``); h0 None: every sequence starts from zeros. ``launch``:
+    state_walks' chunk, state_dtype, config, interpret, num_seqs, packed and seq_chunks."""
+    walk = states_walk(k, v, h0, writes_final)
+    (result,) = state_walks([walk], g, first_seq, last_seq, name="gla_chunk_states", **launch)
     return result
 
 
