@@ -60,26 +60,26 @@ def op_for_cuda(
     keep_states=False,
 ):
     """The pallas_gpu op's forward+backward as it lowers for a GPU (not interpreted), jitted, and
-    abstract inputs (q, k, v, g, h0, do, dfinal) of this shape; g in ``gate_dtype`` (default
-    ``dtype``). ``settings``: GpuConfig fields over the tuned or heuristic launch settings;
-    ``keep_states``: the backward reads the forward's chunk states (``chunk_gla``'s option)."""
-    opts = api.Options("pallas_gpu", key_dim**-0.5, chunk, False)
+    abstract inputs (q, k, v, g, do) of this shape, with no initial state and no final state (as
+    the benchmark calls it); g in ``gate_dtype`` (default ``dtype``). ``settings``: GpuConfig
+    fields over the tuned or heuristic launch settings; ``keep_states``: the backward reads the
+    forward's chunk states (``chunk_gla``'s option)."""
+    opts = api.Options("pallas_gpu", key_dim**-0.5, chunk, False, output_final_state=False)
     padded = gpu.padded_dim(key_dim), gpu.padded_dim(value_dim)
     config = tuning.config_for(*padded, dtype, interpret=False)
     config = dataclasses.replace(config, **(settings or {}))
 
-    def forward_and_backward(q, k, v, g, h0, do, dfinal):
-        o, final, states = gpu.forward_keeping_states(q, k, v, g, h0, None, opts, config)
+    def forward_and_backward(q, k, v, g, do):
+        o, _, states = gpu.forward_keeping_states(q, k, v, g, None, None, opts, config)
         states = states if keep_states else None
-        grads = gpu.backward(q, k, v, g, h0, None, do, dfinal, opts, config, states=states)
-        return (o, final), grads
+        grads = gpu.backward(q, k, v, g, None, None, do, None, opts, config, states=states)
+        return o, grads[:4]
 
     sd = jax.ShapeDtypeStruct
     keys = sd((batch, seq_len, heads, key_dim), dtype)
     values = sd((batch, seq_len, heads, value_dim), dtype)
-    state = sd((batch, heads, key_dim, value_dim), jnp.float32)
     gates = sd(keys.shape, gate_dtype or dtype)
-    return jax.jit(forward_and_backward), (keys, keys, values, gates, state, values, state)
+    return jax.jit(forward_and_backward), (keys, keys, values, gates, values)
 
 
 def export_for_cuda(call, args) -> jax.export.Exported:

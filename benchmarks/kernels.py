@@ -254,33 +254,34 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
     the executable as constants. Shared by ``breakdown`` and benchmarks/tune_gpu.py."""
     from pallas_kernels.gla import gpu_backward, gpu_forward
 
-    rows, _, heads, key_dim = q.shape
-    h0 = jnp.zeros((rows, heads, key_dim, v.shape[-1]), jnp.float32)
     common = dict(chunk=chunk, config=config, interpret=interpret)
+    # The walks as the op runs them for a caller that gives no initial state and asks for no
+    # final state (the benchmark's calls): no boundary states in or out.
+    walks = dict(common, state_dtype=q.dtype, num_seqs=q.shape[0], packed=False)
     gate_spans = jax.jit(lambda g: gpu_forward.gate_spans(g, chunk=chunk, interpret=interpret))
     spans, _ = gate_spans(g)
     b = jax.jit(every_chunk_b, static_argnums=1)(g, chunk)
     states = jax.jit(
-        lambda k, v, g, h0, f, e: gpu_forward.chunk_states(
-            k, v, g, h0, f, e, state_dtype=q.dtype, **common
+        lambda k, v, g, f, e: gpu_forward.chunk_states(
+            k, v, g, None, f, e, writes_final=False, **walks
         )[0]
     )
-    hs = states(k, v, g, h0, first, last)
+    hs = states(k, v, g, first, last)
     exact = jax.jit(lambda q, k, b, s: gpu_forward.exact_scores(q, k, b, s, scale=scale, **common))
     a = exact(q, k, b, spans)
     dscores = jax.jit(lambda do, v: gpu_backward.score_grads(do, v, **common))
     da = dscores(do_rows, v)
     return {
         "gate_spans": (gate_spans, (g,)),
-        "chunk_states": (states, (k, v, g, h0, first, last)),
+        "chunk_states": (states, (k, v, g, first, last)),
         "exact_scores": (exact, (q, k, b, spans)),
         "backward_walks": (
             jax.jit(
-                lambda q, k, v, do, g, h0, d, f, e: gpu_backward.backward_walks(
-                    q, k, v, do, g, h0, d, f, e, scale=scale, state_dtype=q.dtype, **common
+                lambda q, k, v, do, g, f, e: gpu_backward.backward_walks(
+                    q, k, v, do, g, None, None, f, e, scale=scale, writes_dh0=False, **walks
                 )
             ),
-            (q, k, v, do_rows, g, h0, h0, first, last),
+            (q, k, v, do_rows, g, first, last),
         ),
         "chunk_outputs": (
             jax.jit(
@@ -292,11 +293,11 @@ def kernel_stages(q, k, v, g, first, last, do_rows, *, config, chunk, scale, int
         ),
         "state_grads": (
             jax.jit(
-                lambda q, do, g, d, f, e: gpu_backward.state_grads(
-                    q, do, g, d, f, e, scale=scale, state_dtype=q.dtype, **common
+                lambda q, do, g, f, e: gpu_backward.state_grads(
+                    q, do, g, None, f, e, scale=scale, writes_dh0=False, **walks
                 )
             ),
-            (q, do_rows, g, h0, first, last),
+            (q, do_rows, g, first, last),
         ),
         "score_grads": (dscores, (do_rows, v)),
         "value_grads": (
@@ -386,27 +387,25 @@ def kernel_bytes(batch, seq_len, heads, key_dim, value_dim, chunk=DEFAULT_CHUNK_
     dtypes (bfloat16 q, k, v, g, do, outputs and chunk states) and under mild gates, where no
     chunk takes the exact path: every array a launch reads or writes, counted once. Re-reads
     (a K tile's keys read once per V tile) are left out; what they cost shows in the profile's
-    bandwidth column."""
+    bandwidth column. The benchmark's calls give no initial state and ask for no final state,
+    so the walks move no [N, H, K, V] boundary states."""
     item = 2
     tokens = batch * seq_len
     keys = tokens * heads * key_dim * item  # one [tokens, H, K] array: q, k, g, dq, dk or dg
     values = tokens * heads * value_dim * item  # v, do, o or dv
     chunks = tokens // chunk * heads
     states = chunks * key_dim * value_dim * item  # the states entering the chunks, or dH
-    ends = batch * heads * key_dim * value_dim * 4  # one float32 initial or final state a row
     chunk_ids = 2 * tokens // chunk * 4  # the walks' int32 first and last sequence per chunk
     spans = chunks * 4  # float32, one per chunk and head
     scores = tokens * heads * chunk * item  # dA: [C, C] per chunk and head
     return {
         "gla_gate_spans": keys + spans,  # g in; b is written for exact chunks only
-        # k, g, v and h0 in; the states and the final state out
-        "gla_chunk_states": chunk_ids + 2 * keys + values + 2 * ends + states,
+        "gla_chunk_states": chunk_ids + 2 * keys + values + states,  # k, g, v in; states out
         "gla_exact_scores": spans,  # reads a span per chunk and passes on
         "gla_chunk_outputs": spans + 3 * keys + values + states + values,  # q, k, g, v, H; o
-        # q, g, do and dfinal in; dH and dh0 out
-        "gla_state_grads": chunk_ids + 2 * keys + values + 2 * ends + states,
-        # both walks' inputs, h0 and dfinal; H, the final state, dH and dh0
-        "gla_backward_walks": chunk_ids + 3 * keys + 2 * values + 4 * ends + 2 * states,
+        "gla_state_grads": chunk_ids + 2 * keys + values + states,  # q, g, do in; dH out
+        # both walks' inputs; H and dH out
+        "gla_backward_walks": chunk_ids + 3 * keys + 2 * values + 2 * states,
         "gla_score_grads": 2 * values + scores,  # do, v in; dA out
         "gla_value_grads": spans + 3 * keys + values + states + values,  # q, k, g, do, dH; dv
         # q, k, g, v, do, H, dH and dA in; dq, dk, dg out
