@@ -9,9 +9,10 @@ The custom VJP keeps only the inputs as residuals: every backward recomputes the
 needs, so memory stays O(T (K + V) + (T / C) K V) per head. Backends without a hand-written
 backward get one from ``jax.vjp`` of their forward, recomputed inside the backward pass.
 
-A backend with ``takes_absent_states`` also takes None for initial_state and dfinal (zeros: it
-skips reading them) and returns None for the final state unless ``opts.output_final_state``, and
-for dh0 when initial_state is None (it skips writing them); the others get zeros.
+A backend with ``takes_absent_states`` gets None, not zeros, for an absent initial state, and for
+dfinal when the final state is not an output (``opts.output_final_state`` False); it may then
+return None for the final state and for dh0, and skips reading and writing them. The others get
+zeros.
 
 With ``keep_states=True`` a backend that can (one with ``forward_keeping_states``) also keeps the
 chunk states its forward wrote, one [K, V] state per chunk and head in its own layout, and its
