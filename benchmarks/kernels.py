@@ -125,10 +125,22 @@ def op_inputs(seq_len, heads, key_dim, value_dim, pack):
 
 def gla_fns(backend, chunk_size=DEFAULT_CHUNK_SIZE, cu_seqlens=None):
     options = dict(_op_options) if backend == "pallas_gpu" else {}
+    given_state = options.pop("initial_state", False)
 
     def fwd(q, k, v, g):
+        num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        state_shape = (num_seqs, q.shape[2], q.shape[3], v.shape[3])
+        h0 = jnp.zeros(state_shape, jnp.float32) if given_state else None
         o, _ = chunk_gla(
-            q, k, v, g, chunk_size=chunk_size, backend=backend, cu_seqlens=cu_seqlens, **options
+            q,
+            k,
+            v,
+            g,
+            initial_state=h0,
+            chunk_size=chunk_size,
+            backend=backend,
+            cu_seqlens=cu_seqlens,
+            **options,
         )
         return o
 
@@ -541,8 +553,9 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-# chunk_gla keywords a --set or --variants spec may name beside the GpuConfig fields.
-OP_OPTIONS = ("keep_states",)
+# chunk_gla keywords a --set or --variants spec may name beside the GpuConfig fields;
+# initial_state=true gives the op a zero initial state (a caller's state costs the same).
+OP_OPTIONS = ("keep_states", "output_final_state", "initial_state")
 # The op options of the last override_config: every pallas_gpu call gla_fns builds takes them.
 _op_options: dict = {}
 

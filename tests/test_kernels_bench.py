@@ -84,15 +84,19 @@ def test_set_carries_op_options_to_the_ops_it_builds(monkeypatch):
 
     monkeypatch.setattr(tuning, "config_for", tuning.config_for)  # restored after the test
     monkeypatch.setattr(kernels, "_op_options", {})
-    kernels.override_config("keep_states=true,state_block_v=32")
-    assert kernels._op_options == {"keep_states": True}
+    kernels.override_config("keep_states=true,state_block_v=32,initial_state=true")
+    assert kernels._op_options == {"keep_states": True, "initial_state": True}
     assert tuning.config_for(128, 128, jnp.bfloat16, interpret=False).state_block_v == 32
     calls = []
     monkeypatch.setattr(kernels, "chunk_gla", lambda *a, **kw: calls.append(kw) or (a[0], None))
-    x = jnp.zeros((1, 16, 1, 16))
-    kernels.gla_fns("pallas_gpu")[0](x, x, x, x)
-    kernels.gla_fns("xla")[0](x, x, x, x)
+    x, v = jnp.zeros((1, 16, 2, 16)), jnp.zeros((1, 16, 2, 8))
+    kernels.gla_fns("pallas_gpu")[0](x, x, v, x)
+    kernels.gla_fns("xla")[0](x, x, v, x)
     assert calls[0]["keep_states"] is True and "keep_states" not in calls[1]
+    # initial_state=true: a zero [N, H, K, V] state, for pallas_gpu only.
+    assert calls[0]["initial_state"].shape == (1, 2, 16, 8) and calls[1]["initial_state"] is None
+    kernels.override_config("output_final_state=true")
+    assert kernels._op_options == {"output_final_state": True}
     kernels.override_config("")
     assert kernels._op_options == {}
 

@@ -74,6 +74,8 @@ from pallas_kernels.gla.gpu_forward import (
     sub_chunk,
     tile_loop,
     walk_chunks,
+    walk_end,
+    walk_start,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def _state_grads_kernel(
     scale,
     dtype,
     prefetch,
-    crosses_sequences,
+    walk_seq,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
@@ -111,20 +113,21 @@ def _state_grads_kernel(
 
     def step(c, grad, loaded):
         g, q, do = loaded
-        # A sequence ends here: the final state's gradient replaces the carried one.
-        seq_end = last_ref[row, c]
-        grad = boundary_state(dfinal_ref, seq_end, grad, head, ks, vs, crosses_sequences)
+        if walk_seq is None:  # where a sequence ends, dfinal replaces the carried gradient
+            grad = boundary_state(dfinal_ref, last_ref[row, c], grad, head, ks, vs)
         dstates_ref[c] = grad.astype(dstates_ref.dtype)
         q_decayed = q.astype(F32) * (scale * decay(gate_sums(g, "from_start")))
         grad = grad * decay(gate_total(g)).T + mm_tn(q_decayed, do, dtype)
-        seq = first_ref[row, c]
-        store_boundary_state(dh0_ref, seq, grad, head, ks, vs)
-        # The chunk before a sequence's first chunk ends another sequence: nothing flows back.
-        # (A walk of one sequence ends at its first chunk.)
-        return jnp.where(seq >= 0, 0.0, grad) if crosses_sequences else grad
+        if walk_seq is None:
+            seq = first_ref[row, c]
+            store_boundary_state(dh0_ref, seq, grad, head, ks, vs)
+            # The chunk before a sequence's first chunk ends another sequence: nothing flows back.
+            grad = jnp.where(seq >= 0, 0.0, grad)
+        return grad
 
-    init = jnp.zeros((block_k, block_v), F32)
-    walk_chunks(chunks, load, step, init, prefetch=prefetch, reverse=True)
+    init = walk_start(dfinal_ref, walk_seq, head, ks, vs, block_k, block_v)
+    dh0 = walk_chunks(chunks, load, step, init, prefetch=prefetch, reverse=True)
+    walk_end(dh0_ref, walk_seq, dh0, head, ks, vs)
 
 
 def state_grads_walk(q, do, dfinal, scale, writes_dh0):

@@ -323,7 +323,7 @@ def _chunk_states_kernel(
     block_v,
     dtype,
     prefetch,
-    crosses_sequences,
+    walk_seq,
 ):
     ks, vs = pl.ds(kt * block_k, block_k), pl.ds(vt * block_v, block_v)
 
@@ -332,33 +332,48 @@ def _chunk_states_kernel(
 
     def step(c, state, loaded):
         g, k, v = loaded
-        # A sequence starts here: its initial state replaces the carried one.
-        state = boundary_state(h0_ref, first_ref[row, c], state, head, ks, vs, crosses_sequences)
+        if walk_seq is None:  # where a sequence starts, its initial state replaces the carried one
+            state = boundary_state(h0_ref, first_ref[row, c], state, head, ks, vs)
         states_ref[c] = state.astype(states_ref.dtype)
         k_to_end = k.astype(F32) * decay(gate_sums(g, "to_end"))
         state = state * decay(gate_total(g)).T + mm_tn(k_to_end, v, dtype)
-        store_boundary_state(final_ref, last_ref[row, c], state, head, ks, vs)
+        if walk_seq is None:
+            store_boundary_state(final_ref, last_ref[row, c], state, head, ks, vs)
         return state
 
-    walk_chunks(chunks, load, step, jnp.zeros((block_k, block_v), F32), prefetch=prefetch)
+    init = walk_start(h0_ref, walk_seq, head, ks, vs, block_k, block_v)
+    final = walk_chunks(chunks, load, step, init, prefetch=prefetch)
+    walk_end(final_ref, walk_seq, final, head, ks, vs)
 
 
-def boundary_state(ref, seq, carried, head, ks, vs, crosses_sequences):
-    """The state tile a walk step starts from: ``carried``, but where a sequence starts
-    (``seq`` >= 0) that sequence's boundary state from ``ref`` [N, H, K, V], or zeros when
-    ``ref`` is None (no state given). A walk of one sequence (not ``crosses_sequences``) starts
-    from zeros already, so without ``ref`` it skips the per-step select (and the load of
-    ``seq``, which Triton then drops)."""
-    if ref is None and not crosses_sequences:
-        return carried
+def walk_start(ref, walk_seq, head, ks, vs, block_k, block_v):
+    """The state tile a walk starts from: its sequence's boundary state from ``ref``
+    [N, H, K, V] for a walk of one sequence (``walk_seq``), else zeros (no state given, or the
+    walk's sequences load theirs as they start)."""
+    if ref is None or walk_seq is None:
+        return jnp.zeros((block_k, block_v), F32)
+    return ref[walk_seq, head, ks, vs]
+
+
+def walk_end(ref, walk_seq, state, head, ks, vs):
+    """Stores the state tile a walk of one sequence ends with, unless ``ref`` is None (nothing
+    reads it). An empty sequence's walk takes no step and stores what it started from."""
+    if ref is not None and walk_seq is not None:
+        ref[walk_seq, head, ks, vs] = state
+
+
+def boundary_state(ref, seq, carried, head, ks, vs):
+    """For a walk across sequences, the state tile a step starts from: ``carried``, but where a
+    sequence starts (``seq`` >= 0) that sequence's boundary state from ``ref`` [N, H, K, V], or
+    zeros when ``ref`` is None (no state given)."""
     if ref is None:
         return jnp.where(seq >= 0, 0.0, carried)
     return lax.cond(seq >= 0, lambda: ref[jnp.maximum(seq, 0), head, ks, vs], lambda: carried)
 
 
 def store_boundary_state(ref, seq, state, head, ks, vs):
-    """Stores the state tile a sequence ends with where one ends (``seq`` >= 0), unless ``ref``
-    is None (nothing reads it)."""
+    """For a walk across sequences, stores the state tile a sequence ends with where one ends
+    (``seq`` >= 0), unless ``ref`` is None (nothing reads it)."""
     if ref is None:
         return
 
@@ -412,9 +427,14 @@ class StateWalk:
 
     body(first_ref, last_ref, key_ref, value_ref, g_ref, boundary_ref, per_chunk_ref,
     boundary_out_ref, *, row, head, kt, vt, chunk, chunks, block_k, block_v, dtype, prefetch,
-    crosses_sequences, **options) walks the chunks ``chunks`` (``walk_chunks``) of row ``row``
-    and head ``head`` for the state tile (kt, vt); ``crosses_sequences``: the walk may pass from
-    one sequence into the next (a packed row walked whole), so its state resets on the way.
+    walk_seq, **options) walks the chunks ``chunks`` (``walk_chunks``) of row ``row`` and head
+    ``head`` for the state tile (kt, vt). ``walk_seq``: the one sequence the walk covers (a whole
+    unpacked row, or one sequence of a packed row), whose boundary states it loads before its
+    first step and stores after its last; None for a walk across sequences (a packed row walked
+    whole), which resets its state, and reads and writes boundary states, inside the loop where
+    sequences start and end. Inside the loop they cost every step: the branch's tile must come
+    out in the carried state's register layout (35-42% more instructions a step, BENCHMARKS.md
+    7.16).
 
     key_side [B', Tp, H, K] and value_side [B', Tp, H, V] are its inputs; so is boundary
     [N, H, K, V] float32, the state each sequence's walk starts from (the initial state, or the
@@ -496,8 +516,8 @@ def state_walks(
         block_v=block_v,
         dtype=first.dtype,
         prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
-        crosses_sequences=packed and not per_sequence,
     )
+    crosses_sequences = packed and not per_sequence
 
     def kernel(first_ref, last_ref, *refs):
         kt, vt, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -524,6 +544,8 @@ def state_walks(
                     last_ref,
                     *refs,
                     row=row_of(i),
+                    # One sequence a lane (the row, or one sequence of the packed row) or not.
+                    walk_seq=None if crosses_sequences else (i // count) // heads,
                     head=(i // count) % heads,
                     kt=kt,
                     vt=vt,
