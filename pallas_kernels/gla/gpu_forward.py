@@ -470,12 +470,11 @@ def state_walks(
     """Launches walks over the chunks of every (row, head, K tile, V tile), one program each, and
     returns each walk's (per-chunk [B', NC, H, K, V] in ``state_dtype``, boundary [N, H, K, V]
     float32 or None unless it ``writes_boundary``) outputs; N = ``num_seqs``; ``packed``: the
-    rows hold several sequences each (cu_seqlens). ``seq_chunks``
-    [N, 2] int32 (first chunk, chunk count of each sequence of a packed row, B' = 1): one
-    program per sequence instead, walking only its own chunks, so the sequences of a packed row
-    are walked side by side rather than as one chain (the states reset at each sequence's start
-    anyway); the chunks after the last sequence are left unwritten (their outputs are padding,
-    dropped).
+    rows hold several sequences each (cu_seqlens). ``seq_chunks`` [N, 2] int32 (first chunk,
+    chunk count of each sequence of a packed row, B' = 1): one program per sequence instead,
+    walking only its own chunks, so the sequences of a packed row are walked side by side rather
+    than as one chain (the states reset at each sequence's start anyway); the chunks after the
+    last sequence are left unwritten (their outputs are padding, dropped).
 
     The forward state recurrence (k, v, h0 -> states, final states) and its reverse (q, do,
     dfinal -> state gradients, dh0) share this launch. Several independent walks go in one launch,
