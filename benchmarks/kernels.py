@@ -128,9 +128,10 @@ def gla_fns(backend, chunk_size=DEFAULT_CHUNK_SIZE, cu_seqlens=None):
     given_state = options.pop("initial_state", False)
 
     def fwd(q, k, v, g):
-        num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        state_shape = (num_seqs, q.shape[2], q.shape[3], v.shape[3])
-        h0 = jnp.zeros(state_shape, jnp.float32) if given_state else None
+        h0 = None
+        if given_state:
+            num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            h0 = jnp.zeros((num_seqs, q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
         o, _ = chunk_gla(
             q,
             k,

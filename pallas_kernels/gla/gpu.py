@@ -200,7 +200,8 @@ def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config, 
     """The states entering every chunk (``states`` when the forward kept them), dH and dh0 (None
     without an initial state): the backward's two walks, or only the gradients' walk."""
     h0, dfinal_padded = _padded_boundary(p, initial_state), _padded_boundary(p, dfinal)
-    walk = dict(_walk_options(p, opts, config), writes_dh0=initial_state is not None)
+    walk = _walk_options(p, opts, config)
+    writes_dh0 = initial_state is not None
     if states is None and config.paired_walks:
         return gpu_backward.backward_walks(
             p.q,
@@ -213,21 +214,23 @@ def _backward_states(p: Prepared, initial_state, do_rows, dfinal, opts, config, 
             p.first_seq,
             p.last_seq,
             scale=opts.scale,
+            writes_dh0=writes_dh0,
             **walk,
         )
     if states is None:
         states, _ = gpu_forward.chunk_states(
-            p.k,
-            p.v,
-            p.g,
-            h0,
-            p.first_seq,
-            p.last_seq,
-            writes_final=False,
-            **_walk_options(p, opts, config),
+            p.k, p.v, p.g, h0, p.first_seq, p.last_seq, writes_final=False, **walk
         )
     dstates, dh0 = gpu_backward.state_grads(
-        p.q, do_rows, p.g, dfinal_padded, p.first_seq, p.last_seq, scale=opts.scale, **walk
+        p.q,
+        do_rows,
+        p.g,
+        dfinal_padded,
+        p.first_seq,
+        p.last_seq,
+        scale=opts.scale,
+        writes_dh0=writes_dh0,
+        **walk,
     )
     return states, dstates, dh0
 

@@ -140,7 +140,8 @@ def state_grads(q, do, g, dfinal, first_seq, last_seq, *, scale, writes_dh0=True
     (None unless ``writes_dh0``); dfinal None: zeros. ``launch``: state_walks' chunk,
     state_dtype, config, interpret, num_seqs, packed and seq_chunks.
 
-    dh0 rows of empty sequences are left unwritten; the caller fills them with dfinal.
+    A walk across sequences (a packed row walked whole) leaves the dh0 rows of empty sequences
+    unwritten; the caller fills them with dfinal.
     """
     walk = state_grads_walk(q, do, dfinal, scale, writes_dh0)
     (result,) = state_walks([walk], g, first_seq, last_seq, name="gla_state_grads", **launch)
