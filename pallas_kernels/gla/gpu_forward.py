@@ -517,6 +517,8 @@ def state_walks(
         prefetch=tuning.prefetches(config, count, programs, (block_k, block_v)),
     )
     crosses_sequences = packed and not per_sequence
+    # Each walk reads its key and value sides, and its boundary state when it has one.
+    num_inputs = sum(2 + (walk.boundary is not None) for walk in walks)
 
     def kernel(first_ref, last_ref, *refs):
         kt, vt, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -527,7 +529,7 @@ def state_walks(
         else:
             g_ref, *refs = refs
             chunks = (0, num_chunks, num_chunks)
-        inputs, outputs = iter(refs[: len(in_specs)]), iter(refs[len(in_specs) :])
+        inputs, outputs = iter(refs[:num_inputs]), iter(refs[num_inputs:])
         for w, walk in enumerate(walks):
             key_ref, value_ref = next(inputs), next(inputs)
             boundary_ref = None if walk.boundary is None else next(inputs)
