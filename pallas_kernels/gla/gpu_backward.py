@@ -64,7 +64,7 @@ from pallas_kernels.gla.gpu_forward import (
     row,
     rows,
     safe_decay,
-    scored_tiles_kernel,
+    scored_tiles,
     span_spec,
     split_rows,
     state_spec,
@@ -207,35 +207,24 @@ def score_grads(do, v, *, chunk, config, interpret):
 def value_grads(q, k, g, spans, exact, do, dstates, *, chunk, scale, out_dtype, config, interpret):
     """dv [B', Tp, H, V] per (chunk, row * head), V a tile at a time; A as in chunk_outputs
     (formed in place once per chunk, or read from ``exact``)."""
-    rows_, padded_len, heads, key_dim = k.shape
-    value_dim = do.shape[-1]
-    key = chunk_spec(chunk, heads, key_dim)
-    value = chunk_spec(chunk, heads, value_dim)
-    return pl.pallas_call(
-        functools.partial(
-            scored_tiles_kernel,
-            scale=scale,
-            block_v=min(config.value_block_v, value_dim),
-            block_k=min(config.value_block_k, key_dim),
-            dtype=k.dtype,
-            transposed=True,
-        ),
-        out_shape=jax.ShapeDtypeStruct((rows_, padded_len, heads, value_dim), out_dtype),
-        grid=(padded_len // chunk, rows_ * heads),
-        in_specs=[
-            span_spec(heads),
-            key,
-            key,
-            key,
-            chunk_spec(chunk, heads, chunk),
-            value,
-            state_spec(key_dim, value_dim, heads),
-        ],
-        out_specs=value,
-        compiler_params=params(config.value_warps, config.value_stages),
+    return scored_tiles(
+        q,
+        k,
+        g,
+        spans,
+        exact,
+        do,
+        dstates,
+        chunk=chunk,
+        scale=scale,
+        out_dtype=out_dtype,
+        tiles=(config.value_block_v, config.value_block_k),
+        warps=config.value_warps,
+        stages=config.value_stages,
+        transposed=True,
         interpret=interpret,
         name="gla_value_grads",
-    )(spans, q, k, g, exact, do, dstates)
+    )
 
 
 # --------------------------------------------------------------------------------------------

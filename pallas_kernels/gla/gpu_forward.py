@@ -897,20 +897,39 @@ def scored_tiles_kernel(
     tile_loop(rows_ref.shape[1], block_v, v_tile)
 
 
-def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, config, interpret):
-    """o [B', Tp, H, V] per (chunk, row * head), V a tile at a time, from the states entering each
-    chunk and the intra-chunk scores (``exact``: ``exact_scores``' output, read only for the
-    chunks that are not factorizable)."""
+def scored_tiles(
+    q,
+    k,
+    g,
+    spans,
+    exact,
+    rows_in,
+    states,
+    *,
+    chunk,
+    scale,
+    out_dtype,
+    tiles,
+    warps,
+    stages,
+    transposed,
+    interpret,
+    name,
+):
+    """``scored_tiles_kernel`` launched per (chunk, row * head): [B', Tp, H, V] from
+    ``rows_in`` (v or do) and the per-chunk ``states`` (states or dH); ``tiles``: its (V tile,
+    K piece)."""
     rows_, padded_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
+    value_dim = rows_in.shape[-1]
     key = chunk_spec(chunk, heads, key_dim)
     value = chunk_spec(chunk, heads, value_dim)
     kernel = functools.partial(
         scored_tiles_kernel,
         scale=scale,
-        block_v=min(config.output_block_v, value_dim),
-        block_k=min(config.output_block_k, key_dim),
+        block_v=min(tiles[0], value_dim),
+        block_k=min(tiles[1], key_dim),
         dtype=q.dtype,
+        transposed=transposed,
     )
     return pl.pallas_call(
         kernel,
@@ -926,7 +945,31 @@ def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, 
             state_spec(key_dim, value_dim, heads),
         ],
         out_specs=value,
-        compiler_params=params(config.output_warps, config.output_stages),
+        compiler_params=params(warps, stages),
+        interpret=interpret,
+        name=name,
+    )(spans, q, k, g, exact, rows_in, states)
+
+
+def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, config, interpret):
+    """o [B', Tp, H, V] per (chunk, row * head), V a tile at a time, from the states entering each
+    chunk and the intra-chunk scores (``exact``: ``exact_scores``' output, read only for the
+    chunks that are not factorizable)."""
+    return scored_tiles(
+        q,
+        k,
+        g,
+        spans,
+        exact,
+        v,
+        states,
+        chunk=chunk,
+        scale=scale,
+        out_dtype=out_dtype,
+        tiles=(config.output_block_v, config.output_block_k),
+        warps=config.output_warps,
+        stages=config.output_stages,
+        transposed=False,
         interpret=interpret,
         name="gla_chunk_outputs",
-    )(spans, q, k, g, exact, v, states)
+    )
