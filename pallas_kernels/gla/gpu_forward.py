@@ -909,7 +909,8 @@ def scored_tiles(
     chunk,
     scale,
     out_dtype,
-    tiles,
+    block_v,
+    block_k,
     warps,
     stages,
     transposed,
@@ -917,8 +918,8 @@ def scored_tiles(
     name,
 ):
     """``scored_tiles_kernel`` launched per (chunk, row * head): [B', Tp, H, V] from
-    ``rows_in`` (v or do) and the per-chunk ``states`` (states or dH); ``tiles``: its (V tile,
-    K piece)."""
+    ``rows_in`` (v or do) and the per-chunk ``states`` (states or dH), its V tile and K piece at
+    most ``block_v`` and ``block_k``."""
     rows_, padded_len, heads, key_dim = q.shape
     value_dim = rows_in.shape[-1]
     key = chunk_spec(chunk, heads, key_dim)
@@ -926,8 +927,8 @@ def scored_tiles(
     kernel = functools.partial(
         scored_tiles_kernel,
         scale=scale,
-        block_v=min(tiles[0], value_dim),
-        block_k=min(tiles[1], key_dim),
+        block_v=min(block_v, value_dim),
+        block_k=min(block_k, key_dim),
         dtype=q.dtype,
         transposed=transposed,
     )
@@ -966,7 +967,8 @@ def chunk_outputs(q, k, g, spans, states, exact, v, *, chunk, scale, out_dtype, 
         chunk=chunk,
         scale=scale,
         out_dtype=out_dtype,
-        tiles=(config.output_block_v, config.output_block_k),
+        block_v=config.output_block_v,
+        block_k=config.output_block_k,
         warps=config.output_warps,
         stages=config.output_stages,
         transposed=False,
