@@ -516,7 +516,10 @@ class CausalSelfAttention(nnx.Module):
     def _attend(self, q, k, v, segment_ids):
         mask = None
         if segment_ids is not None:
-            mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & jnp.tril(
+            # Documents are counted, not compared by id: a document starts wherever the id
+            # changes (as for GLA and RoPE), so a repeated id later in the row is a new one.
+            docs = jnp.cumsum(segment_starts(segment_ids), axis=1)
+            mask = (docs[:, None, :, None] == docs[:, None, None, :]) & jnp.tril(
                 jnp.ones((q.shape[1], q.shape[1]), bool)
             )
         impl = attention_implementation(q.dtype, self.head_dim, q.shape[1], mask is not None)

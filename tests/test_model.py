@@ -118,7 +118,8 @@ def test_packed_rows_equal_documents_run_separately(name, options):
         for doc_id, n in enumerate(lengths, start=1):
             doc = np.asarray(_tokens((1, n), seed=10 * row + doc_id))[0]
             tokens[row, start : start + n] = doc
-            segments[row, start : start + n] = doc_id
+            # Ids repeat (1, 2, 1, 2, ...): a document starts wherever the id changes.
+            segments[row, start : start + n] = 1 + (doc_id - 1) % 2
             docs.append((row, start, doc))
             start += n
     packed = forward(model, jnp.asarray(tokens), jnp.asarray(segments))
