@@ -426,7 +426,8 @@ class GLALM(nnx.Module):
         """Right-padded prompts [B, T] (row b's prompt is tokens[b, :lengths[b]]).
 
         Returns (logits [B, T, vocab], cache positioned after each prompt). Logits at positions
-        >= lengths[b] are meaningless. GLA states come from chunk_gla's final states.
+        >= lengths[b] are meaningless. GLA states come from chunk_gla's final states. Lengths
+        outside [0, T] raise, unless they are traced (under jit), where they are not checked.
         """
         self._check_tokens(tokens, 2, "tokens")
         batch, seq_len = tokens.shape
@@ -435,6 +436,12 @@ class GLALM(nnx.Module):
         lengths = jnp.asarray(lengths, jnp.int32)
         if lengths.shape != (batch,):
             raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
+        values = _concrete(lengths)  # traced lengths (under jit) cannot be checked here
+        if values is not None and ((values < 0) | (values > seq_len)).any():
+            raise ValueError(
+                f"lengths must lie in [0, T = {seq_len}] (the prompts' padded length), got "
+                f"{values.tolist()}"
+            )
         max_len = max(seq_len, self.cfg.max_seq_len if max_len is None else int(max_len))
         cache = self.init_cache(batch, max_len)
         x, layers = self._apply_blocks(_prefill_step, self._embed(tokens), cache.layers, lengths)

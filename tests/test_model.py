@@ -292,6 +292,15 @@ def test_cache_for_another_batch_or_model_raises():
         gla.decode_step(jnp.zeros((2,), jnp.int32), deeper.init_cache(2))
 
 
+@pytest.mark.parametrize("name", ["gla", "attention"])
+def test_prefill_lengths_outside_the_prompts_raise(name):
+    model = _model(name)
+    prompts = jnp.zeros((2, 8), jnp.int32)
+    for lengths in ([8, 12], [8, -2]):
+        with pytest.raises(ValueError, match=r"lengths must lie in \[0, T = 8\]"):
+            model.prefill(prompts, jnp.array(lengths))
+
+
 def test_segment_ids_with_too_many_documents_or_wrong_shape_raise():
     model = _model("gla", packing="cu_seqlens", max_segments_per_row=2)
     tokens = _tokens((1, 9))
