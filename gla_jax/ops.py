@@ -62,6 +62,9 @@ def chunk_gla(
             cu_seqlens=cu_seqlens,
             **options,
         )
+    # Inside shard_map the op sees a shard's shapes and a traced cu_seqlens, so it checks here
+    # first, on the caller's arrays.
+    api.check_arguments(q, k, v, g, initial_state, cu_seqlens)
     _, rows, head_axes = plan
     row_spec = rows if rows else None
     head_spec = head_axes if head_axes else None

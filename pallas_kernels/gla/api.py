@@ -251,6 +251,13 @@ def _prepare(q, k, v, g, initial_state, cu_seqlens, scale):
     return initial_state, cu_seqlens, scale
 
 
+def check_arguments(q, k, v, g, initial_state=None, cu_seqlens=None) -> None:
+    """The checks both ops make on their arrays, alone: for callers that split the arrays
+    before the op sees them (``gla_jax.ops`` under a mesh), so that an error names the whole
+    arrays' shapes and a concrete ``cu_seqlens``' values rather than a shard's."""
+    _prepare(q, k, v, g, initial_state, cu_seqlens, None)
+
+
 def _resolve_backend(backend, q, v, opts_without_backend) -> str:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")

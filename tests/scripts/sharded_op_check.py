@@ -64,4 +64,25 @@ for cu, initial, keep in (
     assert "manual_computation" in hlo, "the op did not run per shard"
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-5, atol=2e-5)
+
+
+# Bad arguments under the mesh are reported as the caller passed them, not per shard.
+def bad_call_error(q_, k_, v_, g_, h0_=None, cu=None):
+    try:
+        ops.chunk_gla(
+            q_, k_, v_, g_, initial_state=h0_, cu_seqlens=cu, backend=backend, interpret=interpret
+        )
+    except ValueError as err:
+        return str(err)
+    raise AssertionError("a bad call ran")
+
+
+packed = [x.reshape((1, -1) + x.shape[2:]) for x in (q, k, v, g)]
+with jax.set_mesh(make_mesh("2,2,2")):
+    for cu in ([0, 5, 50], [0, 50, 5, B * T]):
+        assert "cu_seqlens must start at 0, end at T = 160" in bad_call_error(
+            *packed, cu=jnp.asarray(cu, jnp.int32)
+        )
+    assert f"[B, T, H] = (4, {T}, 2), got (2, {T}, 2, 32)" in bad_call_error(q, k, v[:2], g)
+    assert "(4, 2, 16, 32), got (2, 2, 16, 32)" in bad_call_error(q, k, v, g, h0[:2])
 print("sharded op ok")
