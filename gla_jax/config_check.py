@@ -123,6 +123,10 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
     _require(config.learning_rate > 0, "learning_rate", f"must be > 0, got {config.learning_rate}")
     _require(config.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {config.warmup_steps}")
     _require(0 <= config.end_lr_ratio <= 1, "end_lr_ratio", "must be in [0, 1]")
+    # clip_by_global_norm(0) zeroes every update and a negative bound reverses it.
+    _require(config.grad_clip > 0, "grad_clip", f"must be > 0, got {config.grad_clip}")
+    _check_evaluation_and_samples(config)
+    _check_document_bound(config)
     _require(config.multihost in ("auto", "on", "off"), "multihost", "must be auto, on or off")
     try:
         data, fsdp, _ = parse_mesh_shape(config.mesh, num_devices)
@@ -145,4 +149,55 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
         config.eval_batch_size % batch_shards == 0,
         "eval_batch_size",
         f"{config.eval_batch_size} rows do not divide over data x fsdp = {batch_shards} devices",
+    )
+
+
+def _check_evaluation_and_samples(config) -> None:
+    """What would otherwise fail only at the first evaluation or after the last step."""
+    if config.eval_every > 0:
+        _require(
+            isinstance(config.eval_batches, int) and config.eval_batches >= 1,
+            "eval_batches",
+            f"must be an integer >= 1 when eval_every > 0, got {config.eval_batches!r}",
+        )
+    _require(
+        isinstance(config.num_samples, int) and config.num_samples >= 0,
+        "num_samples",
+        f"must be an integer >= 0 (0: no samples), got {config.num_samples!r}",
+    )
+    if config.num_samples > 0:
+        _require(
+            isinstance(config.sample_length, int) and config.sample_length >= 1,
+            "sample_length",
+            f"must be an integer >= 1 when num_samples > 0, got {config.sample_length!r}",
+        )
+        _require(
+            len(config.sample_prompt) > 0,
+            "sample_prompt",
+            "must not be empty when num_samples > 0 (generation starts from its tokens)",
+        )
+        _require(
+            config.sample_temperature >= 0,
+            "sample_temperature",
+            f"must be >= 0 (0: greedy), got {config.sample_temperature}",
+        )
+
+
+def _check_document_bound(config) -> None:
+    """model.packing='cu_seqlens' gives each row a static number of document slots (traced under
+    jit, so more documents than slots would be merged silently): the data must not exceed it."""
+    from gla_jax.model import GLAConfig  # noqa: PLC0415 - keeps this module light
+
+    one_per_row = config.data.get("packing") == "pad" or config.data.get("name") == "mqar"
+    if config.model.get("type") != "gla" or one_per_row:
+        return  # attention masks documents; 'pad' and MQAR rows hold one each
+    if config.model.get("packing", GLAConfig.packing) != "cu_seqlens":
+        return
+    slots = config.model.get("max_segments_per_row", GLAConfig.max_segments_per_row)
+    limit = config.data.max_segments_per_row
+    _require(
+        1 <= limit <= slots,
+        "data.max_segments_per_row",
+        f"must be in [1, model.max_segments_per_row = {slots}] with model.packing='cu_seqlens' "
+        f"(rows with more documents than the model's slots would merge them), got {limit}",
     )

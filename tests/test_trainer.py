@@ -276,6 +276,20 @@ def test_unknown_config_field_fails_fast(tmp_path):
         (dict(batch_size=8, grad_accum_steps=3), 1, "config.batch_size"),
         (dict(steps=0), 1, "config.steps"),
         (dict(eval_batch_size=3, mesh="2,1,1"), 2, "config.eval_batch_size"),
+        (dict(grad_clip=0.0), 1, "config.grad_clip"),
+        (dict(eval_batches=0), 1, "config.eval_batches"),
+        (dict(sample_prompt=""), 1, "config.sample_prompt"),
+        (dict(sample_length=0), 1, "config.sample_length"),
+        (dict(num_samples=-1), 1, "config.num_samples"),
+        (dict(model=dict(packing="cu_seqlens")), 1, "config.data.max_segments_per_row"),
+        (
+            dict(
+                model=dict(packing="cu_seqlens", max_segments_per_row=4),
+                data=dict(max_segments_per_row=8),
+            ),
+            1,
+            "config.data.max_segments_per_row",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(overrides, devices, field):
