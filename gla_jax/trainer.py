@@ -13,6 +13,7 @@ device (or the device's bf16 dense peak when known).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -408,6 +409,22 @@ def _global_batch(batch, mesh):
     return data_lib.make_global_batch({k: batch[k] for k in keys if k in batch}, mesh)
 
 
+def _changed_model_fields(config, workdir) -> str:
+    """'field: saved -> given' for each config.model field that differs from WORKDIR/config.json
+    ('' when it matches or there is no saved config)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        saved = json.load(f).get("model", {})
+    given = json.loads(config.model.to_json_best_effort())  # as config.json spells values
+    return ", ".join(
+        f"{key}: {saved.get(key, '(unset)')!r} -> {given.get(key, '(unset)')!r}"
+        for key in sorted(set(saved) | set(given))
+        if saved.get(key) != given.get(key)
+    )
+
+
 def _save_config(config, workdir):
     if jax.process_index() != 0:
         return
@@ -416,8 +433,9 @@ def _save_config(config, workdir):
         f.write(config.to_json_best_effort(indent=2))
 
 
-def evaluate_loss(run: Run, evaluate, params, config) -> float:
-    iterator = data_lib.make_eval_dataset(
+def eval_batches(config):
+    """One ordered pass over the eval split: ``config.eval_batches`` batches for this host."""
+    return data_lib.make_eval_dataset(
         config.data,
         seq_len=config.seq_len,
         global_batch_size=config.eval_batch_size,
@@ -425,6 +443,10 @@ def evaluate_loss(run: Run, evaluate, params, config) -> float:
         process_count=jax.process_count(),
         num_batches=config.eval_batches,
     )
+
+
+def evaluate_loss(run: Run, evaluate, params, config) -> float:
+    iterator = eval_batches(config)
     total = count = 0.0
     for _ in range(config.eval_batches):
         try:
@@ -480,7 +502,6 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
         return {"parameters": run.num_params}
 
     os.makedirs(workdir, exist_ok=True)
-    _save_config(config, workdir)
     data_lib.check_vocab(data_lib.make_tokenizer(config.data), config.model.vocab_size)
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -496,6 +517,8 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
         process_count=jax.process_count(),
         split="train",
     )
+    if config.eval_every:
+        eval_batches(config)  # a bad eval split fails now, not after eval_every steps
     latest = checkpointer.latest_step()
     init_s = None
     if latest is None:
@@ -506,9 +529,21 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
         _say(f"initialized a new run in {workdir} ({init_s:.1f} s)")
     else:
         abstract = with_shardings(run.abstract_state, run.state_shardings)
-        state, data_state = checkpointer.restore(latest, abstract)
+        try:
+            state, data_state = checkpointer.restore(latest, abstract)
+        except Exception as err:
+            changed = _changed_model_fields(config, workdir)
+            if not changed:
+                raise
+            raise ValueError(
+                f"cannot resume {workdir} at step {latest}: config.model differs from the run's "
+                f"config.json ({changed}); resume with the saved model settings or use a new "
+                "workdir"
+            ) from err
         train_iter.set_state(multihost.this_process_data_state(data_state))
         _say(f"resumed from step {latest} in {workdir}")
+    # Written only once the state is restored or made, so a refused resume keeps the run's own.
+    _save_config(config, workdir)
 
     train, evaluate = compile_steps(run)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
@@ -560,10 +595,6 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
             if step == start_step + 1:
                 _record_first_step(writer, step, metrics, step_start)
                 window_start, window_steps = time.time(), 0
-            if config.eval_every and step % config.eval_every == 0:
-                eval_loss = evaluate_loss(run, evaluate, state["params"], config)
-                writer.write(step, {"eval_loss": eval_loss})
-                window_start, window_steps = time.time(), 0
             if step % config.checkpoint_every == 0 or step == config.steps or _Stop.requested:
                 checkpointer.save(
                     step,
@@ -574,6 +605,11 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
             if _Stop.requested:
                 _say(f"SIGTERM: checkpoint saved at step {step}; exiting")
                 break
+            # After the save: a failing evaluation then loses no training.
+            if config.eval_every and step % config.eval_every == 0:
+                eval_loss = evaluate_loss(run, evaluate, state["params"], config)
+                writer.write(step, {"eval_loss": eval_loss})
+                window_start, window_steps = time.time(), 0
     finally:
         profiler.close()
         checkpointer.close()

@@ -262,6 +262,27 @@ def test_dry_run_prints_parameters_without_training(tmp_path):
     assert "per-device memory" in result.stdout
 
 
+def test_resume_with_another_model_is_refused_and_keeps_the_saved_config(tmp_path):
+    _train(tmp_path, "--config.steps=2", "--config.checkpoint_every=2")
+    result = _train(tmp_path, "--config.steps=4", "--config.model.d_model=64", check=False)
+    assert result.returncode != 0
+    assert "config.model differs" in result.stderr and "d_model: 128 -> 64" in result.stderr
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["model"]["d_model"] == 128
+
+
+def test_a_bad_eval_split_fails_before_training(tmp_path):
+    result = _train(
+        tmp_path,
+        "--config.steps=4",
+        "--config.eval_every=2",
+        "--config.data.eval_split=test",
+        check=False,
+    )
+    assert result.returncode != 0 and "has no split 'test'" in result.stderr
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
 def test_unknown_config_field_fails_fast(tmp_path):
     result = _train(tmp_path, "--config.no_such_field=3", check=False)
     assert result.returncode != 0
