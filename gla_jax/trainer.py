@@ -248,7 +248,9 @@ def train_step(run: Run, state, batch):
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state["step"]),
+        # The rate this step applied: the optimizer's count (the schedule's step) advances only
+        # on applied steps, so it trails the step by the steps skipped so far.
+        "learning_rate": schedule(state["step"] - state["nonfinite"]["skipped"]),
         "tokens": tokens,
         **new_state["nonfinite"],
     }

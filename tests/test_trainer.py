@@ -405,3 +405,45 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert result.returncode != 0
     assert "non-finite steps in a row" in result.stderr
     assert _committed_steps(tmp_path) == []
+
+
+def test_logged_learning_rate_is_the_one_applied_after_skipped_steps():
+    # A skipped (non-finite) step does not advance the optimizer's schedule count, so the rate
+    # logged for each later step must follow that count, not the step number.
+    import jax
+    import optax
+
+    from gla_jax import sharding as sharding_lib
+    from gla_jax import trainer
+    from gla_jax.optim import learning_rate_schedule
+
+    config = base_config()
+    config.model.update(type="gla", vocab_size=64, d_model=32, n_layers=1, n_heads=2)
+    config.update(steps=20, warmup_steps=10, seq_len=16, batch_size=2)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    run = trainer.build_run(config, mesh)
+    state = trainer.initialize_state(run)
+    train, _ = trainer.compile_steps(run)
+    rng = np.random.default_rng(0)
+    schedule = learning_rate_schedule(config)
+    for i in range(5):
+        tokens = rng.integers(0, 64, (2, 16)).astype(np.int32)
+        targets = np.roll(tokens, -1, 1)
+        if i in (1, 2):
+            targets[0, 0] = 10**6  # a label outside the vocabulary: a NaN loss, a skipped step
+        batch = dict(
+            tokens=tokens,
+            targets=targets,
+            segment_ids=np.ones_like(tokens),
+            loss_mask=np.ones(tokens.shape, np.float32),
+        )
+        is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+        (count,) = [  # read before the step: the step donates the state it is given
+            int(x.count)
+            for x in jax.tree.leaves(state["opt_state"], is_leaf=is_schedule)
+            if is_schedule(x)
+        ]
+        state, metrics = train(state, trainer._global_batch(batch, mesh))
+        metrics = jax.device_get(metrics)
+        assert metrics["learning_rate"] == pytest.approx(float(schedule(count))), i
+    assert int(state["step"]) == 5 and int(metrics["skipped"]) == 2
