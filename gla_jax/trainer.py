@@ -231,7 +231,7 @@ def train_step(run: Run, state, batch):
     loss, grads, tokens = _accumulated_gradients(
         graphdef, state["params"], batch, run.config.grad_accum_steps
     )
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
