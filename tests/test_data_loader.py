@@ -144,6 +144,15 @@ def test_state_from_another_configuration_is_refused(corpus_config):
     longer = data.make_lm_dataset(corpus_config, seq_len=2 * SEQ_LEN, global_batch_size=2)
     with pytest.raises(ValueError, match="seq_len"):
         longer.set_state(state)
+    # The cursor counts tokens: another tokenization of the same documents is another stream.
+    no_bos = data.make_lm_dataset(
+        with_changes(corpus_config, add_bos=False), seq_len=SEQ_LEN, global_batch_size=2
+    )
+    with pytest.raises(ValueError, match="add_bos: saved True, now False"):
+        no_bos.set_state(state)
+    # A state saved before a key was recorded is still taken.
+    older = {key: value for key, value in state.items() if key != "add_bos"}
+    data.make_lm_dataset(corpus_config, seq_len=SEQ_LEN, global_batch_size=2).set_state(older)
 
 
 def test_hosts_read_disjoint_shares_that_cover_the_split(corpus_config):

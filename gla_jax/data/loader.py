@@ -9,6 +9,8 @@ cursor is the iterator's whole state, so resuming is exact and costs nothing.
 
 from __future__ import annotations
 
+import os
+
 import grain
 import numpy as np
 
@@ -127,10 +129,11 @@ class PackedBatches:
                 f"data iterator state has version {state.get('version')!r}, "
                 f"this loader reads version {STATE_VERSION}"
             )
+        # A key the saved state lacks (saved before it was recorded) is not compared.
         changed = {
-            key: (state.get(key), value)
+            key: (state[key], value)
             for key, value in self._identity.items()
-            if state.get(key) != value
+            if key in state and state[key] != value
         }
         if changed:
             detail = ", ".join(
@@ -257,6 +260,12 @@ def make_lm_dataset(
     encode = _document_ids(config, tokenizer, field)
     doc = DocumentReader(source, record_indices, encode, block_size=READ_BLOCK_SIZE)
     identity = {
+        # What makes the token stream: the cursor counts tokens of these documents.
+        "name": str(config.name),
+        "tokenizer": os.path.basename(str(config.tokenizer)),  # the file, wherever it now lies
+        "add_bos": bool(config.add_bos),
+        "doc_split": str(config.doc_split),
+        "text_field": str(config.text_field),
         "split": split,
         "seed": int(config.seed),
         "shuffle": bool(config.shuffle),
