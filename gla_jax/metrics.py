@@ -62,14 +62,13 @@ class Progress:
         self.start_time = time.time()
         self.tty = sys.stderr.isatty()
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float | None) -> None:
+        """``tokens_per_s`` None: not known yet (the window held the compile)."""
         done = step - self.start_step
         elapsed = time.time() - self.start_time
         eta = elapsed / max(done, 1) * (self.total - step)
-        line = (
-            f"step {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s "
-            f"eta {_duration(eta)}"
-        )
+        speed = "" if tokens_per_s is None else f" {tokens_per_s:,.0f} tok/s"
+        line = f"step {step}/{self.total} loss {loss:.4f}{speed} eta {_duration(eta)}"
         if self.tty:
             width = 30
             filled = int(width * step / max(self.total, 1))

@@ -579,17 +579,23 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
                 metrics = jax.device_get(metrics)
                 skipped_before = _check_nonfinite(metrics, skipped_before, step, config)
                 elapsed = time.time() - window_start
-                tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 last = {
                     "loss": float(metrics["loss"]),
                     "learning_rate": float(metrics["learning_rate"]),
                     "grad_norm": float(metrics["grad_norm"]),
                     "skipped_steps": int(metrics["skipped"]),
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": (tokens_per_s * flops_per_token / (peak * jax.device_count()))
-                    if peak
-                    else None,
                 }
+                # A window holding this process's first step holds its compile too (recorded
+                # apart as first_step_s), so it reports no throughput.
+                tokens_per_s = None
+                if step > start_step + 1:
+                    tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    last["tokens_per_s"] = tokens_per_s
+                    last["mfu"] = (
+                        tokens_per_s * flops_per_token / (peak * jax.device_count())
+                        if peak
+                        else None
+                    )
                 writer.write(step, last)
                 if jax.process_index() == 0:
                     progress.update(step, last["loss"], tokens_per_s)
