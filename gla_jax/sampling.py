@@ -242,6 +242,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eos", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
 
     model, config = load_model_from_workdir(args.workdir)
     tokenizer = _tokenizer(config)

@@ -134,3 +134,9 @@ def test_load_model_from_workdir_and_cli(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     want = [1, 2, 3] + _greedy_by_full_forward(model, [1, 2, 3], 4)
     assert [json.loads(line.replace("'", '"')) for line in lines[-2:]] == [want, want]
+
+
+def test_cli_refuses_zero_samples(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([f"--workdir={tmp_path}", "--num_samples=0"])
+    assert "--num_samples must be >= 1, got 0" in capsys.readouterr().err
