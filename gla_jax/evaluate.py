@@ -61,7 +61,12 @@ def load_run(workdir: str):
             f"workdir {workdir!r} has no checkpoint under {checkpoints}: train it first "
             "(python train.py --config=... --workdir=...)"
         )
-    return load_model_from_workdir(workdir)
+    try:
+        return load_model_from_workdir(workdir)
+    except KeyError as err:  # a step folder without its state: an interrupted or copied save
+        raise FileNotFoundError(
+            f"workdir {workdir!r}: the latest checkpoint under {checkpoints} cannot be read ({err})"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,10 +244,17 @@ def perplexity_by_length(
     """Perplexity of one run at each length; see the module docstring."""
     if context not in ("document", "row"):
         raise ValueError(f"context must be 'document' or 'row', got {context!r}")
+    for name, value in (
+        ("tokens_per_batch", tokens_per_batch),
+        ("bucket_size", bucket_size),
+        ("max_batches", max_batches or 0),
+    ):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (0: the default), got {value}")
     model, config = load_run(workdir)
     train_len = int(config.seq_len)
-    if not lengths:
-        lengths = eval_lengths(train_len, "", length_multiples)
+    # Sorted and unique, as the plots take the last result for the longest length.
+    lengths = sorted(set(lengths)) if lengths else eval_lengths(train_len, "", length_multiples)
     tokens_per_batch = tokens_per_batch or int(config.eval_batch_size) * train_len
     bucket_size = bucket_size or max(1, train_len // 4)
     data_config = data_config_for_eval(config, dataset, data_dir, split)
@@ -291,6 +303,10 @@ def mqar_accuracy(
     """Answer-token accuracy of a run trained on MQAR, on its task or a resized one."""
     from flax import nnx  # noqa: PLC0415
 
+    if num_batches < 1 or batch_size < 1:
+        raise ValueError(
+            f"MQAR needs num_batches >= 1 and batch_size >= 1, got {num_batches} and {batch_size}"
+        )
     model, config = load_run(workdir)
     if config.data.name != "mqar":
         raise ValueError(f"workdir {workdir!r} was trained on {config.data.name!r}, not on 'mqar'")
@@ -417,7 +433,7 @@ def main(argv) -> None:
         plot_mqar(results, os.path.join(output_dir, "mqar.png"))
         print(f"wrote {output_dir}/mqar.json and mqar.png")
         return
-    explicit = parse_ints(_LENGTHS.value, "--lengths") if _LENGTHS.value else None
+    explicit = sorted(set(parse_ints(_LENGTHS.value, "--lengths"))) if _LENGTHS.value else None
     runs = [
         perplexity_by_length(
             workdir,

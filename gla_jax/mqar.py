@@ -234,7 +234,8 @@ def make_dataset(
 ) -> MQARBatches:
     """The loader's ``make_lm_dataset`` for ``data.name = 'mqar'``: endless for 'train',
     ``num_batches`` (default DEFAULT_EVAL_BATCHES) for any other split."""
-    split = "validation" if split != "train" and split not in _SPLIT_STREAMS else split
+    if split == "validation":  # the evaluation split, named by data.eval_split as for corpora
+        split = data_config.get("eval_split", "validation")
     if split != "train" and num_batches is None:
         num_batches = DEFAULT_EVAL_BATCHES
     return MQARBatches(

@@ -141,6 +141,9 @@ def test_missing_checkpoint_config_and_workdir_are_named(tmp_path):
     (tmp_path / "config.json").write_text(_tiny_config("gla").to_json())
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         evaluate.load_run(str(tmp_path))
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)  # a step folder with nothing in it
+    with pytest.raises(FileNotFoundError, match="cannot be read"):
+        evaluate.load_run(str(tmp_path))
 
 
 def test_cli_reports_errors_in_one_line(tmp_path):
@@ -164,6 +167,12 @@ def test_bad_lengths_and_unprepared_datasets_are_refused(runs, tmp_path, monkeyp
         evaluate.perplexity_by_length(
             runs["gla"], [32], dataset="lm1b", data_dir=str(tmp_path), max_batches=1
         )
+    for name in ("tokens_per_batch", "bucket_size", "max_batches"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+            evaluate.perplexity_by_length(runs["gla"], [32], **{name: -1})
+    # Lengths come back sorted and unique, whatever order they were given in.
+    result = evaluate.perplexity_by_length(runs["gla"], [64, 32, 64], max_batches=1)
+    assert [r["length"] for r in result["results"]] == [32, 64]
     monkeypatch.setattr(evaluate, "MAX_ATTENTION_SCORE_BYTES", 2**20)
     with pytest.raises(ValueError, match="evaluation length 1024: softmax attention"):
         evaluate.perplexity_by_length(runs["transformer"], [32, 1024], tokens_per_batch=1024)
@@ -186,3 +195,5 @@ def test_mqar_accuracy_of_a_trained_run(tmp_path, runs):
     assert eval_plots.training_losses(workdir)[0] == [1, 2], "the curve comes from metrics.jsonl"
     with pytest.raises(ValueError, match="not on 'mqar'"):
         evaluate.mqar_accuracy(runs["gla"])
+    with pytest.raises(ValueError, match="num_batches >= 1 and batch_size >= 1, got 0 and 8"):
+        evaluate.mqar_accuracy(workdir, num_batches=0, batch_size=8)

@@ -75,7 +75,17 @@ def test_stream_is_deterministic_resumable_and_split_apart():
         np.testing.assert_array_equal(next(resumed)["tokens"], batches[step]["tokens"])
     assert not np.array_equal(batches[0]["tokens"], batches[1]["tokens"])
     validation = data_lib.make_eval_dataset(config, seq_len=64, global_batch_size=4)
-    assert not np.array_equal(next(validation)["tokens"], batches[0]["tokens"])
+    validation_tokens = next(validation)["tokens"]
+    assert not np.array_equal(validation_tokens, batches[0]["tokens"])
+    # data.eval_split names the evaluation stream; a name that is no stream is refused.
+    with config.unlocked():
+        config.eval_split = "test"
+    test = next(data_lib.make_eval_dataset(config, seq_len=64, global_batch_size=4))["tokens"]
+    assert not np.array_equal(test, validation_tokens)
+    with config.unlocked():
+        config.eval_split = "tset"
+    with pytest.raises(ValueError, match="MQAR split must be one of"):
+        data_lib.make_eval_dataset(config, seq_len=64, global_batch_size=4)
     other_seed = data_lib.make_lm_dataset(_data_config(seed=4), seq_len=64, global_batch_size=4)
     assert not np.array_equal(next(other_seed)["tokens"], batches[0]["tokens"])
 
