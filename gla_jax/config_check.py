@@ -120,6 +120,14 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
         "profile_steps",
         f"must be an integer >= 1, got {config.profile_steps!r}",
     )
+    if config.profile_start_step:
+        last_traced = config.profile_start_step + config.profile_steps - 1
+        _require(
+            last_traced <= config.steps,
+            "profile_steps",
+            f"the traced steps {config.profile_start_step}..{last_traced} pass steps = "
+            f"{config.steps} (profile_summary divides by profile_steps)",
+        )
     _require(config.learning_rate > 0, "learning_rate", f"must be > 0, got {config.learning_rate}")
     _require(config.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {config.warmup_steps}")
     _require(0 <= config.end_lr_ratio <= 1, "end_lr_ratio", "must be in [0, 1]")
