@@ -272,3 +272,15 @@ def test_sentencepiece_tokenizer_trained_by_the_command_line(corpus_config, tmp_
     first_doc = tokens[seg == 1]
     assert first_doc[-1] == tokenizer.eos_id
     assert tokenizer.decode(first_doc) == split_docs(config, "train")[0]
+
+
+def test_data_command_line_reports_bad_input_in_one_line(corpus_config, tmp_path, capsys):
+    from gla_jax.data.__main__ import main as data_cli  # noqa: PLC0415
+
+    corpus = [f"--paths={corpus_config.paths[0]}", f"--data-dir={corpus_config.data_dir}"]
+    assert data_cli(["prepare", "--name=text_files", *corpus, "--eval-split=nope"]) == 2
+    assert "has no split 'nope'" in capsys.readouterr().err
+    assert data_cli(["inspect", "--name=text_files", *corpus, "--seq-len=1"]) == 2
+    assert "seq_len must be at least 2" in capsys.readouterr().err
+    assert data_cli(["prepare", "--name=mqar"]) == 0
+    assert "nothing to prepare" in capsys.readouterr().out

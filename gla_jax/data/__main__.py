@@ -25,6 +25,9 @@ def _add_corpus_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc-split", default=defaults.doc_split, choices=["file", "blank_line"])
     parser.add_argument("--text-field", default=defaults.text_field)
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
+    parser.add_argument(
+        "--eval-split", default=defaults.eval_split, help="the held-out split (lm1b: test)"
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -35,6 +38,7 @@ def config_from_args(args: argparse.Namespace):
     config.doc_split = args.doc_split
     config.text_field = args.text_field
     config.validation_fraction = args.validation_fraction
+    config.eval_split = args.eval_split
     if getattr(args, "tokenizer", None):
         config.tokenizer = args.tokenizer
     return config
@@ -42,6 +46,9 @@ def config_from_args(args: argparse.Namespace):
 
 def prepare(args) -> None:
     config = config_from_args(args)
+    if config.name == "mqar":
+        print("mqar is generated as it is read (gla_jax/mqar.py): nothing to prepare")
+        return
     for split in ("train", config.eval_split):
         source, _ = corpora.open_split(config, split)
         print(f"{config.name} {split}: {len(source)} documents")
@@ -76,7 +83,7 @@ def inspect(args) -> None:
     print("state:", iterator.get_state())
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gla_jax.data",
         description=__doc__,
@@ -98,7 +105,12 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.set_defaults(run=inspect)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (FileNotFoundError, ValueError) as err:  # bad input: one clear line, no trace
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
