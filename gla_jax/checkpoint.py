@@ -35,6 +35,13 @@ class Checkpointer:
     ):
         if keep < 1:
             raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
+        if keep_period is not None and keep_period < 0:
+            raise ValueError(f"config.keep_period must be >= 0 (0: off), got {keep_period}")
+        if "://" in directory:  # os.path would turn gs://... into a local folder
+            raise ValueError(
+                f"checkpoints go to a local or mounted path, got {directory!r} (mount the bucket "
+                "and pass its path)"
+            )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_period or None,

@@ -131,6 +131,11 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
     _require(config.learning_rate > 0, "learning_rate", f"must be > 0, got {config.learning_rate}")
     _require(config.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {config.warmup_steps}")
     _require(0 <= config.end_lr_ratio <= 1, "end_lr_ratio", "must be in [0, 1]")
+    _require(
+        isinstance(config.keep_period, int) and config.keep_period >= 0,
+        "keep_period",
+        f"must be an integer >= 0 (0: off), got {config.keep_period!r}",
+    )
     # clip_by_global_norm(0) zeroes every update and a negative bound reverses it.
     _require(config.grad_clip > 0, "grad_clip", f"must be > 0, got {config.grad_clip}")
     _check_evaluation_and_samples(config)

@@ -110,7 +110,10 @@ def stack_layer_params(params: dict, key: str = "blocks") -> dict:
     it); ``params[key]`` maps layer indices (ints, or strings after a checkpoint) to block trees.
     """
     blocks = params[key]
-    layers = [blocks[index] for index in sorted(blocks, key=int)]
+    indices = sorted(blocks, key=int)
+    if [int(i) for i in indices] != list(range(len(indices))):
+        raise ValueError(f"params[{key!r}] must hold layers 0..{len(indices) - 1}, got {indices}")
+    layers = [blocks[index] for index in indices]
     return {**params, key: jax.tree.map(lambda *xs: _stack(xs), *layers)}
 
 

@@ -29,6 +29,8 @@ def maybe_initialize_distributed(config) -> None:
         )
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1
     )
+    # A coordinator address in the config asks for a multi-process run as the launcher's does.
+    env_says = env_says or bool(config.coordinator_address)
     if mode == "off" or (mode == "auto" and not env_says):
         return
     if jax.distributed.is_initialized():

@@ -503,14 +503,15 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
     if dry_run:
         return {"parameters": run.num_params}
 
-    os.makedirs(workdir, exist_ok=True)
     data_lib.check_vocab(data_lib.make_tokenizer(config.data), config.model.vocab_size)
+    # The checkpointer refuses a workdir it cannot keep (a URL) before anything is written.
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=config.keep_checkpoints,
         keep_period=config.keep_period,
         async_save=config.async_checkpoint,
     )
+    os.makedirs(workdir, exist_ok=True)
     train_iter = data_lib.make_lm_dataset(
         config.data,
         seq_len=config.seq_len,
@@ -536,7 +537,11 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
         except Exception as err:
             changed = _changed_model_fields(config, workdir)
             if not changed:
-                raise
+                raise RuntimeError(
+                    f"cannot restore step {latest} from {checkpointer.directory}/{latest}: {err}; "
+                    "if that step folder is incomplete, move it aside to resume from the step "
+                    "before"
+                ) from err
             raise ValueError(
                 f"cannot resume {workdir} at step {latest}: config.model differs from the run's "
                 f"config.json ({changed}); resume with the saved model settings or use a new "

@@ -31,6 +31,13 @@ def test_keep_period_keeps_milestones(tmp_path):
     assert ckpt.all_steps() == [2, 4, 5]
 
 
+def test_refuses_a_negative_keep_period_and_a_url(tmp_path):
+    with pytest.raises(ValueError, match="keep_period must be >= 0"):
+        Checkpointer(str(tmp_path), keep_period=-1)
+    with pytest.raises(ValueError, match="local or mounted path"):
+        Checkpointer("gs://bucket/run/checkpoints")
+
+
 def test_refuses_non_finite_state(tmp_path):
     ckpt = Checkpointer(str(tmp_path), async_save=False)
     with pytest.raises(FloatingPointError, match="non-finite"):

@@ -73,3 +73,29 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     resumed = _losses(tmp_path)
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(first[step], rel=1e-6), step
+
+
+def test_a_coordinator_address_joins_the_run_under_auto(monkeypatch):
+    import jax
+    import ml_collections
+
+    from gla_jax import multihost
+
+    for name in (
+        "JAX_COORDINATOR_ADDRESS",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+        "SLURM_NTASKS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    config = ml_collections.ConfigDict(
+        dict(multihost="auto", coordinator_address="", num_processes=1, process_id=0)
+    )
+    multihost.maybe_initialize_distributed(config)
+    assert calls == []  # nothing asks for several processes
+    config.update(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+    multihost.maybe_initialize_distributed(config)
+    assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)]

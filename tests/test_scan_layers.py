@@ -200,5 +200,8 @@ def test_layer_params_stack_and_unstack_round_trip():
     assert jax.tree.structure(stacked) == jax.tree.structure(_params(scanned))
     back = unstack_layer_params(stacked)
     jax.tree.map(np.testing.assert_array_equal, back, params)
+    gap = {**params, "blocks": {0: params["blocks"][0], 2: params["blocks"][1]}}
+    with pytest.raises(ValueError, match=r"layers 0..1, got \[0, 2\]"):
+        stack_layer_params(gap)
     numpy_params = jax.tree.map(np.asarray, params)
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(stack_layer_params(numpy_params)))

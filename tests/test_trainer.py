@@ -301,6 +301,7 @@ def test_unknown_config_field_fails_fast(tmp_path):
         (dict(steps=0), 1, "config.steps"),
         (dict(eval_batch_size=3, mesh="2,1,1"), 2, "config.eval_batch_size"),
         (dict(grad_clip=0.0), 1, "config.grad_clip"),
+        (dict(keep_period=-1), 1, "config.keep_period"),
         (dict(steps=4, profile_start_step=3, profile_steps=3), 1, "config.profile_steps"),
         (dict(eval_batches=0), 1, "config.eval_batches"),
         (dict(sample_prompt=""), 1, "config.sample_prompt"),
