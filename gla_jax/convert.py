@@ -75,8 +75,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        array = data[start:end].view(_DTYPES[info["dtype"]])
-        tensors[name] = array.reshape(info["shape"])
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        size = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
+        if end - start != size or end > data.size:
+            raise ValueError(
+                f"{path}: tensor {name} {info['dtype']}{list(info['shape'])} needs {size} bytes, "
+                f"its header gives [{start}, {end}) of {data.size}: a truncated or damaged file"
+            )
+        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
     return tensors
 
 
@@ -156,7 +162,17 @@ def _linear(w):  # torch [out, in] -> our [in, out]
 
 
 def _conv(w):  # torch depthwise [dim, 1, size] -> our [size, dim] (last tap = current token)
-    return np.asarray(w)[:, 0, :].T
+    w = np.asarray(w)
+    if w.ndim != 3 or w.shape[1] != 1:
+        raise ValueError(f"a depthwise conv weight is [dim, 1, size], got {w.shape}")
+    return w[:, 0, :].T
+
+
+def _half(w, part: int):  # older files' fused [2 * intermediate, d] gate_proj: gate rows first
+    w = np.asarray(w)
+    if w.ndim != 2 or w.shape[0] % 2:
+        raise ValueError(f"a fused gate_proj is [2 * intermediate, d], got {w.shape}")
+    return _linear(np.split(w, 2, axis=0)[part])
 
 
 def _same(w):
@@ -192,9 +208,8 @@ def _layer_plan(i: int, cfg: GLAConfig, state_dict) -> list[tuple[str, tuple, ob
         plan.append((gate, ours + ("mlp", "gate_proj", "kernel"), _linear))
         plan.append((up, ours + ("mlp", "up_proj", "kernel"), _linear))
     else:  # older files: one [2 * intermediate, d] matrix, gate rows then up rows
-        half = lambda w, part: _linear(np.split(np.asarray(w), 2, axis=0)[part])
-        plan.append((gate, ours + ("mlp", "gate_proj", "kernel"), lambda w: half(w, 0)))
-        plan.append((gate, ours + ("mlp", "up_proj", "kernel"), lambda w: half(w, 1)))
+        plan.append((gate, ours + ("mlp", "gate_proj", "kernel"), lambda w: _half(w, 0)))
+        plan.append((gate, ours + ("mlp", "up_proj", "kernel"), lambda w: _half(w, 1)))
     return plan
 
 
@@ -255,7 +270,13 @@ def fla_to_params(state_dict: dict, cfg: GLAConfig) -> dict:
     for name, path, transform in plan:
         if path not in expected:
             raise ValueError(f"{name}: no parameter {_path_str(path)} in a model with this config")
-        value = transform(state_dict[name]).astype(np.float32)
+        raw = np.asarray(state_dict[name])
+        if not jnp.issubdtype(raw.dtype, jnp.floating):
+            raise ValueError(f"{name} has dtype {raw.dtype}: weights must be floating-point")
+        try:
+            value = transform(raw).astype(np.float32)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
         if value.shape != expected[path]:
             raise ValueError(
                 f"{name} has shape {tuple(state_dict[name].shape)}: converted {value.shape}, but "

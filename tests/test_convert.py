@@ -246,6 +246,34 @@ def test_misshaped_tensor_names_tensor_and_shapes():
         fla_to_params(sd, _cfg())
 
 
+def test_tensors_that_cannot_convert_are_named():
+    conv_config = {**FLA_CONFIG, "use_short_conv": True}
+    sd = synthetic_state_dict(conv_config)
+    name = "model.layers.0.attn.q_conv1d.weight"
+    dim, _, size = sd[name].shape
+    for bad in (np.zeros((dim, size), np.float32), np.zeros((dim, 2, size), np.float32)):
+        with pytest.raises(ValueError, match=r"q_conv1d\.weight: a depthwise conv weight"):
+            fla_to_params({**sd, name: bad}, gla_config_from_fla(conv_config, dtype="float32"))
+    sd = synthetic_state_dict(FLA_CONFIG)
+    fused = "model.layers.0.mlp.gate_proj.weight"
+    sd[fused] = np.zeros((2 * sd[fused].shape[0] + 1, sd[fused].shape[1]), np.float32)
+    del sd["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"gate_proj\.weight: a fused gate_proj"):
+        fla_to_params(sd, _cfg())
+    sd = synthetic_state_dict(FLA_CONFIG)
+    sd["model.norm.weight"] = sd["model.norm.weight"].astype(np.int8)
+    with pytest.raises(ValueError, match=r"model\.norm\.weight has dtype int8"):
+        fla_to_params(sd, _cfg())
+
+
+def test_truncated_safetensors_file_is_named(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    write_safetensors(str(path), {"w": np.ones((4, 4), np.float32)})
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=r"cut\.safetensors: tensor w F32\[4, 4\] needs 64"):
+        read_safetensors(str(path))
+
+
 def test_tied_config_with_a_different_lm_head_raises():
     sd = synthetic_state_dict(FLA_CONFIG)  # untied: lm_head differs from the embeddings
     with pytest.raises(ValueError, match="lm_head.weight.*differs"):
