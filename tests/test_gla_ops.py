@@ -227,6 +227,18 @@ def test_jit_with_traced_cu_seqlens(backend):
     assert _rel_err(final, expected["final_state"]) <= 2e-4
 
 
+def test_a_non_finite_key_reaches_no_earlier_output(backend):
+    # Causality holds for NaN too: a NaN key at position 40 may spoil outputs from 40 on, never
+    # before (masking by products with 0 would give NaN * 0 = NaN inside its chunk).
+    name, interpret = backend
+    case = Case("nan_key", batch=1, seq_len=64, key_dim=16, value_dim=16)
+    q, k, v, g, _, _, _ = _make_inputs(case, 3)
+    k = k.at[:, 40].set(jnp.nan)
+    o, _ = chunk_gla(q, k, v, g, chunk_size=64, backend=name, interpret=interpret)
+    finite = np.isfinite(np.asarray(o)).all(axis=(0, 2, 3))
+    assert finite[:40].all() and not finite[40:].any(), np.flatnonzero(~finite)
+
+
 def test_backward_saves_only_inputs(backend):
     """The custom VJP keeps the inputs and recomputes chunk states: no per-step state is saved."""
     name, interpret = backend

@@ -160,9 +160,13 @@ def intra_chunk_scores(q, k, b, precision, sub_chunk: int = SUB_CHUNK):
         precision=precision,
         preferred_element_type=jnp.float32,
     )
-    eye = jnp.eye(n_sub, dtype=jnp.float32)
-    scores = off + eye[:, None, :, None] * diag[..., :, :, None, :]
-    return scores.reshape(*lead, chunk, chunk)
+    # Blocks are chosen by selects, not by products with 0: the masks above multiply by
+    # exp(-inf) = 0, which leaves NaN * 0 = NaN where a later key is not finite, and only a
+    # select keeps that from earlier positions' outputs.
+    eye = jnp.eye(n_sub, dtype=bool)
+    scores = jnp.where(eye[:, None, :, None], diag[..., :, :, None, :], off)
+    causal_chunk = jnp.tril(jnp.ones((chunk, chunk), bool))
+    return jnp.where(causal_chunk, scores.reshape(*lead, chunk, chunk), 0.0)
 
 
 def chunked_gla(q, k, v, g, *, scale, initial_state, layout: ChunkLayout):

@@ -120,14 +120,15 @@ class Chunk:
         r = block * SUB
         b_ref = self.b[r : r + 1, :]
         before = positions(self.b.shape, 0) < r
-        return self.k * jnp.exp(jnp.where(before, b_ref - self.b, -jnp.inf))
+        # Zeroed by a select, not by exp(-inf) alone: a NaN key after r times 0 is still NaN.
+        return jnp.where(before, self.k * jnp.exp(jnp.where(before, b_ref - self.b, -jnp.inf)), 0.0)
 
     def queries_after(self, block):
         """q_i exp(b_i - b_r') for i > r' (r' = last row of `block`), zero elsewhere: [C, K]."""
         r = block * SUB + SUB - 1
         b_ref = row_of(self.b, r)  # an unaligned row: selected, not sliced
         after = positions(self.b.shape, 0) > r
-        return self.qs * jnp.exp(jnp.where(after, self.b - b_ref, -jnp.inf))
+        return jnp.where(after, self.qs * jnp.exp(jnp.where(after, self.b - b_ref, -jnp.inf)), 0.0)
 
     def diagonal_scores(self, block):
         """sum_d q_id k_jd exp(b_id - b_jd) for i >= j in one diagonal sub-block: [SUB, SUB]."""
@@ -138,7 +139,8 @@ class Chunk:
         def add_column(j, diag):
             decay = diagonal_decay(b, j)
             column = jnp.sum(qs * row_of(k, j) * decay, axis=1, keepdims=True)  # [SUB, 1]
-            return jnp.where(col_ids == j, column, diag)
+            causal = positions((SUB, 1), 0) >= j  # rows above j: 0, even where k_j is NaN
+            return jnp.where((col_ids == j) & causal, column, diag)
 
         return lax.fori_loop(0, SUB, add_column, jnp.zeros((SUB, SUB), F32))
 
