@@ -90,6 +90,15 @@ def _require(condition: bool, field: str, message: str) -> None:
         raise ValueError(f"config.{field}: {message}")
 
 
+def _require_int(config, field: str, minimum: int, note: str = "") -> None:
+    value = config[field]
+    _require(
+        isinstance(value, int) and value >= minimum,
+        field,
+        f"must be an integer >= {minimum}{note}, got {value!r}",
+    )
+
+
 def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     """Fails fast, naming the field, on values that would fail (or silently mislead) later."""
     from gla_jax.sharding import parse_mesh_shape  # noqa: PLC0415
@@ -105,21 +114,10 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
         "eval_batch_size",
         "keep_checkpoints",
         "max_nonfinite_steps",
-    ):
-        value = config[field]
-        _require(
-            isinstance(value, int) and value >= 1, field, f"must be an integer >= 1, got {value!r}"
-        )
-    _require(
-        isinstance(config.profile_start_step, int) and config.profile_start_step >= 0,
-        "profile_start_step",
-        f"must be an integer >= 0 (0: no profile), got {config.profile_start_step!r}",
-    )
-    _require(
-        isinstance(config.profile_steps, int) and config.profile_steps >= 1,
         "profile_steps",
-        f"must be an integer >= 1, got {config.profile_steps!r}",
-    )
+    ):
+        _require_int(config, field, 1)
+    _require_int(config, "profile_start_step", 0, " (0: no profile)")
     if config.profile_start_step:
         last_traced = config.profile_start_step + config.profile_steps - 1
         _require(
@@ -131,11 +129,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
     _require(config.learning_rate > 0, "learning_rate", f"must be > 0, got {config.learning_rate}")
     _require(config.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {config.warmup_steps}")
     _require(0 <= config.end_lr_ratio <= 1, "end_lr_ratio", "must be in [0, 1]")
-    _require(
-        isinstance(config.keep_period, int) and config.keep_period >= 0,
-        "keep_period",
-        f"must be an integer >= 0 (0: off), got {config.keep_period!r}",
-    )
+    _require_int(config, "keep_period", 0, " (0: off)")
     # clip_by_global_norm(0) zeroes every update and a negative bound reverses it.
     _require(config.grad_clip > 0, "grad_clip", f"must be > 0, got {config.grad_clip}")
     _check_evaluation_and_samples(config)
@@ -168,22 +162,10 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None
 def _check_evaluation_and_samples(config) -> None:
     """What would otherwise fail only at the first evaluation or after the last step."""
     if config.eval_every > 0:
-        _require(
-            isinstance(config.eval_batches, int) and config.eval_batches >= 1,
-            "eval_batches",
-            f"must be an integer >= 1 when eval_every > 0, got {config.eval_batches!r}",
-        )
-    _require(
-        isinstance(config.num_samples, int) and config.num_samples >= 0,
-        "num_samples",
-        f"must be an integer >= 0 (0: no samples), got {config.num_samples!r}",
-    )
+        _require_int(config, "eval_batches", 1, " when eval_every > 0")
+    _require_int(config, "num_samples", 0, " (0: no samples)")
     if config.num_samples > 0:
-        _require(
-            isinstance(config.sample_length, int) and config.sample_length >= 1,
-            "sample_length",
-            f"must be an integer >= 1 when num_samples > 0, got {config.sample_length!r}",
-        )
+        _require_int(config, "sample_length", 1, " when num_samples > 0")
         _require(
             len(config.sample_prompt) > 0,
             "sample_prompt",
