@@ -15,6 +15,7 @@ so a save cut off mid-write (kill -9, power loss) is never listed as a step and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -80,16 +81,30 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=_restore_args(abstract_state, partial=False), data=ocp.args.JsonRestore()
         )
-        restored = self._manager.restore(step, args=args)
+        with self._readable(step):
+            restored = self._manager.restore(step, args=args)
         return restored["state"], restored["data"]
 
     def restore_params(self, step: int, sharding: jax.sharding.Sharding):
         """The 'state' item's ``params`` alone, every array placed with ``sharding`` whatever
         mesh saved it; the tree keeps the checkpoint's keys (integer keys come back as strings)."""
-        saved_params = self._manager.item_metadata(step)["state"]["params"]
-        target = {"params": _abstract_arrays(saved_params, sharding)}
-        args = ocp.args.Composite(state=_restore_args(target, partial=True))
-        return self._manager.restore(step, args=args)["state"]["params"]
+        with self._readable(step):
+            saved_params = self._manager.item_metadata(step)["state"]["params"]
+            target = {"params": _abstract_arrays(saved_params, sharding)}
+            args = ocp.args.Composite(state=_restore_args(target, partial=True))
+            return self._manager.restore(step, args=args)["state"]["params"]
+
+    @contextlib.contextmanager
+    def _readable(self, step: int):
+        """Orbax reports a step folder that lacks its items (an interrupted copy, outside
+        damage) as a KeyError naming neither step nor folder."""
+        try:
+            yield
+        except KeyError as err:
+            raise FileNotFoundError(
+                f"checkpoint step {step} in {self.directory} cannot be read ({err}): an incomplete "
+                "step folder; move it aside to resume from the step before"
+            ) from err
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

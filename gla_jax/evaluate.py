@@ -61,12 +61,7 @@ def load_run(workdir: str):
             f"workdir {workdir!r} has no checkpoint under {checkpoints}: train it first "
             "(python train.py --config=... --workdir=...)"
         )
-    try:
-        return load_model_from_workdir(workdir)
-    except KeyError as err:  # a step folder without its state: an interrupted or copied save
-        raise FileNotFoundError(
-            f"workdir {workdir!r}: the latest checkpoint under {checkpoints} cannot be read ({err})"
-        ) from err
+    return load_model_from_workdir(workdir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +428,7 @@ def main(argv) -> None:
         plot_mqar(results, os.path.join(output_dir, "mqar.png"))
         print(f"wrote {output_dir}/mqar.json and mqar.png")
         return
-    explicit = sorted(set(parse_ints(_LENGTHS.value, "--lengths"))) if _LENGTHS.value else None
+    explicit = parse_ints(_LENGTHS.value, "--lengths") if _LENGTHS.value else None
     runs = [
         perplexity_by_length(
             workdir,

@@ -537,11 +537,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fal
         except Exception as err:
             changed = _changed_model_fields(config, workdir)
             if not changed:
-                raise RuntimeError(
-                    f"cannot restore step {latest} from {checkpointer.directory}/{latest}: {err}; "
-                    "if that step folder is incomplete, move it aside to resume from the step "
-                    "before"
-                ) from err
+                raise
             raise ValueError(
                 f"cannot resume {workdir} at step {latest}: config.model differs from the run's "
                 f"config.json ({changed}); resume with the saved model settings or use a new "

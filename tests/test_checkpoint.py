@@ -63,3 +63,16 @@ def test_restore_params_reads_only_the_parameters_onto_the_given_sharding(tmp_pa
     np.testing.assert_array_equal(params["block"]["w"], np.arange(6.0).reshape(2, 3))
     np.testing.assert_array_equal(params["b"], np.ones(3))
     assert all(leaf.sharding == device for leaf in jax.tree.leaves(params))
+
+
+def test_an_incomplete_step_folder_is_named(tmp_path):
+    first = Checkpointer(str(tmp_path), async_save=False)
+    first.save(1, _state(), {"i": 1})
+    first.close()
+    (tmp_path / "2").mkdir()  # a step folder with nothing in it (an interrupted copy)
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    assert ckpt.latest_step() == 2
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state())
+    with pytest.raises(FileNotFoundError, match=r"checkpoint step 2 in .* cannot be read"):
+        ckpt.restore(2, abstract)
+    ckpt.close()
