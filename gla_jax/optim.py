@@ -18,9 +18,29 @@ def learning_rate_schedule(config) -> optax.Schedule:
     )
 
 
+# Leaves are told apart by name, not by rank: under ``scan_layers`` every block parameter carries
+# a leading layer axis, so a norm's gain or a bias is 2-D there and a rank test would decay it.
+DECAYED = ("kernel", "embedding")
+NOT_DECAYED = ("scale", "bias")
+
+
 def weight_decay_mask(params):
-    """Decay matrices only: norms' gains and biases (1-D parameters) are left alone."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Decay weight matrices (``kernel``, ``embedding``); norms' gains and biases are left alone,
+    in the stacked layout as in the unrolled one."""
+
+    def decays(path, _):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in DECAYED:
+            return True
+        if name in NOT_DECAYED:
+            return False
+        raise ValueError(
+            f"weight_decay_mask: parameter {jax.tree_util.keystr(path)} is named {name!r}, "
+            f"neither a weight matrix {DECAYED} nor a gain or bias {NOT_DECAYED}; name it so "
+            "that its weight decay is decided"
+        )
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
