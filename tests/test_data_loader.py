@@ -155,6 +155,49 @@ def test_state_from_another_configuration_is_refused(corpus_config):
     data.make_lm_dataset(corpus_config, seq_len=SEQ_LEN, global_batch_size=2).set_state(older)
 
 
+def test_state_from_another_corpus_of_the_same_size_is_refused(corpus_config, tmp_path):
+    """The same documents in another folder resume; other documents (every letter rotated) whose
+    training split has as many documents do not."""
+    state = data.make_lm_dataset(corpus_config, seq_len=SEQ_LEN, global_batch_size=2).get_state()
+    (source,) = corpus_config.paths
+    records = [json.loads(line) for line in open(source).read().splitlines()]
+
+    def loader(folder, rotation):
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        rotate = str.maketrans(letters, letters[rotation:] + letters[:rotation])
+        folder.mkdir()
+        path = folder / "docs.jsonl"
+        path.write_text(
+            "\n".join(json.dumps({"text": r["text"].translate(rotate)}) for r in records)
+        )
+        config = with_changes(corpus_config, paths=(str(path),))
+        return data.make_lm_dataset(config, seq_len=SEQ_LEN, global_batch_size=2)
+
+    loader(tmp_path / "copy", 0).set_state(state)
+    # The split is drawn by each document's checksum: find a rotation that keeps its size, so
+    # that only the documents' digest tells the corpora apart.
+    others = (loader(tmp_path / f"rot{r}", r) for r in range(1, 26))
+    other = next(o for o in others if o.docs_per_epoch == state["docs_per_epoch"])
+    with pytest.raises(ValueError, match="documents_digest: saved"):
+        other.set_state(state)
+
+
+def test_state_from_another_tokenizer_file_of_the_same_name_is_refused(tmp_path):
+    from gla_jax.data import loader
+
+    first, second = tmp_path / "a" / "tok.model", tmp_path / "b" / "tok.model"
+    first.parent.mkdir(), second.parent.mkdir()
+    first.write_bytes(b"one model")
+    second.write_bytes(b"another model")
+    assert loader._tokenizer_digest(str(first)) != loader._tokenizer_digest(str(second))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "tok.model").write_bytes(b"one model")
+    assert loader._tokenizer_digest(str(first)) == loader._tokenizer_digest(
+        str(tmp_path / "c" / "tok.model")
+    )
+    assert loader._tokenizer_digest("byte") == "byte"
+
+
 def test_hosts_read_disjoint_shares_that_cover_the_split(corpus_config):
     expected = split_docs(corpus_config, "train")
     per_host = []

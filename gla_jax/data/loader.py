@@ -9,6 +9,7 @@ cursor is the iterator's whole state, so resuming is exact and costs nothing.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import grain
@@ -161,6 +162,31 @@ def _split_name(config, split: str) -> str:
     return config.eval_split if split == "validation" else split
 
 
+def _digest(parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _documents_digest(source, field: str) -> str:
+    """A digest of the split's first, middle and last documents: a state saved on one corpus and
+    resumed on another of the same size is told apart without reading either corpus whole."""
+    count = len(source)
+    return _digest(source[i][field] for i in sorted({0, count // 2, count - 1}) if count)
+
+
+def _tokenizer_digest(name: str) -> str:
+    """The tokenizer file's contents (a retrained model under the same name differs), or the
+    name of a built-in tokenizer."""
+    path = os.path.expanduser(name)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return _digest([f.read()])
+    return name
+
+
 def _document_ids(config, tokenizer, field: str):
     add_bos = bool(config.add_bos)
     return lambda record: tokenizers.encode_document(tokenizer, record[field], add_bos=add_bos)
@@ -263,6 +289,8 @@ def make_lm_dataset(
         # What makes the token stream: the cursor counts tokens of these documents.
         "name": str(config.name),
         "tokenizer": os.path.basename(str(config.tokenizer)),  # the file, wherever it now lies
+        "tokenizer_digest": _tokenizer_digest(str(config.tokenizer)),
+        "documents_digest": _documents_digest(source, field),
         "add_bos": bool(config.add_bos),
         "doc_split": str(config.doc_split),
         "text_field": str(config.text_field),
