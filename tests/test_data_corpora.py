@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -40,6 +41,9 @@ def mixed_corpus(tmp_path):
     root = tmp_path / "corpus"
     write(root / "a.txt", "First paragraph.\n\nSecond paragraph\nstill second.\n  \n\nThird.\n")
     write(root / "b" / "c.txt", "Another file's only paragraph.")
+    write(root / "windows.txt", "Windows one.\r\n\r\nWindows\r\ntwo.\r\n")
+    write(root / ".git" / "HEAD", "ref: refs/heads/main\n")  # hidden folders are not read
+    write(root / ".hidden.txt", "a hidden file")
     write(root / "empty.txt", "")
     write(root / "blank.txt", "\n \n\t\n")
     write(root / "latin1.txt", "caf\xe9 au lait".encode("latin-1"))
@@ -51,6 +55,8 @@ def mixed_corpus(tmp_path):
         "Second paragraph\nstill second.",
         "Third.",
         "Another file's only paragraph.",
+        "Windows one.",
+        "Windows\ntwo.",
         "caf\ufffd au lait",
         "json one",
         "json two",
@@ -79,7 +85,8 @@ def test_split_depends_only_on_document_text(tmp_path, mixed_corpus):
     first = text_config(tmp_path / "one", [root], doc_split="blank_line")
     copy = tmp_path / "elsewhere"
     for path in sorted(root.rglob("*")):  # same files, other names, reversed order
-        if path.is_file():
+        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+        if path.is_file() and not hidden:
             write(
                 copy / f"z{len(list(copy.glob('*'))) if copy.exists() else 0}_{path.name}",
                 path.read_bytes(),
@@ -128,6 +135,10 @@ def test_prepared_tfds_dataset_by_name_and_missing_ones(tmp_path, mixed_corpus):
     assert sorted(read_split(config, "train") + read_split(config, "validation")) == sorted(
         expected
     )
+    # A build killed midway leaves a folder that is no version; the latest version is read.
+    prepared = os.path.join(built.data_dir, os.pardir)
+    write(pathlib.Path(prepared) / "incomplete.A1B2_1.0.0" / "dataset_info.json", "{}")
+    assert len(read_split(config, "train")) == len(built.as_data_source("train"))
     config.name += ":1.0.0"
     assert len(read_split(config, "train")) == len(built.as_data_source("train"))
     config.name = "lm1b"

@@ -43,6 +43,14 @@ def resolve_data_dir(data_dir: str | None) -> str:
 # Reading local text
 
 
+def _visible_files(folder: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) under `folder`, leaving out hidden files and hidden folders
+    (.git, .cache, a virtual environment's .venv) with everything inside them."""
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield root, [name for name in names if not name.startswith(".")]
+
+
 def expand_paths(paths: Sequence[str]) -> list[str]:
     """Files named by `paths` (files, directories searched recursively, globs), sorted."""
     if not paths:
@@ -52,10 +60,7 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
         path = os.path.expanduser(path)
         if os.path.isdir(path):
             found = [
-                os.path.join(root, name)
-                for root, _, names in os.walk(path)
-                for name in names
-                if not name.startswith(".")
+                os.path.join(root, name) for root, names in _visible_files(path) for name in names
             ]
         elif glob.has_magic(path):
             found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
@@ -92,7 +97,9 @@ def decode_text(raw: bytes, source: str) -> str:
 
 
 def split_blank_lines(text: str) -> list[str]:
-    """Documents separated by one or more blank lines (whitespace-only lines count as blank)."""
+    """Documents separated by one or more blank lines (whitespace-only lines count as blank);
+    Windows line ends are read as plain ones."""
+    text = text.replace("\r\n", "\n")
     return [doc.strip("\n") for doc in re.split(r"\n[ \t\r\f\v]*\n", text) if doc.strip()]
 
 
@@ -353,7 +360,13 @@ def find_prepared(name: str, data_dir: str) -> str:
             + _how_to_prepare(name, data_dir)
         )
     entries = sorted(os.listdir(root))
-    versions = [e for e in entries if os.path.isfile(os.path.join(root, e, "dataset_info.json"))]
+    # Only version folders: a build killed midway leaves 'incomplete.*' beside them.
+    versions = [
+        e
+        for e in entries
+        if re.fullmatch(r"\d+\.\d+\.\d+", e)
+        and os.path.isfile(os.path.join(root, e, "dataset_info.json"))
+    ]
     if not versions:
         configs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
         if not build_config and configs:
