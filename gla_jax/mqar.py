@@ -120,11 +120,15 @@ class MQARBatches:
     ):
         if split not in _SPLIT_STREAMS:
             raise ValueError(f"MQAR split must be one of {tuple(_SPLIT_STREAMS)}, got {split!r}")
-        if global_batch_size % process_count:
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+        if global_batch_size < 1 or global_batch_size % process_count:
             raise ValueError(
                 f"global_batch_size {global_batch_size} does not divide over {process_count} "
                 "processes"
             )
+        if int(seed) < 0:
+            raise ValueError(f"data.seed must be >= 0 for MQAR, got {seed}")
         self.task = task
         self._seed, self._split = int(seed), split
         self._global_rows = global_batch_size

@@ -102,6 +102,21 @@ def test_hosts_split_one_global_batch():
         )
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(process_index=2, process_count=2), r"process_index 2 is not in \[0, 2\)"),
+        (dict(global_batch_size=0), "global_batch_size 0 does not divide"),
+        (dict(seed=-1), "data.seed must be >= 0"),
+    ],
+)
+def test_bad_stream_settings_are_refused(changes, message):
+    config = _data_config(seed=changes.pop("seed", 3))
+    settings = dict(seq_len=64, global_batch_size=4) | changes
+    with pytest.raises(ValueError, match=message):
+        data_lib.make_lm_dataset(config, **settings)
+
+
 def test_state_of_another_task_is_refused():
     stream = data_lib.make_lm_dataset(_data_config(pairs=8), seq_len=64, global_batch_size=4)
     other = data_lib.make_lm_dataset(_data_config(pairs=4), seq_len=64, global_batch_size=4)
