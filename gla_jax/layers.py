@@ -126,6 +126,23 @@ def segment_positions(segment_ids):
     return (index - start).astype(jnp.int32)
 
 
+def check_document_count(segment_ids, max_segments_per_row: int) -> int:
+    """The slots a row gets (``max_segments_per_row``, at most T); raises if a concrete batch has
+    a row of more documents. Traced ids cannot be counted: a model checks its concrete input
+    before its blocks run, since a scan or remat over the blocks traces them."""
+    slots = max(1, min(max_segments_per_row, segment_ids.shape[1]))
+    try:
+        count = int(jnp.max(jnp.sum(segment_starts(segment_ids), axis=1)))
+    except jax.errors.ConcretizationTypeError:
+        return slots
+    if count > slots:
+        raise ValueError(
+            f"segment_ids: a row holds {count} documents but max_segments_per_row = {slots}; "
+            f"raise max_segments_per_row (segment_ids shape {segment_ids.shape})"
+        )
+    return slots
+
+
 def packed_cu_seqlens(segment_ids, max_segments_per_row: int):
     """Per-row segments -> ``cu_seqlens`` over the batch flattened into one row of B*T tokens.
 
@@ -135,19 +152,9 @@ def packed_cu_seqlens(segment_ids, max_segments_per_row: int):
     into their predecessors (a concrete batch raises instead).
     """
     batch, seq_len = segment_ids.shape
-    slots = max(1, min(max_segments_per_row, seq_len))
+    slots = check_document_count(segment_ids, max_segments_per_row)
     total = batch * seq_len
-    starts = segment_starts(segment_ids)
-    inner = starts.at[:, 0].set(False).reshape(-1)
-    try:
-        count = int(jnp.max(jnp.sum(starts, axis=1)))
-    except jax.errors.ConcretizationTypeError:
-        count = 0
-    if count > slots:
-        raise ValueError(
-            f"segment_ids: a row holds {count} documents but max_segments_per_row = {slots}; "
-            f"raise max_segments_per_row (segment_ids shape {segment_ids.shape})"
-        )
+    inner = segment_starts(segment_ids).at[:, 0].set(False).reshape(-1)
     (inner_starts,) = jnp.nonzero(inner, size=batch * (slots - 1), fill_value=total)
     row_starts = jnp.arange(batch, dtype=jnp.int32) * seq_len
     offsets = jnp.sort(jnp.concatenate([row_starts, inner_starts.astype(jnp.int32)]))

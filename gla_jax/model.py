@@ -68,6 +68,7 @@ from gla_jax.layers import (
     GLACache,
     RMSNorm,
     SwiGLU,
+    check_document_count,
 )
 from gla_jax.ops import DEFAULT_CHUNK_SIZE
 
@@ -350,6 +351,8 @@ class GLALM(nnx.Module):
                     f"segment_ids must have tokens' shape {tokens.shape}, got {segment_ids.shape}"
                 )
             segment_ids = segment_ids.astype(jnp.int32)
+            if self.cfg.packing == "cu_seqlens" and self.cfg.mixer == "gla":
+                check_document_count(segment_ids, self.cfg.max_segments_per_row)
         run = _run_block_remat if self.cfg.remat else _run_block
         x, _ = self._apply_blocks(_forward_step(run), self._embed(tokens), shared=segment_ids)
         return self._logits(x)

@@ -301,8 +301,10 @@ def test_prefill_lengths_outside_the_prompts_raise(name):
             model.prefill(prompts, jnp.array(lengths))
 
 
-def test_segment_ids_with_too_many_documents_or_wrong_shape_raise():
-    model = _model("gla", packing="cu_seqlens", max_segments_per_row=2)
+@pytest.mark.parametrize("layout", [dict(), dict(scan_layers=True), dict(remat=True)])
+def test_segment_ids_with_too_many_documents_or_wrong_shape_raise(layout):
+    """A scan or remat over the blocks traces the ids: the model counts them before."""
+    model = _model("gla", packing="cu_seqlens", max_segments_per_row=2, **layout)
     tokens = _tokens((1, 9))
     with pytest.raises(ValueError, match="3 documents.*max_segments_per_row = 2"):
         model(tokens, segment_ids=jnp.array([[1, 1, 1, 2, 2, 2, 3, 3, 3]]))
