@@ -278,6 +278,10 @@ class GatedLinearAttention(nnx.Module):
             raise ValueError(f"packing must be one of {PACKING_MODES}, got {packing!r}")
         if head_norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"head_norm must be 'rmsnorm' or 'layernorm', got {head_norm!r}")
+        if not gate_logit_normalizer > 0:  # <= 0: log gates >= 0 (growing states) or -inf
+            raise ValueError(f"gate_logit_normalizer must be > 0, got {gate_logit_normalizer}")
+        if use_short_conv and conv_size < 1:
+            raise ValueError(f"conv_size must be >= 1 with use_short_conv, got {conv_size}")
         self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
         self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
         self.gate_logit_normalizer = gate_logit_normalizer

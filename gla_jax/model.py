@@ -132,6 +132,15 @@ class GLAConfig:
                         f"d_model * {name} = {self.d_model} * {ratio} = {dim} must divide by "
                         f"n_heads = {self.n_heads}"
                     )
+            # A normalizer <= 0 gives log gates >= 0 (states that grow) or -inf (erased).
+            if not self.gate_logit_normalizer > 0:
+                raise ValueError(
+                    f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer}"
+                )
+            if self.use_short_conv and int(self.conv_size) < 1:
+                raise ValueError(
+                    f"conv_size must be >= 1 with use_short_conv, got {self.conv_size}"
+                )
         if self.packing not in PACKING_MODES:
             raise ValueError(f"packing must be one of {PACKING_MODES}, got {self.packing!r}")
         jnp.dtype(self.dtype)  # raises on an unknown name
@@ -436,6 +445,8 @@ class GLALM(nnx.Module):
         batch, seq_len = tokens.shape
         if lengths is None:
             lengths = jnp.full((batch,), seq_len, jnp.int32)
+        if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
+            raise ValueError(f"lengths must be integers, got dtype {jnp.asarray(lengths).dtype}")
         lengths = jnp.asarray(lengths, jnp.int32)
         if lengths.shape != (batch,):
             raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")

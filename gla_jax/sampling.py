@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 
 import jax
@@ -42,7 +43,9 @@ def sample_logits(logits, key, temperature: float, top_k: int, top_p: float):
     """Samples one token per row from [B, vocab] float32 logits. temperature 0 = greedy."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    # The best logit is 0 before the division, so a tiny temperature sends the others to -inf
+    # (nearly greedy) instead of overflowing every logit to +-inf (NaN probabilities).
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_k > 0:
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
@@ -120,14 +123,18 @@ def generate(
         raise ValueError(
             f"prompt_lengths must be [B] = ({batch},) values in [1, {prompt_len}], got {lengths}"
         )
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-        raise ValueError(
-            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, "
-            f"{top_k}"
-        )
     vocab = model.cfg.vocab_size
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 0)):
+        if not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if top_k > vocab:
+        raise ValueError(f"top_k must be at most the vocabulary ({vocab}), got {top_k}")
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0:
+        raise ValueError(
+            f"need a finite temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}"
+        )
+    if eos is not None and not 0 <= eos < vocab:
+        raise ValueError(f"eos must be a token id in [0, {vocab}), got {eos}")
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
         raise ValueError(
             f"prompt token ids must lie in [0, {vocab}), got {tokens.min()}..{tokens.max()}"

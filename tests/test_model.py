@@ -299,6 +299,8 @@ def test_prefill_lengths_outside_the_prompts_raise(name):
     for lengths in ([8, 12], [8, -2]):
         with pytest.raises(ValueError, match=r"lengths must lie in \[0, T = 8\]"):
             model.prefill(prompts, jnp.array(lengths))
+    with pytest.raises(ValueError, match="lengths must be integers, got dtype float32"):
+        model.prefill(prompts, jnp.array([2.9, 8.0]))
 
 
 @pytest.mark.parametrize("layout", [dict(), dict(scan_layers=True), dict(remat=True)])
@@ -310,6 +312,24 @@ def test_segment_ids_with_too_many_documents_or_wrong_shape_raise(layout):
         model(tokens, segment_ids=jnp.array([[1, 1, 1, 2, 2, 2, 3, 3, 3]]))
     with pytest.raises(ValueError, match=r"segment_ids.*\(1, 9\).*\(1, 8\)"):
         model(tokens, segment_ids=jnp.ones((1, 8), jnp.int32))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer must be > 0, got 0.0"),
+        (dict(gate_logit_normalizer=-16.0), "gate_logit_normalizer must be > 0, got -16.0"),
+        (dict(use_short_conv=True, conv_size=0), "conv_size must be >= 1 with use_short_conv"),
+    ],
+)
+def test_gla_settings_that_break_the_gates_or_conv_are_refused(fields, message):
+    base = dict(vocab_size=8, d_model=16, n_layers=1, n_heads=2)
+    with pytest.raises(ValueError, match=message):
+        GLAConfig(**base, **fields)
+    from gla_jax.layers import GatedLinearAttention  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match=message):
+        GatedLinearAttention(16, num_heads=2, rngs=nnx.Rngs(0), **fields)
 
 
 def test_build_model_rejects_unknown_fields_and_types():

@@ -82,6 +82,9 @@ def test_sampling_filters():
     np.testing.assert_allclose(freq(1.0, 0, 0.7), [0.625, 0.375, 0, 0], atol=0.03)
     np.testing.assert_allclose(freq(1.0, 0, 0.1), [1, 0, 0, 0])
     assert int(sample_logits(logits, keys[0], 0.0, 0, 1.0)[0]) == 0
+    # A tiny temperature is nearly greedy, not NaN probabilities from logits / 1e-45 = -inf.
+    np.testing.assert_allclose(freq(1e-45, 0, 1.0), [1, 0, 0, 0])
+    np.testing.assert_allclose(freq(1e-45, 0, 0.9), [1, 0, 0, 0])
 
 
 def test_generate_rejects_bad_arguments():
@@ -94,6 +97,18 @@ def test_generate_rejects_bad_arguments():
         generate(model, [[1, 2], []], 4)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1, 2]], 4, top_p=0.0)
+    for temperature in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="finite temperature >= 0"):
+            generate(model, [[1, 2]], 4, temperature=temperature)
+    for eos in (-1, 37):
+        with pytest.raises(ValueError, match=r"eos must be a token id in \[0, 37\)"):
+            generate(model, [[1, 2]], 4, eos=eos)
+    with pytest.raises(ValueError, match=r"top_k must be at most the vocabulary \(37\)"):
+        generate(model, [[1, 2]], 4, top_k=38)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0, got 1.5"):
+        generate(model, [[1, 2]], 4, top_k=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 2.7"):
+        generate(model, [[1, 2]], 2.7)
 
 
 def _write_run(workdir, model_config):
