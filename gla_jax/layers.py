@@ -574,5 +574,8 @@ class CausalSelfAttention(nnx.Module):
         visible = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]  # [B, S]
         scores = jnp.where(visible[:, None, :], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1)
-        o = jnp.einsum("bhs,bshd->bhd", probs, v_cache.astype(jnp.float32)).astype(self.dtype)
+        o = jnp.einsum("bhs,bshd->bhd", probs, v_cache.astype(jnp.float32))
+        # A row past the cache had its write dropped: it gets NaN, not attention over stale slots
+        # (the model refuses such positions only when they are concrete, not under jit).
+        o = jnp.where((positions < k_cache.shape[1])[:, None, None], o, jnp.nan).astype(self.dtype)
         return self.o_proj(o.reshape(o.shape[0], -1)), AttentionCache(k_cache, v_cache)

@@ -287,6 +287,9 @@ def test_cache_for_another_batch_or_model_raises():
     full = attention.init_cache(2, max_len=1)._replace(positions=jnp.array([0, 1]))
     with pytest.raises(ValueError, match="cache is full.*max_len = 1"):
         attention.decode_step(jnp.zeros((2,), jnp.int32), full)
+    # Under jit the positions are traced: the full row's logits are NaN, the other row's not.
+    logits, _ = decode_step(attention, jnp.zeros((2,), jnp.int32), full)
+    assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1]))
     deeper = GLALM(MODELS["gla"](n_layers=3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="3 layers.*n_layers = 2"):
         gla.decode_step(jnp.zeros((2,), jnp.int32), deeper.init_cache(2))
