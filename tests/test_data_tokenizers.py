@@ -91,3 +91,9 @@ def test_sentencepiece_round_trip(sentencepiece_model, text):
     assert ids.dtype == np.int32
     assert ids.size == 0 or (ids.min() >= 0 and ids.max() < tok.vocab_size)
     assert tok.decode(ids) == text
+
+
+def test_sentencepiece_training_failure_is_a_value_error(tmp_path):
+    corpus = ["".join(chr(c) for c in range(0x4E00, 0x4E00 + 400))]  # 400 distinct characters
+    with pytest.raises(ValueError, match="SentencePiece could not train a tokenizer: .*vocab"):
+        data.train_sentencepiece(corpus, str(tmp_path / "small.model"), vocab_size=100)

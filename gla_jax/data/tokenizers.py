@@ -115,7 +115,8 @@ def train_sentencepiece(
     """Trains a SentencePiece model offline from `texts` (documents) and writes `output`.
 
     Ids 0..3 are PAD, UNK, BOS, EOS. Normalization is the identity and whitespace is kept, and
-    unknown characters fall back to bytes, so decode(encode(text)) == text for any valid UTF-8.
+    unknown characters fall back to bytes, so decode(encode(text)) == text for any valid UTF-8
+    text without U+2581 ('▁', SentencePiece's own space mark, which decodes as a space).
     """
     import sentencepiece  # noqa: PLC0415
 
@@ -125,7 +126,7 @@ def train_sentencepiece(
 
     prefix = output[: -len(".model")] if output.endswith(".model") else output
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    sentencepiece.SentencePieceTrainer.train(
+    settings = dict(
         sentence_iterator=iter(lines()),
         model_prefix=prefix,
         vocab_size=vocab_size,
@@ -142,6 +143,10 @@ def train_sentencepiece(
         shuffle_input_sentence=True,
         minloglevel=2,
     )
+    try:
+        sentencepiece.SentencePieceTrainer.train(**settings)
+    except RuntimeError as err:  # e.g. a vocabulary smaller than the corpus' characters
+        raise ValueError(f"SentencePiece could not train a tokenizer: {err}") from None
     return SentencePieceTokenizer(prefix + ".model")
 
 
