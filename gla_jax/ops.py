@@ -98,5 +98,18 @@ def chunk_gla(
         out_specs=(token_spec, state_spec),
         check_vma=False,
     )
-    o, final_state = sharded(q, k, v, g, initial_state, cu_seqlens)
+    arrays = (q, k, v, g, initial_state)
+    specs = (token_spec,) * 4 + (state_spec,)
+    if _has_explicit_axes(plan[0]):
+        # shard_map takes arrays on explicit mesh axes only as they are laid out already; on
+        # automatic axes it moves them itself.
+        arrays = [
+            a if a is None else jax.sharding.reshard(a, spec)
+            for a, spec in zip(arrays, specs, strict=True)
+        ]
+    o, final_state = sharded(*arrays, cu_seqlens)
     return o, (final_state if output_final_state else None)
+
+
+def _has_explicit_axes(mesh) -> bool:
+    return any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))

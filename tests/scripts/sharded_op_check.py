@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gla_jax import ops
-from gla_jax.sharding import make_mesh
+from gla_jax.sharding import MESH_AXES, make_mesh
 from pallas_kernels.gla import api
 
 backend, interpret = sys.argv[1], sys.argv[2] == "1"
@@ -62,6 +62,17 @@ for cu, initial, keep in (
         hlo = jax.jit(lambda *a, cu=cu: loss(ops.chunk_gla, *a, cu=cu)[0]).lower(q, k, v, g, h0)
         hlo = hlo.as_text()
     assert "manual_computation" in hlo, "the op did not run per shard"
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-5, atol=2e-5)
+
+
+# A mesh of explicit axes (jax.make_mesh's default) takes replicated inputs too: the op lays
+# them out as its shard_map expects.
+explicit = jax.make_mesh((2, 2, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+for cu in (None, jnp.asarray([0, 40, 77, 120, 160], jnp.int32)):
+    expected = run(api.chunk_gla, cu)
+    with jax.set_mesh(explicit):
+        actual = run(ops.chunk_gla, cu)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-5, atol=2e-5)
 
