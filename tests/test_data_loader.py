@@ -258,6 +258,8 @@ def test_eval_on_several_hosts_has_one_length(corpus_config):
 def test_bad_arguments_name_the_field(corpus_config):
     with pytest.raises(ValueError, match="does not divide over 3 processes"):
         data.make_lm_dataset(corpus_config, seq_len=8, global_batch_size=4, process_count=3)
+    with pytest.raises(ValueError, match="global_batch_size 0 does not divide"):
+        data.make_lm_dataset(corpus_config, seq_len=8, global_batch_size=0)
     with pytest.raises(ValueError, match="data.packing"):
         data.make_lm_dataset(
             with_changes(corpus_config, packing="best"), seq_len=8, global_batch_size=1

@@ -243,7 +243,7 @@ def make_lm_dataset(
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-    if global_batch_size % process_count:
+    if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
             f"global_batch_size {global_batch_size} does not divide over {process_count} processes"
         )
