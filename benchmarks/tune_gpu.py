@@ -60,10 +60,8 @@ FAMILIES = {
             (128, 128, 8, 2),
             (32, 32, 4, 3),
             (32, 32, 2, 2),
-            # narrow in K, wide in V: a step's gate arithmetic spans only the tile's K rows, and
-            # fewer V tiles repeat it (offline: 24 exp2 a step where 64 x 128 does 40)
-            (32, 128, 4, 2),
-            (32, 256, 4, 2),
+            # (32 x 128 and 32 x 256 lost 2-13% at both shapes: with 32 K rows the step's state
+            # update leaves Hopper's 64-row warpgroup MMA; BENCHMARKS.md, version 7.18.)
             # deeper pipelines: with one program per multiprocessor (long rows, few of them) two
             # chunks in flight may not cover the memory latency
             (64, 64, 4, 3),
