@@ -7,7 +7,8 @@ import optax
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then cosine decay to ``end_lr_ratio`` of the peak."""
+    """Linear warmup from 0 to the peak, then cosine decay to ``end_lr_ratio`` of the peak. A run
+    no longer than its warmup (a short test run) warms up over all its steps and never decays."""
     warmup = min(config.warmup_steps, config.steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
