@@ -306,6 +306,11 @@ def _small():
         (lambda a: dict(a, cu_seqlens=jnp.array([0, 8])), "B must be 1"),
         (lambda a: dict(a, chunk_size=48), "chunk_size must be one of"),
         (lambda a: dict(a, backend="cuda"), "backend must be one of"),
+        (lambda a: dict(a, k=a["k"].astype(jnp.bfloat16)), "k must have q's dtype float32"),
+        (lambda a: dict(a, v=a["v"].astype(jnp.float16)), "v must have q's dtype float32"),
+        (lambda a: dict(a, scale=0.0), "scale must be finite and > 0, got 0.0"),
+        (lambda a: dict(a, scale=float("nan")), "scale must be finite and > 0"),
+        (lambda a: dict(a, scale="big"), "scale must be a Python number"),
     ],
 )
 def test_bad_input_raises_value_error(mutate, message):
@@ -329,6 +334,18 @@ def test_bad_cu_seqlens(cu, message):
     q, k, v, g = (x[:1] for x in _small())
     with pytest.raises(ValueError, match=message):
         chunk_gla(q, k, v, g, cu_seqlens=jnp.asarray(cu))
+
+
+def test_gates_may_be_float32_beside_half_precision_inputs_and_states_may_be_numpy():
+    q, k, v, g = _small()
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    o, _ = chunk_gla(*half, g, backend="xla")
+    assert o.dtype == jnp.bfloat16
+    h0 = np.ones((2, 2, 4, 6), np.float32)  # indexed by traced sequence ids inside the op
+    o_numpy, final = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_jax, _ = chunk_gla(q, k, v, g, initial_state=jnp.asarray(h0))
+    np.testing.assert_allclose(o_numpy, o_jax)
+    assert final.shape == h0.shape
 
 
 def test_fused_recurrent_checks_its_inputs_too():

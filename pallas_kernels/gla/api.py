@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import importlib
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +209,11 @@ def _check_inputs(q, k, v, g):
         raise ValueError(f"g must have q's shape {q.shape} (one log gate per key), got {g.shape}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [B, T, H, V] with [B, T, H] = {q.shape[:3]}, got {v.shape}")
+    # The kernels' matmuls take one input dtype (the output's is q's); the gates are float
+    # arithmetic, so g may be float32 beside bfloat16 q, k, v.
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
 
 
 def _check_cu_seqlens(cu_seqlens, batch, seq_len):
@@ -234,6 +240,7 @@ def _check_cu_seqlens(cu_seqlens, batch, seq_len):
 def _check_state(name, state, expected):
     if state is None:
         return None
+    state = jnp.asarray(state)  # a numpy array could not be indexed by the op's traced indices
     if tuple(state.shape) != expected:
         raise ValueError(f"{name} must have shape [N, H, K, V] = {expected}, got {state.shape}")
     _check_float(name, state)
@@ -247,7 +254,12 @@ def _prepare(q, k, v, g, initial_state, cu_seqlens, scale):
     batch, seq_len, _, key_dim = q.shape
     cu_seqlens = _check_cu_seqlens(cu_seqlens, batch, seq_len)
     initial_state = _check_state("initial_state", initial_state, _state_shape(q, v, cu_seqlens))
-    scale = float(key_dim**-0.5 if scale is None else scale)
+    try:
+        scale = float(key_dim**-0.5 if scale is None else scale)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"scale must be a Python number (static), got {scale!r}") from None
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
     return initial_state, cu_seqlens, scale
 
 
