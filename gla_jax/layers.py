@@ -143,6 +143,14 @@ def check_document_count(segment_ids, max_segments_per_row: int) -> int:
     return slots
 
 
+def check_gate_and_conv(gate_logit_normalizer, use_short_conv: bool, conv_size: int) -> None:
+    """A normalizer <= 0 gives log gates >= 0 (states that grow) or -inf (erased states)."""
+    if not gate_logit_normalizer > 0:
+        raise ValueError(f"gate_logit_normalizer must be > 0, got {gate_logit_normalizer}")
+    if use_short_conv and int(conv_size) < 1:
+        raise ValueError(f"conv_size must be >= 1 with use_short_conv, got {conv_size}")
+
+
 def packed_cu_seqlens(segment_ids, max_segments_per_row: int):
     """Per-row segments -> ``cu_seqlens`` over the batch flattened into one row of B*T tokens.
 
@@ -278,10 +286,7 @@ class GatedLinearAttention(nnx.Module):
             raise ValueError(f"packing must be one of {PACKING_MODES}, got {packing!r}")
         if head_norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"head_norm must be 'rmsnorm' or 'layernorm', got {head_norm!r}")
-        if not gate_logit_normalizer > 0:  # <= 0: log gates >= 0 (growing states) or -inf
-            raise ValueError(f"gate_logit_normalizer must be > 0, got {gate_logit_normalizer}")
-        if use_short_conv and conv_size < 1:
-            raise ValueError(f"conv_size must be >= 1 with use_short_conv, got {conv_size}")
+        check_gate_and_conv(gate_logit_normalizer, use_short_conv, conv_size)
         self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
         self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
         self.gate_logit_normalizer = gate_logit_normalizer

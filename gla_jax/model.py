@@ -69,6 +69,7 @@ from gla_jax.layers import (
     RMSNorm,
     SwiGLU,
     check_document_count,
+    check_gate_and_conv,
 )
 from gla_jax.ops import DEFAULT_CHUNK_SIZE
 
@@ -132,15 +133,7 @@ class GLAConfig:
                         f"d_model * {name} = {self.d_model} * {ratio} = {dim} must divide by "
                         f"n_heads = {self.n_heads}"
                     )
-            # A normalizer <= 0 gives log gates >= 0 (states that grow) or -inf (erased).
-            if not self.gate_logit_normalizer > 0:
-                raise ValueError(
-                    f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer}"
-                )
-            if self.use_short_conv and int(self.conv_size) < 1:
-                raise ValueError(
-                    f"conv_size must be >= 1 with use_short_conv, got {self.conv_size}"
-                )
+            check_gate_and_conv(self.gate_logit_normalizer, self.use_short_conv, self.conv_size)
         if self.packing not in PACKING_MODES:
             raise ValueError(f"packing must be one of {PACKING_MODES}, got {self.packing!r}")
         jnp.dtype(self.dtype)  # raises on an unknown name
@@ -445,9 +438,10 @@ class GLALM(nnx.Module):
         batch, seq_len = tokens.shape
         if lengths is None:
             lengths = jnp.full((batch,), seq_len, jnp.int32)
-        if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
-            raise ValueError(f"lengths must be integers, got dtype {jnp.asarray(lengths).dtype}")
-        lengths = jnp.asarray(lengths, jnp.int32)
+        lengths = jnp.asarray(lengths)
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+        lengths = lengths.astype(jnp.int32)
         if lengths.shape != (batch,):
             raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
         values = _concrete(lengths)  # traced lengths (under jit) cannot be checked here

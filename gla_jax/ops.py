@@ -65,7 +65,7 @@ def chunk_gla(
     # Inside shard_map the op sees a shard's shapes and a traced cu_seqlens, so it checks here
     # first, on the caller's arrays.
     api.check_arguments(q, k, v, g, initial_state, cu_seqlens)
-    _, rows, head_axes = plan
+    mesh, rows, head_axes = plan
     row_spec = rows if rows else None
     head_spec = head_axes if head_axes else None
     token_spec = PartitionSpec(row_spec, None, head_spec, None)
@@ -100,7 +100,7 @@ def chunk_gla(
     )
     arrays = (q, k, v, g, initial_state)
     specs = (token_spec,) * 4 + (state_spec,)
-    if _has_explicit_axes(plan[0]):
+    if _has_explicit_axes(mesh):
         # shard_map takes arrays on explicit mesh axes only as they are laid out already; on
         # automatic axes it moves them itself.
         arrays = [
